@@ -1,0 +1,1 @@
+"""Shared core of the sd-scripts-compatible Stable Diffusion training toolkit."""

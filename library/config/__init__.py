@@ -1,0 +1,1 @@
+"""Command-line flags, config files and the dataset TOML schema."""

@@ -1,0 +1,99 @@
+"""sd-scripts' command-line flags, grouped by concern. Names and defaults match sd-scripts so habits carry over."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument(
+        "--console_log_level", type=str.upper, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which base model to load and how (sd-scripts' add_sd_models_arguments)."""
+    parser.add_argument("--v2", action="store_true", help="the base model is Stable Diffusion 2.x")
+    parser.add_argument(
+        "--v_parameterization", action="store_true", help="the base model predicts v (SD 2.x 768-v models)"
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="diffusers folder, Hugging Face repo id, or single .safetensors/.ckpt file",
+    )
+    parser.add_argument("--tokenizer_cache_dir", type=str, default=None, help="folder to cache the tokenizer in")
+    parser.add_argument("--vae", type=str, default=None, help="replacement VAE: file, diffusers folder or repo id")
+    parser.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+    parser.add_argument(
+        "--allow_unsafe_pickle",
+        action="store_true",
+        help="allow .ckpt files that run code while loading (only for files from a source you trust)",
+    )
+
+
+def add_save_model_arguments(parser: argparse.ArgumentParser, default_format: str = "safetensors") -> None:
+    parser.add_argument(
+        "--save_model_as",
+        type=str,
+        default=default_format,
+        choices=["ckpt", "safetensors", "diffusers", "diffusers_safetensors", "pt"],
+    )
+    parser.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
+
+
+def add_text_encoding_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clip_skip", type=int, default=None, help="use the output of the N-th layer from the end")
+    parser.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225])
+    parser.add_argument("--weighted_captions", action="store_true", help="A1111-style (tag:1.2) weights in captions")
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """Dataset flags (sd-scripts' add_dataset_arguments and config_util.add_config_arguments)."""
+    parser.add_argument("--dataset_config", type=str, default=None, help="dataset config (.toml or .json)")
+    parser.add_argument("--train_data_dir", type=str, default=None)
+    parser.add_argument("--reg_data_dir", type=str, default=None)
+    parser.add_argument("--in_json", type=str, default=None, help="fine-tuning metadata file")
+    parser.add_argument("--dataset_repeats", type=float, default=1)
+    parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument("--shuffle_caption", action="store_true")
+    parser.add_argument("--caption_separator", type=str, default=",")
+    parser.add_argument("--caption_extension", type=str, default=".caption")
+    parser.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--keep_tokens", type=int, default=0)
+    parser.add_argument("--keep_tokens_separator", type=str, default="")
+    parser.add_argument("--secondary_separator", type=str, default=None)
+    parser.add_argument("--enable_wildcard", action="store_true")
+    parser.add_argument("--caption_prefix", type=str, default=None)
+    parser.add_argument("--caption_suffix", type=str, default=None)
+    parser.add_argument("--color_aug", action="store_true")
+    parser.add_argument("--flip_aug", action="store_true")
+    parser.add_argument("--face_crop_aug_range", type=str, default=None, help="e.g. 2.0,4.0")
+    parser.add_argument("--random_crop", action="store_true")
+    parser.add_argument("--debug_dataset", action="store_true")
+    parser.add_argument("--debug_dataset_dir", type=str, default=None, help="write processed images here")
+    parser.add_argument("--resolution", type=str, default=None, help="'512' or '512,768'")
+    parser.add_argument("--cache_latents", action="store_true")
+    parser.add_argument("--vae_batch_size", type=int, default=1)
+    parser.add_argument("--cache_latents_to_disk", action="store_true")
+    parser.add_argument("--skip_cache_check", action="store_true")
+    parser.add_argument("--enable_bucket", action="store_true")
+    parser.add_argument("--min_bucket_reso", type=int, default=256)
+    parser.add_argument("--max_bucket_reso", type=int, default=1024)
+    parser.add_argument("--bucket_reso_steps", type=int, default=64)
+    parser.add_argument("--bucket_no_upscale", action="store_true")
+    parser.add_argument("--token_warmup_min", type=int, default=1)
+    parser.add_argument("--token_warmup_step", type=float, default=0)
+    parser.add_argument("--alpha_mask", action="store_true")
+    parser.add_argument("--caption_dropout_rate", type=float, default=0.0)
+    parser.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
+    parser.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
+    parser.add_argument("--prior_loss_weight", type=float, default=1.0)
+    parser.add_argument("--max_data_loader_n_workers", type=int, default=None)
+    parser.add_argument("--persistent_data_loader_workers", action="store_true")
+    parser.add_argument("--resize_interpolation", type=str, default=None)
+    parser.add_argument("--validation_seed", type=int, default=None)
+    parser.add_argument("--validation_split", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)

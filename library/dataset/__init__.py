@@ -1,0 +1,1 @@
+"""Datasets: subsets, images and captions, aspect-ratio buckets, masks and latent caches."""

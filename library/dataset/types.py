@@ -1,0 +1,76 @@
+"""Plain values passed between the dataset stages: resolved configs and scanned image records.
+
+config (TOML / flags) -> DatasetConfig[SubsetConfig] -> scan -> ImageRecord -> epoch plan -> buckets/batches -> loader
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DatasetStyle = Literal["dreambooth", "finetune"]
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """One folder (DreamBooth style) or metadata file (fine-tuning style) with every setting resolved."""
+
+    name: str  # where it came from, for messages: "datasets[0].subsets[1]" or "--train_data_dir 10_sls frog"
+    image_dir: Path | None = None
+    metadata_file: Path | None = None
+    is_reg: bool = False
+    num_repeats: float = 1
+    class_tokens: str | None = None
+    caption_extension: str = ".caption"
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    color_aug: bool = False
+    flip_aug: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    random_crop: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    alpha_mask: bool = False
+    cache_info: bool = False
+    custom_attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset: a batch size, a resolution and bucket settings shared by its subsets."""
+
+    name: str  # "datasets[0]"
+    style: DatasetStyle
+    subsets: tuple[SubsetConfig, ...]
+    batch_size: int = 1
+    resolution: tuple[int, int] = (512, 512)  # (width, height); an area budget when bucketing
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    network_multiplier: float = 1.0
+    validation_seed: int | None = None
+    validation_split: float = 0.0
+    resize_interpolation: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One training image found on disk, with its size read from the file header (not decoded)."""
+
+    path: Path
+    size: tuple[int, int]  # (width, height)
+    captions: tuple[str, ...]  # raw caption candidates (several only with enable_wildcard); () when none found
+    subset_index: int  # index into DatasetConfig.subsets
+    mask_path: Path | None = None  # "<stem>-masklabel.png" beside the image, when present

@@ -1,0 +1,99 @@
+"""Tiny Stable Diffusion models with SD 1.x / 2.x architecture and random weights, for tests and the demo.
+
+They keep SD's layout (4 UNet blocks of 2 layers, a VAE that downsamples 8x, a CLIP text encoder with the real
+49408-token tokenizer) at a few hundred thousand parameters, so every code path runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from library.models.components import Components
+from library.text.tokenizer import load_packaged_tokenizer
+
+TEXT_WIDTH = 32
+
+
+def tiny_unet_config(v2: bool = False) -> dict:
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=2,
+        norm_num_groups=8,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=(2, 4, 4, 4) if v2 else 4,
+        use_linear_projection=v2,
+    )
+
+
+def tiny_vae_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def tiny_text_encoder_config(v2: bool = False) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if v2 else "quick_gelu",
+        projection_dim=TEXT_WIDTH,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=0 if v2 else 49407,
+    )
+
+
+def sd_scheduler(v_parameterization: bool = False) -> DDPMScheduler:
+    """The noise schedule every SD 1.x/2.x model was trained with."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if v_parameterization else "epsilon",
+    )
+
+
+def make_tiny_model(v2: bool = False, v_parameterization: bool | None = None, seed: int = 0) -> Components:
+    """Build a tiny SD1 (or SD2, v-prediction by default) model with reproducible random weights."""
+    if v_parameterization is None:
+        v_parameterization = v2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_unet_config(v2))
+        vae = AutoencoderKL(**tiny_vae_config())
+        text_encoder = CLIPTextModel(tiny_text_encoder_config(v2))
+    for m in (unet, vae, text_encoder):
+        m.eval()
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_packaged_tokenizer(v2=v2),
+        scheduler=sd_scheduler(v_parameterization),
+        v2=v2,
+        v_parameterization=v_parameterization,
+        source=f"tiny-sd{'2' if v2 else '1'}",
+    )

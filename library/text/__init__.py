@@ -1,0 +1,1 @@
+"""Tokenizing and encoding prompts: packaged CLIP tokenizer, long-prompt chunking, clip skip, prompt weights."""

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny models built in code and real image files on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiny_sd1():
+    from library.models.tiny import make_tiny_model
+
+    return make_tiny_model(v2=False)
+
+
+@pytest.fixture
+def tiny_sd2():
+    from library.models.tiny import make_tiny_model
+
+    return make_tiny_model(v2=True)
