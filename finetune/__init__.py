@@ -1,0 +1,1 @@
+"""Dataset preparation scripts for fine-tuning (sd-scripts finetune/*.py)."""

@@ -1,0 +1,314 @@
+"""Find a subset's images on disk, read their sizes from the file headers and their captions.
+
+DreamBooth style: every image in ``image_dir`` (not recursive), captions from ``<stem><caption_extension>``.
+Fine-tuning style: images and captions listed in a metadata file (.json ``{image_key: {"caption", "tags"}}`` or
+.jsonl, one ``{"image_key"|"file_name"|"image_path", "caption"|"text", "tags"}`` object per line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from library.dataset.types import DatasetConfig, ImageRecord, SubsetConfig
+from library.errors import UserError
+
+logger = logging.getLogger("sdtrain.dataset")
+
+MASK_SUFFIX = "-masklabel.png"
+INFO_CACHE_FILE = "metadata_cache.json"  # sd-scripts' cache_info file name
+_BASE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_HEADER_WORKERS = 8
+
+
+def image_extensions() -> tuple[str, ...]:
+    """Lower-case image extensions scanned: sd-scripts' set, plus .avif/.jxl when this Pillow can open them."""
+    registered = Image.registered_extensions()
+    extra = tuple(ext for ext in (".avif", ".jxl") if ext in registered)
+    return _BASE_EXTENSIONS + extra
+
+
+@dataclass
+class ScanResult:
+    """Images found for a subset or dataset, the files skipped (with the reason) and where captions came from."""
+
+    records: list[ImageRecord] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    caption_sources: dict[int, str] = field(default_factory=dict)  # subset index -> ".txt", ".caption", "metadata"
+
+
+def read_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header; the pixels are not decoded."""
+    with Image.open(path) as image:
+        return image.size
+
+
+def _try_size(path: Path) -> tuple[int, int] | str:
+    try:
+        width, height = read_size(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"cannot read image: {e}"
+    if width <= 0 or height <= 0:
+        return f"image has no pixels ({width}x{height})"
+    return (width, height)
+
+
+def _read_sizes(paths: list[Path]) -> list[tuple[int, int] | str]:
+    if len(paths) < 64:
+        return [_try_size(p) for p in paths]
+    with ThreadPoolExecutor(_HEADER_WORKERS) as pool:
+        return list(pool.map(_try_size, paths))
+
+
+def read_caption_file(path: Path, all_lines: bool) -> tuple[str, ...]:
+    """Caption candidates in a caption file: the first line, or every non-empty line (``enable_wildcard``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: caption file is not UTF-8 text; re-save it as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines()]
+    if all_lines:
+        return tuple(line for line in lines if line)
+    return (lines[0],) if lines and lines[0] else ()
+
+
+def _caption_extension(subset: SubsetConfig, names: set[str]) -> str:
+    """The subset's caption extension, or ``.txt`` when no file has that extension but .txt files exist."""
+    ext = subset.caption_extension
+    if ext == ".txt" or any(n.endswith(ext) for n in names):
+        return ext
+    if any(n.endswith(".txt") for n in names):
+        logger.info(f"{subset.name}: no '{ext}' caption files in {subset.image_dir}; using the .txt files found there")
+        return ".txt"
+    return ext
+
+
+def _caption_name(stem: str, ext: str, names: set[str]) -> str | None:
+    """sd-scripts also accepts the caption of the face-crop base name (``name_cx_cy_w_h`` -> ``name``)."""
+    if stem + ext in names:
+        return stem + ext
+    tokens = stem.split("_")
+    if len(tokens) >= 5 and "_".join(tokens[:-4]) + ext in names:
+        return "_".join(tokens[:-4]) + ext
+    return None
+
+
+def _load_info_cache(image_dir: Path) -> dict:
+    path = image_dir / INFO_CACHE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning(f"{path}: unreadable image info cache; scanning the folder instead")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save_info_cache(image_dir: Path, records: list[ImageRecord]) -> None:
+    from library.io import atomic_write_json
+
+    entries = {str(r.path): {"caption": "\n".join(r.captions), "resolution": list(r.size)} for r in records}
+    atomic_write_json(image_dir / INFO_CACHE_FILE, entries)
+
+
+def _scan_folder(subset: SubsetConfig, subset_index: int) -> ScanResult:
+    image_dir = subset.image_dir
+    assert image_dir is not None
+    if not image_dir.is_dir():
+        raise UserError(f"{subset.name}: image_dir '{image_dir}' does not exist or is not a folder")
+    with os.scandir(image_dir) as it:
+        names = {entry.name for entry in it if entry.is_file()}
+    extensions = image_extensions()
+    images = sorted(
+        image_dir / n for n in names if os.path.splitext(n)[1].lower() in extensions and not n.endswith(MASK_SUFFIX)
+    )
+    ext = _caption_extension(subset, names)
+    cache = _load_info_cache(image_dir) if subset.cache_info else {}
+
+    result = ScanResult(caption_sources={subset_index: ext})
+    uncached = [p for p in images if not _cache_entry_ok(cache.get(str(p)))]
+    sizes = dict(zip(uncached, _read_sizes(uncached)))
+    for path in images:
+        entry = cache.get(str(path))
+        if _cache_entry_ok(entry):
+            size = (int(entry["resolution"][0]), int(entry["resolution"][1]))
+            captions = tuple(line for line in str(entry.get("caption") or "").split("\n") if line)
+        else:
+            size_or_error = sizes[path]
+            if isinstance(size_or_error, str):
+                logger.warning(f"{subset.name}: skipping {path}: {size_or_error}")
+                result.skipped.append((path, size_or_error))
+                continue
+            size = size_or_error
+            caption_name = _caption_name(path.stem, ext, names)
+            captions = read_caption_file(image_dir / caption_name, subset.enable_wildcard) if caption_name else ()
+        mask = image_dir / (path.stem + MASK_SUFFIX) if path.stem + MASK_SUFFIX in names else None
+        result.records.append(ImageRecord(path, size, captions, subset_index, mask))
+    if subset.cache_info and (uncached or len(cache) != len(result.records)):
+        _save_info_cache(image_dir, result.records)
+    return result
+
+
+def _cache_entry_ok(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    res = entry.get("resolution")
+    return isinstance(res, list) and len(res) == 2 and all(isinstance(v, int) and v > 0 for v in res)
+
+
+def read_metadata(path: Path) -> dict[str, dict]:
+    """Fine-tuning metadata as ``{image_key: {"caption": ..., "tags": ...}}`` from a .json or .jsonl file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read metadata file: {e}") from None
+    if path.suffix.lower() == ".jsonl":
+        out: dict[str, dict] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: line {number}: expected a JSON object, got {line.strip()[:40]}")
+            key = row.get("image_key") or row.get("file_name") or row.get("image_path")
+            if not key:
+                raise UserError(f"{path}: line {number}: needs an 'image_key', 'file_name' or 'image_path' field")
+            out[str(key)] = {"caption": row.get("caption", row.get("text")), "tags": row.get("tags")}
+        return out
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UserError(f'{path}: metadata must be a JSON object {{image_key: {{"caption": ..., "tags": ...}}}}')
+    return data
+
+
+def metadata_captions(entry: dict, subset: SubsetConfig) -> tuple[str, ...]:
+    """Caption candidates of one metadata entry: ``caption`` plus ``tags``, as sd-scripts' FineTuningDataset."""
+    caption, tags = entry.get("caption"), entry.get("tags")
+    if caption is None:
+        caption, tags = tags, None
+    sep = subset.caption_separator
+    if subset.enable_wildcard:
+        if caption is not None and tags is not None:
+            tags = tags.replace("\n", sep)
+            caption = "\n".join(f"{line}{sep}{tags}" for line in caption.split("\n") if line.strip())
+        return tuple(line.strip() for line in (caption or "").split("\n") if line.strip())
+    if tags:
+        caption = caption + sep + tags
+    return (caption,) if caption else ()
+
+
+def _find_image(key: str, image_dir: Path | None, names: set[str], extensions: tuple[str, ...]) -> Path | None:
+    """sd-scripts' lookup: the key as a path, else ``image_dir/<key><ext>`` for each image extension."""
+    as_path = Path(key)
+    if as_path.is_file() and as_path.suffix.lower() in extensions:
+        return as_path
+    for spelled in [""] + [e for ext in extensions for e in (ext, ext.upper())]:
+        if key + spelled in names and (spelled or as_path.suffix.lower() in extensions):
+            return image_dir / (key + spelled)  # type: ignore[operator]
+    bases = [as_path] + ([image_dir / key] if image_dir is not None and "/" in key else [])
+    for base in bases:
+        for ext in extensions:
+            for spelled in (ext, ext.upper()):
+                path = base.with_name(base.name + spelled)
+                if path.is_file():
+                    return path
+    return None
+
+
+def _scan_metadata(subset: SubsetConfig, subset_index: int) -> ScanResult:
+    assert subset.metadata_file is not None
+    metadata = read_metadata(subset.metadata_file)
+    extensions = image_extensions()
+    names = set(os.listdir(subset.image_dir)) if subset.image_dir is not None and subset.image_dir.is_dir() else set()
+    result = ScanResult(caption_sources={subset_index: "metadata"})
+    found: list[tuple[Path, tuple[str, ...]]] = []
+    for key, entry in metadata.items():
+        for field_name in ("caption", "tags"):
+            if entry.get(field_name) is not None and not isinstance(entry[field_name], str):
+                raise UserError(f"{subset.metadata_file}: '{key}': '{field_name}' must be a string")
+        path = _find_image(key, subset.image_dir, names, extensions)
+        if path is None:
+            reason = "image not found (tried the key as a path and with each image extension, also under image_dir)"
+            logger.warning(f"{subset.name}: skipping '{key}': {reason}")
+            result.skipped.append((Path(key), reason))
+            continue
+        found.append((path, metadata_captions(entry, subset)))
+    for (path, captions), size in zip(found, _read_sizes([p for p, _ in found])):
+        if isinstance(size, str):
+            logger.warning(f"{subset.name}: skipping {path}: {size}")
+            result.skipped.append((path, size))
+            continue
+        mask = path.with_name(path.stem + MASK_SUFFIX)
+        result.records.append(ImageRecord(path, size, captions, subset_index, mask if mask.is_file() else None))
+    return result
+
+
+def scan_subset(subset: SubsetConfig, subset_index: int) -> ScanResult:
+    """Images of one subset; a subset that yields no usable image is a UserError."""
+    result = _scan_metadata(subset, subset_index) if subset.metadata_file else _scan_folder(subset, subset_index)
+    if not result.records:
+        where = subset.metadata_file or subset.image_dir
+        looked = ", ".join(image_extensions())
+        extra = f"; {len(result.skipped)} file(s) could not be used" if result.skipped else ""
+        raise UserError(f"{subset.name}: no images found in '{where}' (looked for {looked}){extra}")
+    return result
+
+
+def scan_dataset(dataset: DatasetConfig) -> ScanResult:
+    """Images of every subset of ``dataset``; ``ImageRecord.subset_index`` points into ``dataset.subsets``."""
+    total = ScanResult()
+    seen: dict[Path | None, str] = {}
+    for index, subset in enumerate(dataset.subsets):
+        source = subset.metadata_file or subset.image_dir
+        if source in seen:
+            logger.warning(f"{subset.name}: ignored because it uses the same {source} as {seen[source]}")
+            continue
+        seen[source] = subset.name
+        part = scan_subset(subset, index)
+        total.records.extend(part.records)
+        total.skipped.extend(part.skipped)
+        total.caption_sources.update(part.caption_sources)
+        samples = int(len(part.records) * subset.num_repeats)
+        if samples == 0:
+            logger.warning(
+                f"{subset.name}: {len(part.records)} images x {subset.num_repeats} repeats gives 0 samples per epoch; "
+                "this subset will not be trained on"
+            )
+    return total
+
+
+def summary(datasets: list[DatasetConfig], scans: list[ScanResult]) -> str:
+    """A few lines per subset: folder, images, repeats, reg or not, captions found and how many fall back."""
+    lines = []
+    for dataset, scan in zip(datasets, scans):
+        width, height = dataset.resolution
+        lines.append(
+            f"{dataset.name} ({dataset.style}): batch size {dataset.batch_size}, resolution {width}x{height}, "
+            f"buckets {'on' if dataset.enable_bucket else 'off'}"
+        )
+        for index, subset in enumerate(dataset.subsets):
+            records = [r for r in scan.records if r.subset_index == index]
+            with_caption = sum(1 for r in records if r.captions)
+            fallback = len(records) - with_caption
+            kind = "reg" if subset.is_reg else "train"
+            source = scan.caption_sources.get(index, subset.caption_extension)
+            fallback_text = f"'{subset.class_tokens}'" if subset.class_tokens else "empty caption"
+            lines.append(
+                f"  {subset.name}: {subset.metadata_file or subset.image_dir} | {len(records)} images x "
+                f"{subset.num_repeats:g} repeats | {kind} | captions ({source}): {with_caption} found, "
+                f"{fallback} use {fallback_text}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""The training loss with sd-scripts' semantics: element loss, masks, per-sample weights and SNR re-weighting.
+
+Order, as in sd-scripts' train_network: element-wise loss (l2 | l1 | huber | smooth_l1) -> per-pixel mask ->
+mean over C, H, W -> per-sample weights (prior loss weight) -> min-SNR gamma -> scale v-pred like noise-pred ->
+v-pred-like loss -> debiased estimation -> mean over the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from library.errors import UserError
+
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+SNR_CAP = 1000.0  # sd-scripts caps SNR here (it is ~1175 at t=0 for SD) in the v-pred scale and debiased weights
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How the loss is computed; built once from the command line with :meth:`from_args`.
+
+    ``masked_loss`` tells the dataset to provide masks; :func:`training_loss` applies any mask it is given.
+    """
+
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    masked_loss: bool = False
+    min_snr_gamma: float | None = None
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    debiased_estimation_loss: bool = False
+    v_parameterization: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise UserError(f"--loss_type {self.loss_type!r} is unknown: use one of {', '.join(LOSS_TYPES)}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise UserError(
+                f"--huber_schedule {self.huber_schedule!r} is unknown: use one of {', '.join(HUBER_SCHEDULES)}"
+            )
+        if self.loss_type in ("huber", "smooth_l1") and self.huber_c <= 0:
+            raise UserError(f"--huber_c is {self.huber_c}: use a value above 0 (default 0.1)")
+        if self.min_snr_gamma is not None and self.min_snr_gamma < 0:
+            raise UserError(f"--min_snr_gamma is {self.min_snr_gamma}: use a value above 0 (5 is typical)")
+        if self.scale_v_pred_loss_like_noise_pred and not self.v_parameterization:
+            raise UserError(
+                "--scale_v_pred_loss_like_noise_pred works only with --v_parameterization: add it or drop the flag"
+            )
+        if self.v_pred_like_loss and self.v_parameterization:
+            raise UserError("--v_pred_like_loss cannot be used with --v_parameterization: drop one of them")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LossSettings:
+        """Read the flags added by ``add_loss_arguments`` (and ``--v_parameterization``)."""
+        return cls(
+            loss_type=getattr(args, "loss_type", "l2"),
+            huber_schedule=getattr(args, "huber_schedule", "snr"),
+            huber_c=getattr(args, "huber_c", 0.1),
+            huber_scale=getattr(args, "huber_scale", 1.0),
+            masked_loss=bool(getattr(args, "masked_loss", False)),
+            min_snr_gamma=getattr(args, "min_snr_gamma", None),
+            scale_v_pred_loss_like_noise_pred=bool(getattr(args, "scale_v_pred_loss_like_noise_pred", False)),
+            v_pred_like_loss=getattr(args, "v_pred_like_loss", None),
+            debiased_estimation_loss=bool(getattr(args, "debiased_estimation_loss", False)),
+            v_parameterization=bool(getattr(args, "v_parameterization", False)),
+        )
+
+
+def snr_table(scheduler: DDPMScheduler) -> torch.Tensor:
+    """Signal-to-noise ratio ``alpha_t^2 / sigma_t^2`` for every training timestep (sd-scripts' ``all_snr``)."""
+    alphas_cumprod = scheduler.alphas_cumprod.cpu()
+    return (torch.sqrt(alphas_cumprod) / torch.sqrt(1.0 - alphas_cumprod)) ** 2
+
+
+def _snr_at(timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
+    return snr_table(scheduler)[timesteps.cpu().long()].to(timesteps.device)
+
+
+def huber_threshold(settings: LossSettings, timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor | None:
+    """Per-sample Huber ``c`` for the huber / smooth_l1 losses, or None for l1 / l2.
+
+    constant: ``c * scale``; exponential: ``scale * exp(ln(c) * t / T)`` (``scale`` at t=0, ``c * scale`` at t=T);
+    snr: ``(1 - c) / (1 + sigma_t)^2 + c`` with ``sigma_t = sqrt((1 - a_t) / a_t)`` (no scale, as in sd-scripts).
+    """
+    if settings.loss_type not in ("huber", "smooth_l1"):
+        return None
+    if settings.huber_schedule == "constant":
+        return torch.full(timesteps.shape, settings.huber_c * settings.huber_scale, device=timesteps.device)
+    if settings.huber_schedule == "exponential":
+        alpha = -math.log(settings.huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-alpha * timesteps) * settings.huber_scale
+    alphas_cumprod = scheduler.alphas_cumprod.cpu()[timesteps.cpu().long()]
+    sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return ((1 - settings.huber_c) / (1 + sigmas) ** 2 + settings.huber_c).to(timesteps.device)
+
+
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Loss per element (no reduction).
+
+    huber is ``2c(sqrt(d^2 + c^2) - c)`` and smooth_l1 is ``2(sqrt(d^2 + c^2) - c)`` with ``d = pred - target``.
+    """
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    if loss_type not in ("huber", "smooth_l1"):
+        raise UserError(f"--loss_type {loss_type!r} is unknown: use one of {', '.join(LOSS_TYPES)}")
+    if huber_c is None:
+        raise ValueError(f"loss_type {loss_type} needs per-sample huber_c (see huber_threshold)")
+    c = huber_c.view(-1, *([1] * (pred.dim() - 1)))
+    pseudo = torch.sqrt((pred - target) ** 2 + c**2) - c
+    return 2 * c * pseudo if loss_type == "huber" else 2 * pseudo
+
+
+def apply_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Weight a (B, C, H, W) loss by a mask in [0, 1], shape (B, H, W) or (B, 1, H, W) at any resolution.
+
+    The mask is area-resized to the loss' H x W (sd-scripts' apply_masked_loss). Convert conditioning images in
+    [-1, 1] first with :func:`mask_from_conditioning_image`.
+    """
+    mask = mask.to(device=loss.device, dtype=loss.dtype)
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != loss.shape[0]:
+        raise ValueError(f"mask must be (B, H, W) or (B, 1, H, W) for a loss of shape {tuple(loss.shape)}")
+    return loss * F.interpolate(mask, size=loss.shape[2:], mode="area")
+
+
+def mask_from_conditioning_image(images: torch.Tensor) -> torch.Tensor:
+    """The red channel of (B, 3, H, W) images in [-1, 1] as a (B, 1, H, W) mask in [0, 1] (``--masked_loss``)."""
+    return images[:, 0:1] / 2 + 0.5
+
+
+def min_snr_weight(timesteps: torch.Tensor, scheduler: DDPMScheduler, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-gamma weights: ``min(snr, gamma) / snr`` (epsilon) or ``min(snr, gamma) / (snr + 1)`` (v).
+
+    At zero SNR (zero-terminal-SNR schedules) the epsilon weight takes its limit 1 where sd-scripts gives NaN.
+    """
+    snr = _snr_at(timesteps, scheduler)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if v_prediction:
+        return (clipped / (snr + 1)).float()
+    return torch.where(snr > 0, clipped / snr, torch.ones_like(snr)).float()
+
+
+def v_pred_scale(timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
+    """``snr / (snr + 1)`` with SNR capped at 1000: turns a v-prediction loss into a noise-prediction one."""
+    snr = torch.clamp(_snr_at(timesteps, scheduler), max=SNR_CAP)
+    return snr / (snr + 1)
+
+
+def debiased_weight(timesteps: torch.Tensor, scheduler: DDPMScheduler, v_prediction: bool) -> torch.Tensor:
+    """Debiased estimation weights, SNR capped at 1000: ``1 / sqrt(snr)`` (epsilon) or ``1 / (snr + 1)`` (v)."""
+    snr = torch.clamp(_snr_at(timesteps, scheduler), max=SNR_CAP)
+    return 1 / (snr + 1) if v_prediction else 1 / torch.sqrt(snr)
+
+
+def reweight_per_sample(
+    loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler, settings: LossSettings
+) -> torch.Tensor:
+    """Apply the timestep-dependent re-weightings to a (B,) loss, in sd-scripts' order."""
+    if settings.min_snr_gamma:
+        loss = loss * min_snr_weight(timesteps, scheduler, settings.min_snr_gamma, settings.v_parameterization).to(
+            loss.device
+        )
+    if settings.scale_v_pred_loss_like_noise_pred:
+        loss = loss * v_pred_scale(timesteps, scheduler).to(loss.device)
+    if settings.v_pred_like_loss:
+        loss = loss + loss / v_pred_scale(timesteps, scheduler).to(loss.device) * settings.v_pred_like_loss
+    if settings.debiased_estimation_loss:
+        loss = loss * debiased_weight(timesteps, scheduler, settings.v_parameterization).to(loss.device)
+    return loss
+
+
+def per_sample_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    settings: LossSettings,
+    loss_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The (B,) loss before the batch mean, computed in float32."""
+    huber_c = huber_threshold(settings, timesteps, scheduler)
+    loss = elementwise_loss(pred.float(), target.float(), settings.loss_type, huber_c)
+    if mask is not None:
+        loss = apply_mask(loss, mask)
+    loss = loss.mean(dim=list(range(1, loss.dim())))
+    if loss_weights is not None:
+        loss = loss * loss_weights.to(device=loss.device, dtype=loss.dtype)
+    return reweight_per_sample(loss, timesteps, scheduler, settings)
+
+
+def training_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    settings: LossSettings,
+    loss_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The scalar loss to back-propagate: :func:`per_sample_loss` averaged over the batch."""
+    return per_sample_loss(pred, target, timesteps, scheduler, settings, loss_weights, mask).mean()

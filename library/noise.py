@@ -1,0 +1,244 @@
+"""Noise, timesteps and targets for one diffusion training step, with sd-scripts' semantics.
+
+Every random draw comes from an explicit ``torch.Generator`` (never the global RNG), in the same order as
+sd-scripts' ``get_noise_noisy_latents_and_timesteps``, so a run resumed from saved generator state is step-exact.
+Draws happen on the generator's device and are moved to the latents' device, so a CPU generator gives the same
+numbers whether training runs on CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """How noise and timesteps are drawn; built once from the command line with :meth:`from_args`."""
+
+    noise_offset: float | None = None
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    zero_terminal_snr: bool = False
+    v_parameterization: bool = False
+
+    def __post_init__(self) -> None:
+        if self.adaptive_noise_scale is not None and self.noise_offset is None:
+            raise UserError(
+                "--adaptive_noise_scale needs --noise_offset: add --noise_offset (e.g. 0.05) "
+                "or drop --adaptive_noise_scale"
+            )
+        if self.multires_noise_iterations is not None and self.multires_noise_iterations < 0:
+            raise UserError(
+                f"--multires_noise_iterations is {self.multires_noise_iterations}: use a count >= 0 (6-10 is typical)"
+            )
+        if self.min_timestep is not None and self.min_timestep < 0:
+            raise UserError(f"--min_timestep is {self.min_timestep}: use a value from 0 to 999")
+        if self.max_timestep is not None and self.max_timestep < 1:
+            raise UserError(f"--max_timestep is {self.max_timestep}: use a value from 1 to 1000")
+        if self.min_timestep is not None and self.max_timestep is not None and self.min_timestep > self.max_timestep:
+            raise UserError(
+                f"--min_timestep {self.min_timestep} is above --max_timestep {self.max_timestep}: "
+                "make min_timestep <= max_timestep"
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> NoiseSettings:
+        """Read the flags added by ``add_noise_arguments`` (and ``--v_parameterization``)."""
+        settings = cls(
+            noise_offset=getattr(args, "noise_offset", None),
+            noise_offset_random_strength=bool(getattr(args, "noise_offset_random_strength", False)),
+            adaptive_noise_scale=getattr(args, "adaptive_noise_scale", None),
+            multires_noise_iterations=getattr(args, "multires_noise_iterations", None),
+            multires_noise_discount=getattr(args, "multires_noise_discount", 0.3),
+            ip_noise_gamma=getattr(args, "ip_noise_gamma", None),
+            ip_noise_gamma_random_strength=bool(getattr(args, "ip_noise_gamma_random_strength", False)),
+            min_timestep=getattr(args, "min_timestep", None),
+            max_timestep=getattr(args, "max_timestep", None),
+            zero_terminal_snr=bool(getattr(args, "zero_terminal_snr", False)),
+            v_parameterization=bool(getattr(args, "v_parameterization", False)),
+        )
+        if settings.zero_terminal_snr and not settings.v_parameterization:
+            logger.warning("--zero_terminal_snr without --v_parameterization: the last timestep has no signal to learn")
+        return settings
+
+
+class NoisedBatch(NamedTuple):
+    """What the training step needs after noising: model input, the noise drawn, timesteps and the loss target."""
+
+    noisy_latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, returned on ``like``'s device and dtype."""
+    sample = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return sample.to(device=like.device, dtype=like.dtype)
+
+
+def _rand_scalar(generator: torch.Generator) -> float:
+    """One uniform draw in [0, 1) from the generator."""
+    return float(torch.rand((), generator=generator, device=generator.device, dtype=torch.float32))
+
+
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale a beta schedule so the last timestep has zero SNR (arXiv 2305.08891, as sd-scripts does it)."""
+    alphas_bar_sqrt = (1 - betas).cumprod(0).sqrt()
+    first = alphas_bar_sqrt[0].clone()
+    last = alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def training_scheduler(scheduler: DDPMScheduler, zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """A fresh DDPM scheduler for training from ``scheduler``'s config, with zero-terminal-SNR betas if asked.
+
+    The given scheduler is left untouched (it may also drive sampling).
+    """
+    fresh = DDPMScheduler.from_config(scheduler.config)
+    if zero_terminal_snr:
+        betas = zero_terminal_snr_betas(fresh.betas)
+        alphas = 1.0 - betas
+        fresh.betas = betas
+        fresh.alphas = alphas
+        fresh.alphas_cumprod = torch.cumprod(alphas, dim=0)
+    return fresh
+
+
+def offset_noise(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    noise_offset: float | torch.Tensor,
+    adaptive_noise_scale: float | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Add a per-sample, per-channel constant to the noise (crosslabs' offset noise).
+
+    With ``adaptive_noise_scale`` the offset grows by that factor times the absolute channel mean of the latents,
+    clamped at zero.
+    """
+    if adaptive_noise_scale is not None:
+        latent_mean = torch.abs(latents.mean(dim=(2, 3), keepdim=True))
+        noise_offset = torch.clamp(noise_offset + adaptive_noise_scale * latent_mean, min=0.0)
+    return noise + noise_offset * _randn((latents.shape[0], latents.shape[1], 1, 1), generator, latents)
+
+
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generator: torch.Generator) -> torch.Tensor:
+    """Multi-resolution noise: add bilinearly upsampled noise at random 2x-4x coarser scales, then renormalise.
+
+    Level ``i`` has size ``dim / r**i`` with ``r`` uniform in [2, 4) and weight ``discount**i``; it stops after
+    the first level that reaches a 1-pixel side. The result is divided by its standard deviation over the batch.
+    """
+    batch, channels, height, width = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = _rand_scalar(generator) * 2 + 2
+        small_h, small_w = max(1, int(height / (r**i))), max(1, int(width / (r**i)))
+        coarse = _randn((batch, channels, small_h, small_w), generator, noise)
+        out = out + F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False) * discount**i
+        if small_h == 1 or small_w == 1:
+            break
+    return out / out.std()
+
+
+def timestep_bounds(settings: NoiseSettings, num_train_timesteps: int) -> tuple[int, int]:
+    """The half-open range ``[low, high)`` timesteps are drawn from; ``low == high`` means always ``high``."""
+    low = 0 if settings.min_timestep is None else settings.min_timestep
+    high = num_train_timesteps if settings.max_timestep is None else settings.max_timestep
+    if high > num_train_timesteps:
+        raise UserError(
+            f"--max_timestep {high} is beyond the scheduler's {num_train_timesteps} timesteps: "
+            f"use at most {num_train_timesteps}"
+        )
+    if low >= num_train_timesteps:
+        raise UserError(f"--min_timestep {low} must be below {num_train_timesteps}")
+    if low == high == num_train_timesteps:
+        raise UserError(f"--min_timestep and --max_timestep are both {high}: the last timestep is {high - 1}")
+    return low, high
+
+
+def sample_timesteps(low: int, high: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform integer timesteps in ``[low, high)`` (all equal to ``high`` when ``low >= high``), on the CPU."""
+    if low < high:
+        return torch.randint(low, high, (batch_size,), generator=generator, device=generator.device).long().cpu()
+    return torch.full((batch_size,), high, dtype=torch.long)
+
+
+def training_target(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    v_parameterization: bool,
+) -> torch.Tensor:
+    """What the model learns to predict: the noise (epsilon), or the velocity for v-parameterization."""
+    if not v_parameterization:
+        return noise
+    alphas_cumprod = scheduler.alphas_cumprod
+    try:
+        return scheduler.get_velocity(latents, noise, timesteps.to(latents.device))
+    finally:
+        scheduler.alphas_cumprod = alphas_cumprod
+
+
+def add_noise(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The forward diffusion step ``sqrt(a_t) * x0 + sqrt(1 - a_t) * noise``, leaving the scheduler as it was."""
+    alphas_cumprod = scheduler.alphas_cumprod
+    try:
+        return scheduler.add_noise(latents, noise, timesteps.to(latents.device))
+    finally:
+        scheduler.alphas_cumprod = alphas_cumprod
+
+
+def noise_and_timesteps(
+    latents: torch.Tensor, scheduler: DDPMScheduler, settings: NoiseSettings, generator: torch.Generator
+) -> NoisedBatch:
+    """Draw noise and timesteps for a batch of latents and noise them, as sd-scripts does.
+
+    Draw order (fixed, so resume is exact): base noise; noise-offset strength (if random) and offset; pyramid
+    levels; timesteps; input-perturbation strength (if random) and noise. The target uses the noise before
+    input perturbation, as in sd-scripts. ``scheduler`` should come from :func:`training_scheduler`.
+    """
+    noise = _randn(tuple(latents.shape), generator, latents)
+    if settings.noise_offset:
+        offset: float | torch.Tensor = settings.noise_offset
+        if settings.noise_offset_random_strength:
+            offset = _rand_scalar(generator) * settings.noise_offset
+        noise = offset_noise(latents, noise, offset, settings.adaptive_noise_scale, generator)
+    if settings.multires_noise_iterations:
+        noise = pyramid_noise(noise, settings.multires_noise_iterations, settings.multires_noise_discount, generator)
+
+    low, high = timestep_bounds(settings, scheduler.config.num_train_timesteps)
+    timesteps = sample_timesteps(low, high, latents.shape[0], generator).to(latents.device)
+
+    noise_in = noise
+    if settings.ip_noise_gamma:
+        strength = settings.ip_noise_gamma
+        if settings.ip_noise_gamma_random_strength:
+            strength = _rand_scalar(generator) * settings.ip_noise_gamma
+        noise_in = noise + strength * _randn(tuple(latents.shape), generator, latents)
+    noisy_latents = add_noise(scheduler, latents, noise_in, timesteps)
+    target = training_target(latents, noise, timesteps, scheduler, settings.v_parameterization)
+    return NoisedBatch(noisy_latents=noisy_latents, noise=noise, timesteps=timesteps, target=target)
