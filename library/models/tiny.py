@@ -76,6 +76,19 @@ def sd_scheduler(v_parameterization: bool = False) -> DDPMScheduler:
     )
 
 
+def _perturb_norms(model: torch.nn.Module) -> None:
+    """Give normalisation layers non-trivial scales and shifts, as trained models have.
+
+    Freshly initialised norms (weight 1, bias 0) make every token's features average exactly 0, which turns
+    ratio-of-means computations such as weighted-caption rescaling into 0/0.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm | torch.nn.GroupNorm) and module.weight is not None:
+                module.weight.normal_(1.0, 0.1)
+                module.bias.normal_(0.0, 0.1)
+
+
 def make_tiny_model(v2: bool = False, v_parameterization: bool | None = None, seed: int = 0) -> Components:
     """Build a tiny SD1 (or SD2, v-prediction by default) model with reproducible random weights."""
     if v_parameterization is None:
@@ -85,8 +98,9 @@ def make_tiny_model(v2: bool = False, v_parameterization: bool | None = None, se
         unet = UNet2DConditionModel(**tiny_unet_config(v2))
         vae = AutoencoderKL(**tiny_vae_config())
         text_encoder = CLIPTextModel(tiny_text_encoder_config(v2))
-    for m in (unet, vae, text_encoder):
-        m.eval()
+        for model in (unet, vae, text_encoder):
+            _perturb_norms(model)
+            model.eval()
     return Components(
         unet=unet,
         vae=vae,
