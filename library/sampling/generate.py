@@ -1,0 +1,297 @@
+"""Generate sample images during training without disturbing it.
+
+``sample_images`` reads the prompt file, denoises one image per prompt with the sampler each prompt names, writes
+``output_dir/sample/<name>_<label>_<index>_<time>[_<seed>].png`` atomically and returns the images. The global
+RNGs (python, numpy, torch CPU and CUDA), the models' train/eval flags and the VAE's device are restored
+afterwards, so a run with sampling trains exactly like a run without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from library.io import atomic_path
+from library.models.components import Components
+from library.sampling.prompts import SamplePrompt, load_prompts, resolve_prompt
+from library.sampling.samplers import make_sampler
+from library.text.encode import encode_prompts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What sampling needs from the run's configuration (sd-scripts' flag names in comments)."""
+
+    prompts_file: Path  # --sample_prompts
+    output_dir: Path  # --output_dir
+    output_name: str | None = None  # --output_name
+    default_sampler: str = "ddim"  # --sample_sampler
+    max_token_length: int | None = None  # --max_token_length
+    clip_skip: int | None = None  # --clip_skip
+    weighted: bool = True  # sd-scripts always reads (word:1.2) weights in sample prompts
+    training_seed: int | None = None  # --seed
+    every_n_steps: int | None = None  # --sample_every_n_steps
+    every_n_epochs: int | None = None  # --sample_every_n_epochs
+    at_first: bool = False  # --sample_at_first
+
+    @classmethod
+    def from_args(cls, args: Any) -> SampleSettings | None:
+        """Settings from an argparse namespace (or any object with sd-scripts' attribute names); None without
+        ``--sample_prompts``."""
+        prompts = getattr(args, "sample_prompts", None)
+        if not prompts:
+            return None
+        return cls(
+            prompts_file=Path(prompts),
+            output_dir=Path(getattr(args, "output_dir", None) or "."),
+            output_name=getattr(args, "output_name", None),
+            default_sampler=getattr(args, "sample_sampler", None) or "ddim",
+            max_token_length=getattr(args, "max_token_length", None),
+            clip_skip=getattr(args, "clip_skip", None),
+            training_seed=getattr(args, "seed", None),
+            every_n_steps=getattr(args, "sample_every_n_steps", None),
+            every_n_epochs=getattr(args, "sample_every_n_epochs", None),
+            at_first=bool(getattr(args, "sample_at_first", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated image, where it was written, the request it answers and the seed actually used."""
+
+    image: Image.Image
+    path: Path
+    prompt: SamplePrompt
+    seed: int
+
+
+def should_sample(
+    step: int,
+    epoch: int | None,
+    *,
+    every_n_steps: int | None,
+    every_n_epochs: int | None,
+    at_first: bool,
+    is_epoch_end: bool,
+) -> bool:
+    """sd-scripts' schedule: step 0 only with ``at_first``; ``every_n_epochs`` (checked at epoch ends, ``epoch``
+    counting completed epochs from 1) overrides ``every_n_steps`` (checked after optimizer steps, not at epoch
+    ends)."""
+    if step == 0:
+        return at_first
+    if every_n_epochs is not None:
+        return is_epoch_end and epoch is not None and epoch % every_n_epochs == 0
+    if every_n_steps is not None:
+        return not is_epoch_end and step % every_n_steps == 0
+    return False
+
+
+def sample_file_name(
+    output_name: str | None, epoch: int | None, step: int, index: int, timestamp: str, seed: int | None
+) -> str:
+    """sd-scripts' name: ``[<output_name>_]{e<epoch:06d>|<step:06d>}_<index:02d>_<timestamp>[_<seed>].png``.
+
+    The seed is in the name only when the prompt sets one (``--d``), as in sd-scripts.
+    """
+    prefix = "" if output_name is None else f"{output_name}_"
+    label = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    seed_suffix = "" if seed is None else f"_{seed}"
+    return f"{prefix}{label}_{index:02d}_{timestamp}{seed_suffix}.png"
+
+
+def derived_seed(training_seed: int | None, step: int, epoch: int | None, index: int) -> int:
+    """A seed for a prompt without ``--d``: fixed by the training seed, the step/epoch and the prompt's position
+    (so a resumed run draws the same images), or fresh entropy when training has no seed."""
+    if training_seed is None:
+        return random.SystemRandom().randrange(2**32)
+    entropy = [training_seed % 2**64, step, 0 if epoch is None else epoch + 1, index]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore python, numpy, torch CPU and every CUDA device's RNG state when the block ends."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Put ``modules`` in eval mode; give every submodule back its own training flag afterwards."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _on_device(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    original = next(module.parameters()).device
+    if original != device:
+        module.to(device)
+    try:
+        yield
+    finally:
+        if original != device:
+            module.to(original)
+
+
+def _encode_pair(components: Components, settings: SampleSettings, prompt: str, negative: str) -> torch.Tensor:
+    """Embeddings of ``[prompt, negative]`` from one call, so both have the same token length."""
+    device = next(components.text_encoder.parameters()).device
+    return encode_prompts(
+        components.text_encoder,
+        components.tokenizer,
+        [prompt, negative],
+        max_token_length=settings.max_token_length,
+        clip_skip=settings.clip_skip,
+        weighted=settings.weighted,
+        v2=components.v2,
+        device=device,
+    )
+
+
+def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+    accepted = inspect.signature(scheduler.step).parameters
+    return {"generator": generator} if "generator" in accepted else {}
+
+
+def _denoise(
+    components: Components,
+    request: SamplePrompt,
+    embeddings: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """Run the sampler from seeded noise to clean latents (classifier-free guidance when scale > 1)."""
+    unet = components.unet
+    scheduler = make_sampler(request.sampler, components.prediction_type, steps=request.sample_steps)
+    scheduler.set_timesteps(request.sample_steps, device=device)
+    factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    shape = (1, unet.config.in_channels, request.height // factor, request.width // factor)
+    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device) * scheduler.init_noise_sigma
+    guided = request.scale > 1.0
+    context = (embeddings if guided else embeddings[:1]).to(device=device, dtype=unet.dtype)
+    context = context.flip(0) if guided else context  # [negative, prompt], the order diffusers uses
+    extra = _step_kwargs(scheduler, generator)
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        prediction = unet(model_input.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        if guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + request.scale * (cond - uncond)
+        latents = scheduler.step(prediction, t, latents, **extra).prev_sample
+    return latents
+
+
+def _decode(components: Components, latents: torch.Tensor) -> Image.Image:
+    vae = components.vae
+    with _on_device(vae, latents.device):
+        pixels = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+    array = ((pixels[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def generate_image(
+    components: Components,
+    request: SamplePrompt,
+    settings: SampleSettings,
+    seed: int,
+    *,
+    device: torch.device | str | None = None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
+) -> Image.Image:
+    """One image for ``request`` from ``seed`` (noise drawn by a CPU generator, so the seed means the same image
+    on every device). Global RNGs and train flags are the caller's business; ``sample_images`` handles them."""
+    device = torch.device(device) if device is not None else next(components.unet.parameters()).device
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad(), (autocast or contextlib.nullcontext)():
+        embeddings = _encode_pair(components, settings, request.prompt, request.negative_prompt or "")
+        latents = _denoise(components, request, embeddings, generator, device)
+        return _decode(components, latents)
+
+
+def check_prompts(settings: SampleSettings) -> list[SamplePrompt]:
+    """Read and resolve every prompt now (at start-up), so a bad file fails before training, not hours in."""
+    return [resolve_prompt(raw, settings.default_sampler) for raw in load_prompts(settings.prompts_file)]
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        image.save(tmp, format="PNG")
+
+
+def sample_images(
+    components: Components,
+    settings: SampleSettings,
+    *,
+    epoch: int | None,
+    step: int,
+    device: torch.device | str | None = None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
+    prompt_replacement: tuple[str, str] | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    timestamp: Callable[[], str] | None = None,
+) -> list[Sample]:
+    """Generate and save one image per prompt in ``settings.prompts_file``.
+
+    Pass ``epoch`` (completed epochs, 0 for ``--sample_at_first``) for epoch samples, ``None`` for step samples,
+    as sd-scripts does; it picks the ``e<epoch>`` or ``<step>`` file label. ``components.unet`` must be the
+    unwrapped model. With several processes, process ``k`` draws prompts ``k, k+n, …``.
+    ``prompt_replacement`` (old, new) rewrites prompt text (textual inversion's token strings).
+    """
+    clock = timestamp or (lambda: time.strftime("%Y%m%d%H%M%S", time.localtime()))
+    prompts = load_prompts(settings.prompts_file)[process_index::num_processes]
+    save_dir = settings.output_dir / "sample"
+    results = []
+    with preserved_rng(), eval_mode(components.unet, components.text_encoder, components.vae):
+        for raw in prompts:
+            request = resolve_prompt(raw, settings.default_sampler)
+            if prompt_replacement is not None:
+                request = _replace_text(request, *prompt_replacement)
+            seed = (
+                request.seed
+                if request.seed is not None
+                else derived_seed(settings.training_seed, step, epoch, request.index)
+            )
+            logger.info("sample %d: %r (%s, seed %d)", request.index, request.prompt, request.sampler, seed)
+            image = generate_image(components, request, settings, seed, device=device, autocast=autocast)
+            name = sample_file_name(settings.output_name, epoch, step, request.index, clock(), request.seed)
+            _save_png(image, save_dir / name)
+            results.append(Sample(image=image, path=save_dir / name, prompt=request, seed=seed))
+    return results
+
+
+def _replace_text(request: SamplePrompt, old: str, new: str) -> SamplePrompt:
+    negative = None if request.negative_prompt is None else request.negative_prompt.replace(old, new)
+    return replace(request, prompt=request.prompt.replace(old, new), negative_prompt=negative)
