@@ -1,0 +1,518 @@
+"""Metadata written into trained files: sd-scripts' ``ss_*`` keys, A1111's ``sshs_*`` hashes, ``modelspec.*``.
+
+Every value is a string (nested values are JSON), keys and formats as sd-scripts' train_network writes them, so
+tools that read those files (A1111's additional-networks, metadata editors, civitai) understand ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+SS_METADATA_MINIMUM_KEYS = (
+    "ss_v2",
+    "ss_base_model_version",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+)
+ARCH_SD_V1 = "stable-diffusion-v1"
+ARCH_SD_V2_512 = "stable-diffusion-v2-512"
+ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
+IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+IMPL_DIFFUSERS = "diffusers"
+LEGACY_HASH_OFFSET = 0x100000
+LEGACY_HASH_LENGTH = 0x10000
+
+
+def addnet_hash_legacy(data: bytes) -> str:
+    """Old additional-networks hash: sha256 of the 64 KiB at offset 1 MiB, first 8 hex digits."""
+    return hashlib.sha256(data[LEGACY_HASH_OFFSET : LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]).hexdigest()[:8]
+
+
+def addnet_hash_safetensors(data: bytes) -> str:
+    """New additional-networks hash: sha256 of everything after the safetensors header (the tensor bytes)."""
+    header_len = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header_len :]).hexdigest()
+
+
+def precalculate_safetensors_hashes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> tuple[str, str]:
+    """(``sshs_model_hash``, ``sshs_legacy_hash``) of ``tensors`` serialised with only the ``ss_*`` metadata.
+
+    Only training metadata takes part, so editing user metadata (titles, modelspec) later leaves the hashes valid.
+    """
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = safetensors.torch.save(dict(tensors), ss_only)
+    return addnet_hash_safetensors(data), addnet_hash_legacy(data)
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """A1111's old model hash of a file (``ss_sd_model_hash``); folders give ``IsADirectory`` as in sd-scripts."""
+    path = Path(path)
+    if path.is_dir():
+        return "IsADirectory"
+    with open(path, "rb") as f:
+        f.seek(LEGACY_HASH_OFFSET)
+        return hashlib.sha256(f.read(LEGACY_HASH_LENGTH)).hexdigest()[:8]
+
+
+def calculate_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a whole file (``ss_new_sd_model_hash``); folders give ``IsADirectory`` as in sd-scripts."""
+    path = Path(path)
+    if path.is_dir():
+        return "IsADirectory"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_version_string(v2: bool, v_parameterization: bool) -> str:
+    """``ss_base_model_version``: ``sd_v1``, ``sd_v2``, ``sd_v2_v`` (and ``sd_v1_v``)."""
+    return "sd" + ("_v2" if v2 else "_v1") + ("_v" if v_parameterization else "")
+
+
+@dataclass
+class SubsetMetadata:
+    """One subset of a dataset as it appears in ``ss_datasets``."""
+
+    img_count: int
+    num_repeats: float = 1
+    image_dir: str | None = None
+    metadata_file: str | None = None
+    class_tokens: str | None = None
+    is_reg: bool = False
+    color_aug: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    resize_interpolation: str | None = None
+
+
+@dataclass
+class DatasetMetadata:
+    """One dataset (batch size, resolution, buckets, tag counts per folder) as it appears in ``ss_datasets``."""
+
+    is_dreambooth: bool
+    batch_size: int
+    num_train_images: int
+    num_reg_images: int
+    resolution: tuple[int, int]
+    enable_bucket: bool = False
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_no_upscale: bool = False
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    bucket_info: dict | None = None
+    resize_interpolation: str | None = None
+    subsets: list[SubsetMetadata] = field(default_factory=list)
+
+
+@dataclass
+class TrainingFacts:
+    """What ``ss_*`` records about a run. Field names are sd-scripts' flag names; build it with ``from_args``."""
+
+    session_id: int = 0
+    training_started_at: float = 0.0
+    output_name: str | None = None
+    learning_rate: float | None = None
+    text_encoder_lr: Any = None
+    unet_lr: float | None = None
+    num_train_images: int = 0
+    num_validation_images: int = 0
+    num_reg_images: int = 0
+    num_batches_per_epoch: int = 0
+    num_epochs: int = 0
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int | None = None
+    lr_warmup_steps: Any = 0
+    lr_scheduler: str = "constant"
+    network_module: str | None = None
+    network_dim: int | None = None
+    network_alpha: float | None = None
+    network_dropout: float | None = None
+    network_args: dict[str, str] | None = None
+    mixed_precision: str = "no"
+    full_fp16: bool = False
+    v2: bool = False
+    v_parameterization: bool = False
+    clip_skip: int | None = None
+    max_token_length: int | None = None
+    cache_latents: bool = False
+    seed: int | None = None
+    lowram: bool = False
+    noise_offset: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    adaptive_noise_scale: float | None = None
+    zero_terminal_snr: bool = False
+    training_comment: str | None = None
+    commit_hash: str | None = None
+    optimizer_name: str = ""
+    optimizer_args: str = ""
+    max_grad_norm: float = 1.0
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    face_crop_aug_range: Any = None
+    prior_loss_weight: float = 1.0
+    min_snr_gamma: float | None = None
+    scale_weight_norms: float | None = None
+    ip_noise_gamma: float | None = None
+    debiased_estimation_loss: bool = False
+    noise_offset_random_strength: bool = False
+    ip_noise_gamma_random_strength: bool = False
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_scale: float = 1.0
+    huber_c: float = 0.1
+    fp8_base: bool = False
+    fp8_base_unet: bool = False
+    validation_seed: int | None = None
+    validation_split: float = 0.0
+    max_validation_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    validate_every_n_steps: int | None = None
+    resize_interpolation: str | None = None
+    train_batch_size: int = 1
+    num_processes: int = 1
+    resolution: Any = None
+    color_aug: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    pretrained_model_name_or_path: str | None = None
+    vae: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | Mapping[str, Any], **computed: Any) -> TrainingFacts:
+        """Take every field that ``args`` has (flags) and override with ``computed`` (counts, optimizer, ids)."""
+        source = args if isinstance(args, Mapping) else vars(args)
+        values = {f.name: source[f.name] for f in fields(cls) if f.name in source}
+        if isinstance(values.get("network_args"), (list, tuple)):  # the raw flag: ["k=v", ...]
+            values["network_args"] = dict(a.partition("=")[::2] for a in values["network_args"]) or None
+        values.update(computed)
+        return cls(**values)
+
+
+def build_training_metadata(
+    facts: TrainingFacts, datasets: list[DatasetMetadata] | None = None, use_user_config: bool = True
+) -> dict[str, str]:
+    """The ``ss_*`` dict train_network writes before the first save (without the per-save step/epoch keys)."""
+    f = facts
+    optimizer = f.optimizer_name + (f"({f.optimizer_args})" if f.optimizer_args else "")
+    md: dict[str, Any] = {
+        "ss_session_id": f.session_id,
+        "ss_training_started_at": f.training_started_at,
+        "ss_output_name": f.output_name,
+        "ss_learning_rate": f.learning_rate,
+        "ss_text_encoder_lr": f.text_encoder_lr,
+        "ss_unet_lr": f.unet_lr,
+        "ss_num_train_images": f.num_train_images,
+        "ss_num_validation_images": f.num_validation_images,
+        "ss_num_reg_images": f.num_reg_images,
+        "ss_num_batches_per_epoch": f.num_batches_per_epoch,
+        "ss_num_epochs": f.num_epochs,
+        "ss_gradient_checkpointing": f.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": f.gradient_accumulation_steps,
+        "ss_max_train_steps": f.max_train_steps,
+        "ss_lr_warmup_steps": f.lr_warmup_steps,
+        "ss_lr_scheduler": f.lr_scheduler,
+        "ss_network_module": f.network_module,
+        "ss_network_dim": f.network_dim,
+        "ss_network_alpha": f.network_alpha,
+        "ss_network_dropout": f.network_dropout,
+        "ss_mixed_precision": f.mixed_precision,
+        "ss_full_fp16": bool(f.full_fp16),
+        "ss_v2": bool(f.v2),
+        "ss_base_model_version": model_version_string(f.v2, f.v_parameterization),
+        "ss_clip_skip": f.clip_skip,
+        "ss_max_token_length": f.max_token_length,
+        "ss_cache_latents": bool(f.cache_latents),
+        "ss_seed": f.seed,
+        "ss_lowram": f.lowram,
+        "ss_noise_offset": f.noise_offset,
+        "ss_multires_noise_iterations": f.multires_noise_iterations,
+        "ss_multires_noise_discount": f.multires_noise_discount,
+        "ss_adaptive_noise_scale": f.adaptive_noise_scale,
+        "ss_zero_terminal_snr": f.zero_terminal_snr,
+        "ss_training_comment": f.training_comment,
+        "ss_sd_scripts_commit_hash": f.commit_hash,
+        "ss_optimizer": optimizer,
+        "ss_max_grad_norm": f.max_grad_norm,
+        "ss_caption_dropout_rate": f.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": f.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": f.caption_tag_dropout_rate,
+        "ss_face_crop_aug_range": f.face_crop_aug_range,
+        "ss_prior_loss_weight": f.prior_loss_weight,
+        "ss_min_snr_gamma": f.min_snr_gamma,
+        "ss_scale_weight_norms": f.scale_weight_norms,
+        "ss_ip_noise_gamma": f.ip_noise_gamma,
+        "ss_debiased_estimation": bool(f.debiased_estimation_loss),
+        "ss_noise_offset_random_strength": f.noise_offset_random_strength,
+        "ss_ip_noise_gamma_random_strength": f.ip_noise_gamma_random_strength,
+        "ss_loss_type": f.loss_type,
+        "ss_huber_schedule": f.huber_schedule,
+        "ss_huber_scale": f.huber_scale,
+        "ss_huber_c": f.huber_c,
+        "ss_fp8_base": bool(f.fp8_base),
+        "ss_fp8_base_unet": bool(f.fp8_base_unet),
+        "ss_validation_seed": f.validation_seed,
+        "ss_validation_split": f.validation_split,
+        "ss_max_validation_steps": f.max_validation_steps,
+        "ss_validate_every_n_epochs": f.validate_every_n_epochs,
+        "ss_validate_every_n_steps": f.validate_every_n_steps,
+        "ss_resize_interpolation": f.resize_interpolation,
+    }
+    if datasets:
+        md.update(_datasets_metadata(f, datasets) if use_user_config else _legacy_dataset_metadata(f, datasets[0]))
+    if f.network_args:
+        md["ss_network_args"] = json.dumps(f.network_args)
+    if f.pretrained_model_name_or_path is not None:
+        name = f.pretrained_model_name_or_path
+        if os.path.exists(name):
+            md["ss_sd_model_hash"] = model_hash(name)
+            md["ss_new_sd_model_hash"] = calculate_sha256(name)
+            name = os.path.basename(os.path.normpath(name))
+        md["ss_sd_model_name"] = name
+    if f.vae is not None:
+        name = f.vae
+        if os.path.exists(name):
+            md["ss_vae_hash"] = model_hash(name)
+            md["ss_new_vae_hash"] = calculate_sha256(name)
+            name = os.path.basename(os.path.normpath(name))
+        md["ss_vae_name"] = name
+    return {k: str(v) for k, v in md.items()}
+
+
+def _subset_dict(subset: SubsetMetadata, is_dreambooth: bool) -> dict[str, Any]:
+    d = asdict(subset)
+    out = {k: d[k] for k in ("img_count", "num_repeats")}
+    out.update({k: bool(d[k]) for k in ("color_aug", "flip_aug", "random_crop", "shuffle_caption")})
+    out.update({k: d[k] for k in ("keep_tokens", "keep_tokens_separator", "secondary_separator")})
+    out["enable_wildcard"] = bool(subset.enable_wildcard)
+    out.update({k: d[k] for k in ("caption_prefix", "caption_suffix", "resize_interpolation")})
+    if subset.image_dir:
+        out["image_dir"] = os.path.basename(os.path.normpath(subset.image_dir))
+    if is_dreambooth:
+        out["class_tokens"] = subset.class_tokens
+        out["is_reg"] = subset.is_reg
+    else:
+        out["metadata_file"] = os.path.basename(subset.metadata_file or "")
+    return out
+
+
+def _subset_dir_name(subset: SubsetMetadata, is_dreambooth: bool) -> str | None:
+    """The folder (or metadata file) a subset is listed under in ``ss_dataset_dirs``; reg subsets are not."""
+    if is_dreambooth:
+        return None if subset.is_reg or not subset.image_dir else os.path.basename(os.path.normpath(subset.image_dir))
+    return os.path.basename(subset.metadata_file or "")
+
+
+def _datasets_metadata(f: TrainingFacts, datasets: list[DatasetMetadata]) -> dict[str, str]:
+    entries, tag_frequency, dirs = [], {}, {}
+    for ds in datasets:
+        entry = {
+            "is_dreambooth": ds.is_dreambooth,
+            "batch_size_per_device": ds.batch_size,
+            "num_train_images": ds.num_train_images,
+            "num_reg_images": ds.num_reg_images,
+            "resolution": list(ds.resolution),
+            "enable_bucket": bool(ds.enable_bucket),
+            "min_bucket_reso": ds.min_bucket_reso,
+            "max_bucket_reso": ds.max_bucket_reso,
+            "tag_frequency": ds.tag_frequency,
+            "bucket_info": ds.bucket_info,
+            "resize_interpolation": ds.resize_interpolation,
+            "subsets": [_subset_dict(s, ds.is_dreambooth) for s in ds.subsets],
+        }
+        entries.append(entry)
+        for subset in ds.subsets:
+            name = _subset_dir_name(subset, ds.is_dreambooth)
+            if name is None:
+                continue
+            unique, i = name, 2
+            while unique in dirs:
+                unique, i = f"{name} ({i})", i + 1
+            dirs[unique] = {"n_repeats": subset.num_repeats, "img_count": subset.img_count}
+        for dir_name, freq in ds.tag_frequency.items():
+            tag_frequency.setdefault(dir_name, freq)
+    return {
+        "ss_datasets": json.dumps(entries),
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_dataset_dirs": json.dumps(dirs),
+    }
+
+
+def _legacy_dataset_metadata(f: TrainingFacts, ds: DatasetMetadata) -> dict[str, Any]:
+    """Flat keys sd-scripts writes when the dataset came from ``--train_data_dir`` rather than a TOML config."""
+    dirs, reg_dirs = {}, {}
+    for subset in ds.subsets:
+        info = {"n_repeats": subset.num_repeats, "img_count": subset.img_count}
+        if ds.is_dreambooth:
+            (reg_dirs if subset.is_reg else dirs)[os.path.basename(os.path.normpath(subset.image_dir or ""))] = info
+        else:
+            dirs[os.path.basename(subset.metadata_file or "")] = info
+    return {
+        "ss_batch_size_per_device": f.train_batch_size,
+        "ss_total_batch_size": f.train_batch_size * f.num_processes * f.gradient_accumulation_steps,
+        "ss_resolution": f.resolution,
+        "ss_color_aug": bool(f.color_aug),
+        "ss_flip_aug": bool(f.flip_aug),
+        "ss_random_crop": bool(f.random_crop),
+        "ss_shuffle_caption": bool(f.shuffle_caption),
+        "ss_enable_bucket": bool(ds.enable_bucket),
+        "ss_bucket_no_upscale": bool(ds.bucket_no_upscale),
+        "ss_min_bucket_reso": ds.min_bucket_reso,
+        "ss_max_bucket_reso": ds.max_bucket_reso,
+        "ss_keep_tokens": f.keep_tokens,
+        "ss_dataset_dirs": json.dumps(dirs),
+        "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+        "ss_tag_frequency": json.dumps(ds.tag_frequency),
+        "ss_bucket_info": json.dumps(ds.bucket_info),
+    }
+
+
+def minimum_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The keys kept under ``--no_metadata`` (enough for tools to know what kind of network it is)."""
+    return {k: metadata[k] for k in SS_METADATA_MINIMUM_KEYS if k in metadata}
+
+
+def build_modelspec(
+    v2: bool,
+    v_parameterization: bool,
+    lora: bool,
+    textual_inversion: bool,
+    timestamp: float,
+    title: str | None = None,
+    reso: Any = None,
+    is_stable_diffusion_ckpt: bool | None = None,
+    author: str | None = None,
+    description: str | None = None,
+    license: str | None = None,
+    tags: str | None = None,
+    merged_from: str | None = None,
+    timesteps: tuple[int, int] | None = None,
+    clip_skip: int | None = None,
+    trigger_phrase: str | None = None,
+) -> dict[str, str]:
+    """``modelspec.*`` keys (Stability AI's ModelSpec 1.0.0) as sd-scripts' sai_model_spec.build_metadata."""
+    arch = ARCH_SD_V1 if not v2 else ARCH_SD_V2_768_V if v_parameterization else ARCH_SD_V2_512
+    if lora:
+        arch += "/lora"
+    elif textual_inversion:
+        arch += "/textual-inversion"
+    if not lora and not textual_inversion and is_stable_diffusion_ckpt is None:
+        is_stable_diffusion_ckpt = True
+    impl = IMPL_STABILITY_AI if textual_inversion or is_stable_diffusion_ckpt else IMPL_DIFFUSERS
+    if title is None:
+        title = ("LoRA" if lora else "TextualInversion" if textual_inversion else "Checkpoint") + f"@{timestamp}"
+    md = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": arch,
+        "modelspec.implementation": impl,
+        "modelspec.title": title,
+        "modelspec.resolution": _resolution_string(reso, v2, v_parameterization),
+    }
+    for key, value in (
+        ("description", description),
+        ("author", author),
+        ("license", license),
+        ("tags", tags),
+        ("merged_from", merged_from),
+        ("trigger_phrase", trigger_phrase),
+    ):
+        if value is not None:
+            md[f"modelspec.{key}"] = value
+    md["modelspec.date"] = datetime.datetime.fromtimestamp(int(timestamp)).isoformat()
+    md["modelspec.prediction_type"] = "v" if v_parameterization else "epsilon"
+    if timesteps is not None:
+        md["modelspec.timestep_range"] = f"{timesteps[0]},{timesteps[1]}"
+    if clip_skip is not None:
+        md["modelspec.encoder_layer"] = str(clip_skip)
+    return md
+
+
+def _resolution_string(reso: Any, v2: bool, v_parameterization: bool) -> str:
+    if reso is None:
+        reso = 768 if v2 and v_parameterization else 512
+    if isinstance(reso, str):
+        reso = tuple(int(r) for r in reso.split(","))
+    if isinstance(reso, int):
+        reso = (reso, reso)
+    if len(reso) == 1:
+        reso = (reso[0], reso[0])
+    return f"{reso[0]}x{reso[1]}"
+
+
+def modelspec_from_args(args: argparse.Namespace, lora: bool = True, textual_inversion: bool = False) -> dict[str, str]:
+    """``modelspec.*`` for a save, from the flags (sd-scripts' train_util.get_sai_model_spec)."""
+    get = vars(args).get
+    min_t, max_t = get("min_timestep"), get("max_timestep")
+    timesteps = None if min_t is None and max_t is None else (min_t or 0, 1000 if max_t is None else max_t)
+    return build_modelspec(
+        v2=bool(get("v2")),
+        v_parameterization=bool(get("v_parameterization")),
+        lora=lora,
+        textual_inversion=textual_inversion,
+        timestamp=time.time(),
+        title=get("metadata_title") if get("metadata_title") is not None else get("output_name"),
+        reso=get("resolution"),
+        author=get("metadata_author"),
+        description=get("metadata_description"),
+        license=get("metadata_license"),
+        tags=get("metadata_tags"),
+        timesteps=timesteps,
+        clip_skip=get("clip_skip"),
+        trigger_phrase=get("metadata_trigger_phrase"),
+    )
+
+
+def metadata_for_save(
+    metadata: Mapping[str, str], steps: int, epoch: int, no_metadata: bool, modelspec: Mapping[str, str]
+) -> dict[str, str]:
+    """What one save writes: the run's ``ss_*`` plus finish time, step and epoch (or only the minimum keys under
+    ``--no_metadata``), then ``modelspec.*``. The ``sshs_*`` hashes are added by the writer."""
+    if no_metadata:
+        out = minimum_metadata(metadata)
+    else:
+        out = dict(metadata)
+        out.update(ss_training_finished_at=str(time.time()), ss_steps=str(steps), ss_epoch=str(epoch))
+    out.update(modelspec)
+    return out
+
+
+def add_metadata_arguments(parser: argparse.ArgumentParser, network: bool = True) -> None:
+    """Flags for metadata (sd-scripts' names); ``network`` adds train_network's ``--no_metadata`` and comment."""
+    if network:
+        parser.add_argument("--no_metadata", action="store_true", help="do not save ss_* metadata in the output")
+        parser.add_argument("--training_comment", type=str, default=None, help="comment stored as ss_training_comment")
+    parser.add_argument("--metadata_title", type=str, default=None, help="modelspec.title (default: output name)")
+    parser.add_argument("--metadata_author", type=str, default=None, help="modelspec.author")
+    parser.add_argument("--metadata_description", type=str, default=None, help="modelspec.description")
+    parser.add_argument("--metadata_license", type=str, default=None, help="modelspec.license")
+    parser.add_argument("--metadata_tags", type=str, default=None, help="modelspec.tags, comma-separated")
+    parser.add_argument("--metadata_trigger_phrase", type=str, default=None, help="modelspec.trigger_phrase")

@@ -1,0 +1,1 @@
+"""Network modules behind sd-scripts' ``--network_module`` interface (``networks.lora``)."""
