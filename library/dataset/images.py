@@ -1,0 +1,264 @@
+"""Decode one training image (and its mask), resize and crop it to its bucket, augment it, make tensors.
+
+The geometry (resize, crop box, flip) is decided once as a plain value and applied identically to the image and
+its masks, so a mask always lines up with its image pixel for pixel. Randomness comes from a ``random.Random``
+the caller seeds, so results do not depend on worker processes or call order.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from library.dataset.buckets import cover_size, crop_ltrb
+from library.errors import UserError
+
+INTERPOLATIONS = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,  # cv2's INTER_AREA is box averaging when shrinking; Pillow's BOX is the same idea
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "hamming": Image.Resampling.HAMMING,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+HUE_SHIFT_LIMIT = 8  # sd-scripts' hue shift, in OpenCV hue units (0..180)
+
+
+class ImageLoadError(Exception):
+    """An image (or its mask) could not be decoded; the loader warns once, skips it and lists it at the end."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: cannot read image ({reason})")
+        self.path = Path(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image of ``original`` size becomes a training crop: scale to ``resized``, crop ``box`` (l, t, r, b
+    in resized pixels), then mirror left-right if ``flip``."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool = False
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One processed sample: ``image`` (3, H, W) in [-1, 1]; ``mask`` (1, H, W) in [0, 1] or None."""
+
+    image: torch.Tensor
+    mask: torch.Tensor | None
+    original_size: tuple[int, int]
+    crop_ltrb: tuple[int, int, int, int]
+    flipped: bool
+
+
+def check_interpolation(name: str | None, where: str = "resize_interpolation") -> None:
+    if name is not None and name not in INTERPOLATIONS:
+        raise UserError(f"{where}: unknown interpolation {name!r}; use one of {', '.join(sorted(INTERPOLATIONS))}")
+
+
+def pick_resample(name: str | None, src: tuple[int, int], dst: tuple[int, int]) -> Image.Resampling:
+    """sd-scripts' default: area when shrinking (both sides), Lanczos when enlarging; or the named method."""
+    if name is None:
+        name = "area" if src[0] >= dst[0] and src[1] >= dst[1] else "lanczos"
+    check_interpolation(name)
+    return INTERPOLATIONS[name]
+
+
+def open_image(path: Path, keep_alpha: bool = False) -> Image.Image:
+    """Decode fully, apply the EXIF orientation and convert to RGB (RGBA when ``keep_alpha``)."""
+    try:
+        with Image.open(path) as raw:
+            raw.load()
+            image = ImageOps.exif_transpose(raw)
+            mode = "RGBA" if keep_alpha else "RGB"
+            return image.convert(mode) if image.mode != mode else image.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """The (width, height) an image has after its EXIF orientation, read from the header without decoding."""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def open_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """A mask file as 8-bit grey at ``size`` (white = train, black = ignore)."""
+    try:
+        with Image.open(path) as raw:
+            raw.load()
+            mask = ImageOps.exif_transpose(raw).convert("L")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(path, f"mask: {type(e).__name__}: {e}") from e
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    return mask
+
+
+def face_from_name(path: Path) -> tuple[int, int, int, int] | None:
+    """sd-scripts' face position in the file name: ``<name>_<cx>_<cy>_<w>_<h>.<ext>``; None when absent."""
+    tokens = path.stem.split("_")
+    if len(tokens) < 5:
+        return None
+    try:
+        cx, cy, fw, fh = (int(t) for t in tokens[-4:])
+    except ValueError:
+        return None
+    return (cx, cy, fw, fh) if cx > 0 and max(fw, fh) > 0 else None
+
+
+def plan_geometry(
+    original: tuple[int, int],
+    bucket: tuple[int, int],
+    resized: tuple[int, int],
+    rng: random.Random,
+    random_crop: bool = False,
+    flip: bool = False,
+) -> Geometry:
+    """Crop ``resized`` down to ``bucket``: centred (sd-scripts: offset = excess // 2) or uniformly random."""
+    offsets = []
+    for have, want in zip(resized, bucket):
+        excess = have - want
+        offsets.append(rng.randint(0, excess) if random_crop and excess > 0 else excess // 2)
+    left, top = offsets
+    return Geometry(original, resized, (left, top, left + bucket[0], top + bucket[1]), flip)
+
+
+def plan_face_crop(
+    original: tuple[int, int],
+    target: tuple[int, int],
+    face: tuple[int, int, int, int],
+    face_range: tuple[float, float],
+    rng: random.Random,
+    random_crop: bool = False,
+    flip: bool = False,
+) -> Geometry:
+    """sd-scripts' face crop: scale so the face is 1/range[1]..1/range[0] of the short target side (never
+    enlarging, never below covering the target), then crop ``target`` centred on the face (jittered a little)."""
+    width, height = original
+    tw, th = target
+    cx, cy, fw, fh = face
+    face_size = max(fw, fh)
+    short = min(tw, th)
+    cover = max(th / height, tw / width)
+    min_scale = min(1.0, max(cover, short / (face_size * face_range[1])))
+    max_scale = min(1.0, max(min_scale, short / (face_size * face_range[0])))
+    scale = min_scale if min_scale >= max_scale else rng.uniform(min_scale, max_scale)
+    nw, nh = max(tw, int(width * scale + 0.5)), max(th, int(height * scale + 0.5))
+    centre = (int(cx * scale + 0.5), int(cy * scale + 0.5))
+    offsets = []
+    for want, length, pos in zip((tw, th), (nw, nh), centre):
+        start = pos - want // 2
+        if random_crop:
+            spread = max(length - pos, pos)
+            start += rng.randint(0, spread) + rng.randint(0, spread) - spread
+        elif face_range[0] != face_range[1] and face_size > short // 10 and face_size >= 40:
+            start += rng.randint(-face_size // 20, face_size // 20)
+        offsets.append(max(0, min(start, length - want)))
+    left, top = offsets
+    return Geometry(original, (nw, nh), (left, top, left + tw, top + th), flip)
+
+
+def apply_geometry(image: Image.Image, geometry: Geometry, interpolation: str | None) -> Image.Image:
+    """Resize, crop and flip one single-band or RGB image (alpha is split off by the caller, so colour under
+    transparent pixels is kept, unlike Pillow's premultiplied RGBA resize)."""
+    if image.size != geometry.resized:
+        image = image.resize(geometry.resized, pick_resample(interpolation, image.size, geometry.resized))
+    image = image.crop(geometry.box)
+    if geometry.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+def color_augment(pixels: np.ndarray, rng: random.Random) -> np.ndarray:
+    """sd-scripts' colour augmentation on uint8 RGB: with probability 0.33, either a hue shift of up to 8/180 of
+    the colour wheel or a gamma in [0.95, 1.05], half of the time each."""
+    if rng.random() > 0.33:
+        return pixels
+    if rng.random() > 0.5:
+        shift = rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT) * 256.0 / 180.0
+        hsv = np.asarray(Image.fromarray(pixels, "RGB").convert("HSV")).copy()
+        hsv[..., 0] = ((hsv[..., 0].astype(np.float64) + shift) % 256).astype(np.uint8)
+        return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+    gamma = rng.uniform(0.95, 1.05)
+    return np.clip(pixels.astype(np.float64) ** gamma, 0, 255).astype(np.uint8)
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """8-bit grey -> float (1, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
+def prepare_image(
+    path: Path,
+    bucket: tuple[int, int],
+    resized: tuple[int, int],
+    rng: random.Random,
+    *,
+    flip: bool = False,
+    random_crop: bool = False,
+    color_aug: bool = False,
+    face_crop_aug_range: tuple[float, float] | None = None,
+    alpha_mask: bool = False,
+    mask_path: Path | None = None,
+    interpolation: str | None = None,
+    face_crop: bool = False,
+) -> PreparedImage:
+    """Load ``path`` and return its training crop at ``bucket`` with augmentations applied.
+
+    ``resized`` is the cover size from bucket assignment (computed from the header size); when the decoded size
+    differs (e.g. EXIF rotation the scan did not apply) the cover size is recomputed from the decoded image.
+    ``face_crop`` enables sd-scripts' face crop (only used without bucketing, and only for names carrying a face
+    position). Masks: the alpha channel (``alpha_mask``) and/or ``mask_path``; both present -> their product.
+    """
+    image = open_image(path, keep_alpha=alpha_mask)
+    original = image.size
+    if _aspect_differs(original, resized):
+        resized = cover_size(original, bucket)
+    face = face_from_name(path) if face_crop and face_crop_aug_range else None
+    if face is not None:
+        geometry = plan_face_crop(original, bucket, face, face_crop_aug_range, rng, random_crop, flip)
+    else:
+        geometry = plan_geometry(original, bucket, resized, rng, random_crop, flip)
+
+    masks: list[Image.Image] = []
+    if alpha_mask:
+        masks.append(image.getchannel("A"))
+        image = image.convert("RGB")
+    if mask_path is not None:
+        masks.append(open_mask(mask_path, original))
+
+    pixels = np.asarray(apply_geometry(image, geometry, interpolation))
+    if color_aug:
+        pixels = color_augment(pixels, rng)
+    mask = None
+    for m in masks:
+        t = mask_to_tensor(apply_geometry(m, geometry, interpolation))
+        mask = t if mask is None else mask * t
+    return PreparedImage(to_tensor(pixels), mask, original, crop_ltrb(bucket, original), geometry.flip)
+
+
+def _aspect_differs(original: tuple[int, int], resized: tuple[int, int]) -> bool:
+    """True when ``resized`` was not derived from an image of ``original`` size (e.g. width and height swapped)."""
+    return abs(original[0] * resized[1] - original[1] * resized[0]) > original[0] + original[1]

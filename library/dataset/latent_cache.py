@@ -1,0 +1,322 @@
+"""Latent caching (``--cache_latents`` in memory, ``--cache_latents_to_disk`` as sd-scripts' npz files).
+
+File format (sd-scripts compatible): ``<stem>_<WWWW>x<HHHH>_sd.npz`` beside the image (original image size in the
+name) with ``latents`` (4, h, w) float32 unscaled (``vae.encode(x).latent_dist.sample()``), ``original_size``,
+``crop_ltrb``, optional ``latents_flipped`` and ``alpha_mask`` (H, W). We add ``cache_key``: a JSON string naming
+everything the latents depend on (image size + mtime, bucket, crop, flip, mask, interpolation, VAE weights). An
+entry is reused only when its key matches; a stale entry is recomputed, an unreadable one recomputed with a warning.
+
+Sampling noise comes from a generator seeded from each image's key, so latents do not depend on the batch an
+image was encoded in, and re-caching an unchanged image gives identical latents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from library.dataset.images import ImageLoadError, PreparedImage, prepare_image
+from library.dataset.types import DatasetConfig
+from library.errors import UserError
+from library.io import atomic_path
+
+logger = logging.getLogger("sdtrain.dataset")
+
+NPZ_SUFFIX = "_sd.npz"
+_LOADER_THREADS = 2
+KEY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CacheJob:
+    """One image to encode, with every setting its latents depend on."""
+
+    path: Path
+    bucket: tuple[int, int]
+    resized: tuple[int, int]
+    original_size: tuple[int, int]
+    flip_aug: bool = False
+    alpha_mask: bool = False
+    mask_path: Path | None = None
+    interpolation: str | None = None
+
+
+@dataclass(frozen=True)
+class LatentEntry:
+    """Cached latents of one image; ``alpha_mask`` is (H, W) at pixel resolution, not flipped."""
+
+    latents: torch.Tensor
+    latents_flipped: torch.Tensor | None
+    alpha_mask: torch.Tensor | None
+    original_size: tuple[int, int]
+    crop_ltrb: tuple[int, int, int, int]
+
+
+@dataclass
+class CacheReport:
+    """Outcome of caching: ``entries[i]`` is job i's LatentEntry (memory) or npz path (disk)."""
+
+    entries: dict[int, LatentEntry | Path] = field(default_factory=dict)
+    failed: list[ImageLoadError] = field(default_factory=list)
+    encoded: int = 0
+    reused: int = 0
+    stale: int = 0
+    unreadable: int = 0
+
+
+def npz_path_for(image_path: Path, original_size: tuple[int, int]) -> Path:
+    """sd-scripts' cache file name: ``<stem>_<WWWW>x<HHHH>_sd.npz`` next to the image."""
+    return image_path.with_name(f"{image_path.stem}_{original_size[0]:04d}x{original_size[1]:04d}{NPZ_SUFFIX}")
+
+
+def refuse_incompatible(datasets: Sequence[DatasetConfig], flag: str = "--cache_latents") -> None:
+    """Caching freezes one draw of any random augmentation; refuse the settings that would be silently lost."""
+    for dataset in datasets:
+        for subset in dataset.subsets:
+            for key in ("color_aug", "random_crop"):
+                if getattr(subset, key):
+                    raise UserError(
+                        f"{subset.name}: {key} cannot be combined with {flag} (a cached latent keeps one random "
+                        f"augmentation for the whole run); turn off {key} or latent caching"
+                    )
+            if subset.face_crop_aug_range is not None and not dataset.enable_bucket:
+                raise UserError(
+                    f"{subset.name}: face_crop_aug_range cannot be combined with {flag} (the random face crop would "
+                    "be frozen in the cache); turn off face_crop_aug_range or latent caching"
+                )
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """sha256 of the encoder weights (the decoder does not affect latents): identifies the VAE in cache keys.
+
+    Parameter names are left out, so a module wrapping the same VAE has the same identity."""
+    digest = hashlib.sha256()
+    for name, tensor in vae.state_dict().items():
+        if "decoder" in name or "post_quant_conv" in name:
+            continue
+        digest.update(f"{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def job_key(job: CacheJob, vae_id: str) -> str:
+    """The cache key: changes whenever anything that affects the cached arrays changes."""
+
+    def stat(path: Path | None) -> list[int] | None:
+        if path is None:
+            return None
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    return json.dumps(
+        {
+            "v": KEY_VERSION,
+            "image": [job.path.name, *stat(job.path)],
+            "size": list(job.original_size),
+            "bucket": list(job.bucket),
+            "resized": list(job.resized),
+            "crop": "center",
+            "flip": job.flip_aug,
+            "alpha": job.alpha_mask,
+            "mask": stat(job.mask_path),
+            "interp": job.interpolation,
+            "vae": vae_id,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _seed_of(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def read_npz(path: Path) -> tuple[LatentEntry, str | None]:
+    """Read a cache file (ours or sd-scripts'); raises on a missing, truncated or malformed file."""
+    with np.load(path, allow_pickle=False) as z:
+        files = set(z.files)
+        latents = torch.from_numpy(z["latents"].astype(np.float32))
+        flipped = torch.from_numpy(z["latents_flipped"].astype(np.float32)) if "latents_flipped" in files else None
+        mask = torch.from_numpy(z["alpha_mask"].astype(np.float32)) if "alpha_mask" in files else None
+        original = tuple(int(x) for x in z["original_size"].tolist())
+        crop = tuple(int(x) for x in z["crop_ltrb"].tolist())
+        key = str(z["cache_key"]) if "cache_key" in files else None
+    return LatentEntry(latents, flipped, mask, original, crop), key
+
+
+def load_entry(entry: LatentEntry | Path) -> LatentEntry:
+    """The LatentEntry behind a cache reference (reads the npz for disk caches)."""
+    if isinstance(entry, LatentEntry):
+        return entry
+    try:
+        return read_npz(entry)[0]
+    except Exception as e:
+        raise UserError(
+            f"{entry}: latent cache file unreadable ({type(e).__name__}); delete it and run again without "
+            "--skip_cache_check so it is rebuilt"
+        ) from e
+
+
+def _usable(path: Path, job: CacheJob, key: str, report: CacheReport) -> bool:
+    """True when ``path`` holds valid latents for ``key``; counts stale/unreadable files in ``report``."""
+    try:
+        entry, stored = read_npz(path)
+    except Exception as e:
+        logger.warning("%s: latent cache file unreadable (%s: %s); recomputing it", path, type(e).__name__, e)
+        report.unreadable += 1
+        return False
+    latent_hw = (job.bucket[1] // 8, job.bucket[0] // 8)
+    ok = (
+        stored == key
+        and tuple(entry.latents.shape[1:]) == latent_hw
+        and (entry.latents_flipped is not None) == job.flip_aug
+        and (entry.alpha_mask is not None) == (job.alpha_mask or job.mask_path is not None)
+    )
+    if not ok:
+        report.stale += 1
+    return ok
+
+
+def cache_latents(
+    jobs: Sequence[CacheJob],
+    vae: torch.nn.Module,
+    *,
+    to_disk: bool,
+    batch_size: int = 1,
+    skip_check: bool = False,
+    progress: bool = True,
+    vae_id: str | None = None,
+) -> CacheReport:
+    """Encode every job's image (batched per bucket, ``batch_size`` at a time) unless a valid cache exists.
+
+    ``to_disk``: write/reuse npz files and return their paths; otherwise return in-memory entries.
+    ``skip_check``: trust any existing npz without reading it (sd-scripts' ``--skip_cache_check``).
+    Images that cannot be decoded are reported in ``failed`` (with a warning) and get no entry.
+    """
+    if batch_size < 1:
+        raise UserError(f"--vae_batch_size must be at least 1, got {batch_size}")
+    report = CacheReport()
+    if vae_id is None:
+        vae_id = vae_fingerprint(vae)
+    todo: list[tuple[int, str]] = []
+    for i, job in enumerate(jobs):
+        key = job_key(job, vae_id)
+        path = npz_path_for(job.path, job.original_size)
+        if to_disk and path.exists() and (skip_check or _usable(path, job, key, report)):
+            report.entries[i] = path
+            report.reused += 1
+        else:
+            todo.append((i, key))
+    if report.stale:
+        logger.info("%d latent cache file(s) are stale (image, settings or VAE changed); recomputing", report.stale)
+    todo.sort(key=lambda item: (jobs[item[0]].bucket, jobs[item[0]].flip_aug, item[0]))
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    for item in todo:
+        groups.setdefault((jobs[item[0]].bucket, jobs[item[0]].flip_aug), []).append(item)
+    chunks = [
+        [(i, key, jobs[i]) for i, key in items[start : start + batch_size]]
+        for items in groups.values()
+        for start in range(0, len(items), batch_size)
+    ]
+    # decode the next chunk's images in threads while the VAE encodes the current one (Pillow and torch both
+    # release the GIL), so the VAE never waits for image decoding
+    with (
+        tqdm(total=len(todo), desc="caching latents", unit="img", disable=not progress or not todo) as bar,
+        ThreadPoolExecutor(_LOADER_THREADS) as pool,
+    ):
+        pending = [pool.submit(_load, job) for _, _, job in chunks[0]] if chunks else []
+        for n, chunk in enumerate(chunks):
+            results = [f.result() for f in pending]
+            pending = [pool.submit(_load, job) for _, _, job in chunks[n + 1]] if n + 1 < len(chunks) else []
+            loaded = []
+            for (i, key, job), result in zip(chunk, results):
+                if isinstance(result, ImageLoadError):
+                    logger.warning("%s; skipping it", result)
+                    report.failed.append(result)
+                else:
+                    loaded.append((i, key, job, result))
+            if loaded:
+                _encode_chunk(loaded, vae, to_disk, report)
+            bar.update(len(chunk))
+    return report
+
+
+def _load(job: CacheJob) -> PreparedImage | ImageLoadError:
+    """The centre-cropped, unflipped training image of ``job`` (or the error that prevented reading it)."""
+    try:
+        return prepare_image(
+            job.path,
+            job.bucket,
+            job.resized,
+            random.Random(0),
+            alpha_mask=job.alpha_mask,
+            mask_path=job.mask_path,
+            interpolation=job.interpolation,
+        )
+    except ImageLoadError as e:
+        return e
+
+
+def _encode_chunk(
+    loaded: list[tuple[int, str, CacheJob, PreparedImage]], vae: torch.nn.Module, to_disk: bool, report: CacheReport
+) -> None:
+    pixels = torch.stack([p.image for *_, p in loaded])
+    seeds = [_seed_of(key) for _, key, _, _ in loaded]
+    latents = _encode(vae, pixels, seeds)
+    flipped = _encode(vae, pixels.flip(3), [s ^ 1 for s in seeds]) if loaded[0][2].flip_aug else None
+    for n, (i, key, job, prepared) in enumerate(loaded):
+        mask = prepared.mask[0] if prepared.mask is not None else None
+        entry = LatentEntry(
+            latents[n].clone(),
+            flipped[n].clone() if flipped is not None else None,
+            mask,
+            prepared.original_size,
+            prepared.crop_ltrb,
+        )
+        if to_disk:
+            path = npz_path_for(job.path, job.original_size)
+            _write_npz(path, entry, key)
+            report.entries[i] = path
+        else:
+            report.entries[i] = entry
+        report.encoded += 1
+
+
+def _encode(vae: torch.nn.Module, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """``latent_dist.sample()`` with one seeded generator per image: mean + std * noise, float32 on the CPU."""
+    param = next(vae.parameters())
+    with torch.inference_mode():
+        dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+    noise = torch.stack(
+        [
+            torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+            for seed in seeds
+        ]
+    )
+    return mean + std * noise
+
+
+def _write_npz(path: Path, entry: LatentEntry, key: str) -> None:
+    arrays = {
+        "latents": entry.latents.numpy(),
+        "original_size": np.array(entry.original_size),
+        "crop_ltrb": np.array(entry.crop_ltrb),
+        "cache_key": np.array(key),
+    }
+    if entry.latents_flipped is not None:
+        arrays["latents_flipped"] = entry.latents_flipped.numpy()
+    if entry.alpha_mask is not None:
+        arrays["alpha_mask"] = entry.alpha_mask.numpy()
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)

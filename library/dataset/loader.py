@@ -1,0 +1,380 @@
+"""The training dataset: bucket assignment, a deterministic batch plan per epoch, and batch loading.
+
+``batch_plan(epoch)`` is a pure function of (seed, epoch) and the scanned records, and ``load_batch(plan)`` depends
+only on the plan and the seed (every random choice uses a generator derived from seed, epoch, batch and item), so
+DataLoader workers give the same batches as the main process and resuming at batch k of an epoch is
+``batch_plan(epoch)[k:]``. Epochs are counted from 1, as sd-scripts does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.dataset.buckets import BucketAssignment, BucketSettings, make_bucket_resolutions, select_bucket
+from library.dataset.buckets import validate_settings as validate_bucket_settings
+from library.dataset.captions import pick_caption, process_caption
+from library.dataset.epoch import epoch_samples
+from library.dataset.images import ImageLoadError, check_interpolation, prepare_image
+from library.dataset.latent_cache import CacheJob, LatentEntry, cache_latents, load_entry, refuse_incompatible
+from library.dataset.types import DatasetConfig, ImageRecord
+
+logger = logging.getLogger("sdtrain.dataset")
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python runs (unlike ``hash``)."""
+    text = ":".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One batch: images ``items`` (indices into the dataset's records) of one bucket, and where it sits in the
+    run. ``global_step`` = batches in earlier epochs + ``index`` (used for token warm-up)."""
+
+    epoch: int
+    index: int
+    dataset_index: int
+    bucket: tuple[int, int]
+    items: tuple[int, ...]
+    global_step: int
+
+
+class TrainDataset:
+    """Datasets with their scanned records, bucket assignments and optional latent cache (read-only after init)."""
+
+    def __init__(
+        self,
+        datasets: Sequence[DatasetConfig],
+        records: Sequence[Sequence[ImageRecord]],
+        *,
+        seed: int,
+        prior_loss_weight: float = 1.0,
+        latents: dict[tuple[int, int], LatentEntry | Path] | None = None,
+        max_train_steps: int | None = None,
+        skipped: Sequence[tuple[Path, str]] = (),
+    ):
+        if len(datasets) != len(records):
+            raise ValueError("one records list per dataset is needed")
+        self.datasets = list(datasets)
+        self.records = [list(r) for r in records]
+        self.seed = seed
+        self.prior_loss_weight = prior_loss_weight
+        self.latents = latents
+        self.max_train_steps = max_train_steps
+        self.skipped: list[tuple[Path, str]] = list(skipped)
+        self.assignments: list[list[BucketAssignment]] = []
+        for dataset, recs in zip(self.datasets, self.records):
+            settings = BucketSettings.from_dataset(dataset)
+            validate_bucket_settings(settings, dataset.name)
+            check_interpolation(dataset.resize_interpolation, f"{dataset.name}: resize_interpolation")
+            table = make_bucket_resolutions(settings) if settings.enable_bucket and not settings.no_upscale else None
+            self.assignments.append([select_bucket(r.size, settings, table) for r in recs])
+        self._epoch_lengths: dict[int, int] = {}
+        self._warned: set[Path] = set()
+
+    def with_changes(self, **changes: Any) -> TrainDataset:
+        """A copy with some constructor arguments replaced (e.g. ``max_train_steps`` once it is known)."""
+        args = dict(
+            seed=self.seed,
+            prior_loss_weight=self.prior_loss_weight,
+            latents=self.latents,
+            max_train_steps=self.max_train_steps,
+            skipped=self.skipped,
+        )
+        args.update(changes)
+        datasets = args.pop("datasets", self.datasets)
+        records = args.pop("records", self.records)
+        return TrainDataset(datasets, records, **args)
+
+    def fingerprint(self) -> str:
+        """Identifies what the plans are made from (configs, records, seed), for checking a resumed run."""
+        records = [[(str(r.path), r.size, r.captions, r.subset_index) for r in recs] for recs in self.records]
+        text = repr((self.seed, self.datasets, records))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def batch_plan(self, epoch: int) -> list[BatchPlan]:
+        """Every batch of ``epoch`` (from 1) in training order; the same (seed, epoch) always gives the same plan."""
+        if epoch < 1:
+            raise ValueError(f"epochs are counted from 1, got {epoch}")
+        start = self.epoch_start_step(epoch)
+        batches = self._epoch_batches(epoch)
+        return [BatchPlan(epoch, i, d, bucket, items, start + i) for i, (d, bucket, items) in enumerate(batches)]
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        if epoch not in self._epoch_lengths:
+            self._epoch_lengths[epoch] = len(self._epoch_batches(epoch))
+        return self._epoch_lengths[epoch]
+
+    def epoch_start_step(self, epoch: int) -> int:
+        return sum(self.batches_in_epoch(e) for e in range(1, epoch))
+
+    def _epoch_batches(self, epoch: int) -> list[tuple[int, tuple[int, int], tuple[int, ...]]]:
+        batches: list[tuple[int, tuple[int, int], tuple[int, ...]]] = []
+        for d, (dataset, recs) in enumerate(zip(self.datasets, self.records)):
+            index_of = {id(r): i for i, r in enumerate(recs)}
+            index_by_value = {r: i for i, r in enumerate(recs)}
+            by_bucket: dict[tuple[int, int], list[int]] = {}
+            for sample in epoch_samples(dataset, recs, epoch, derive_seed(self.seed, "dataset", d)):
+                i = index_of.get(id(sample), None)
+                i = index_by_value[sample] if i is None else i
+                by_bucket.setdefault(self.assignments[d][i].bucket, []).append(i)
+            for bucket in sorted(by_bucket):
+                items = by_bucket[bucket]
+                random.Random(derive_seed(self.seed, "bucket", epoch, d, *bucket)).shuffle(items)
+                size = dataset.batch_size
+                batches.extend((d, bucket, tuple(items[k : k + size])) for k in range(0, len(items), size))
+        random.Random(derive_seed(self.seed, "order", epoch)).shuffle(batches)
+        return batches
+
+    def load_batch(self, plan: BatchPlan) -> dict[str, Any] | None:
+        """Load one planned batch; images that cannot be read are skipped with one warning (listed in
+        ``batch["skipped"]``); None when none of its images could be read."""
+        d = plan.dataset_index
+        dataset, recs = self.datasets[d], self.records[d]
+        cached = self.latents is not None and all((d, i) in self.latents for i in plan.items)
+        latents, images, masks, captions, weights, multipliers, paths, flipped, skipped = ([] for _ in range(9))
+        originals, crops = [], []
+        for n, i in enumerate(plan.items):
+            record = recs[i]
+            subset = dataset.subsets[record.subset_index]
+            rng = random.Random(derive_seed(self.seed, "augment", plan.epoch, plan.index, n))
+            flip = subset.flip_aug and rng.random() < 0.5
+            if cached:
+                entry = load_entry(self.latents[(d, i)])
+                flip = flip and entry.latents_flipped is not None
+                latents.append(entry.latents_flipped if flip else entry.latents)
+                mask = entry.alpha_mask.unsqueeze(0) if entry.alpha_mask is not None else None
+                masks.append(mask.flip(-1) if flip and mask is not None else mask)
+                original, crop = entry.original_size, entry.crop_ltrb
+            else:
+                assignment = self.assignments[d][i]
+                try:
+                    prepared = prepare_image(
+                        record.path,
+                        assignment.bucket,
+                        assignment.resized,
+                        rng,
+                        flip=flip,
+                        random_crop=subset.random_crop,
+                        color_aug=subset.color_aug,
+                        face_crop_aug_range=subset.face_crop_aug_range,
+                        alpha_mask=subset.alpha_mask,
+                        mask_path=record.mask_path,
+                        interpolation=dataset.resize_interpolation,
+                        face_crop=not dataset.enable_bucket,
+                    )
+                except ImageLoadError as e:
+                    if e.path not in self._warned:
+                        self._warned.add(e.path)
+                        logger.warning("%s; skipping it", e)
+                    skipped.append(str(e.path))
+                    continue
+                images.append(prepared.image)
+                masks.append(prepared.mask)
+                original, crop = prepared.original_size, prepared.crop_ltrb
+            caption_rng = random.Random(derive_seed(self.seed, "caption", plan.epoch, plan.index, n))
+            caption = pick_caption(record, subset, caption_rng)
+            captions.append(
+                process_caption(
+                    caption, subset, caption_rng, plan.epoch, plan.global_step, max_train_steps=self.max_train_steps
+                )
+            )
+            weights.append(self.prior_loss_weight if subset.is_reg else 1.0)
+            multipliers.append(dataset.network_multiplier)
+            paths.append(str(record.path))
+            flipped.append(flip)
+            originals.append(tuple(original))
+            crops.append(tuple(crop))
+        if not paths:
+            return None
+        return {
+            "latents": torch.stack(latents) if cached else None,
+            "images": None if cached else torch.stack(images),
+            "captions": captions,
+            "loss_weights": torch.tensor(weights, dtype=torch.float32),
+            "alpha_masks": _stack_masks(masks, plan.bucket),
+            "network_multipliers": torch.tensor(multipliers, dtype=torch.float32),
+            "paths": paths,
+            "bucket": plan.bucket,
+            "flipped": flipped,
+            "original_sizes": originals,
+            "crop_ltrb": crops,
+            "skipped": skipped,
+            "epoch": plan.epoch,
+            "index": plan.index,
+            "global_step": plan.global_step,
+        }
+
+    def summary(self, epoch: int = 1) -> str:
+        """Start-of-run text: images per subset with repeats, the bucket table and batches per epoch."""
+        lines = []
+        total = sum(len(r) for r in self.records)
+        reg = sum(1 for ds, recs in zip(self.datasets, self.records) for r in recs if ds.subsets[r.subset_index].is_reg)
+        lines.append(f"images: {total - reg} train, {reg} regularization, in {len(self.datasets)} dataset(s)")
+        plan = self.batch_plan(epoch)
+        for d, (dataset, recs) in enumerate(zip(self.datasets, self.records)):
+            width, height = dataset.resolution
+            lines.append(
+                f"{dataset.name}: batch size {dataset.batch_size}, resolution {width}x{height}, "
+                f"buckets {'on' if dataset.enable_bucket else 'off'}"
+                + (" (no upscale)" if dataset.enable_bucket and dataset.bucket_no_upscale else "")
+            )
+            for s, subset in enumerate(dataset.subsets):
+                count = sum(1 for r in recs if r.subset_index == s)
+                kind = "reg" if subset.is_reg else "train"
+                lines.append(f"  {subset.name}: {count} images x {subset.num_repeats:g} repeats ({kind})")
+            images: dict[tuple[int, int], int] = {}
+            for a in self.assignments[d]:
+                images[a.bucket] = images.get(a.bucket, 0) + 1
+            samples: dict[tuple[int, int], int] = {}
+            for p in plan:
+                if p.dataset_index == d:
+                    samples[p.bucket] = samples.get(p.bucket, 0) + len(p.items)
+            lines.append("  bucket      images  samples/epoch")
+            for bucket in sorted(images):
+                lines.append(f"  {bucket[0]:>4}x{bucket[1]:<4}  {images[bucket]:>7}  {samples.get(bucket, 0):>13}")
+        lines.append(f"batches per epoch: {len(plan)} (epoch {epoch})")
+        if self.skipped:
+            lines.append(f"skipped images: {len(self.skipped)}")
+        return "\n".join(lines)
+
+
+def _stack_masks(masks: list[torch.Tensor | None], bucket: tuple[int, int]) -> torch.Tensor | None:
+    """(B, 1, H, W) or None when no sample has a mask; samples without one get all ones (as sd-scripts)."""
+    if all(m is None for m in masks):
+        return None
+    ones = torch.ones(1, bucket[1], bucket[0])
+    return torch.stack([ones if m is None else m for m in masks])
+
+
+class PlannedBatches(torch.utils.data.Dataset):
+    """A torch Dataset over a list of plans, one batch per item: use ``DataLoader(ds, batch_size=None)``."""
+
+    def __init__(self, dataset: TrainDataset, plans: Sequence[BatchPlan]):
+        self.dataset = dataset
+        self.plans = list(plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.dataset.load_batch(self.plans[index])
+
+
+def attach_latent_cache(
+    train: TrainDataset,
+    vae: torch.nn.Module,
+    *,
+    to_disk: bool,
+    batch_size: int = 1,
+    skip_check: bool = False,
+    progress: bool = True,
+    flag: str = "--cache_latents",
+) -> TrainDataset:
+    """Encode (or reuse) the latents of every record; images that cannot be decoded are dropped and listed."""
+    refuse_incompatible(train.datasets, flag)
+    jobs: list[CacheJob] = []
+    where: list[tuple[int, int]] = []
+    for d, (dataset, recs) in enumerate(zip(train.datasets, train.records)):
+        for i, record in enumerate(recs):
+            subset = dataset.subsets[record.subset_index]
+            a = train.assignments[d][i]
+            jobs.append(
+                CacheJob(
+                    record.path,
+                    a.bucket,
+                    a.resized,
+                    record.size,
+                    subset.flip_aug,
+                    subset.alpha_mask,
+                    record.mask_path,
+                    dataset.resize_interpolation,
+                )
+            )
+            where.append((d, i))
+    report = cache_latents(jobs, vae, to_disk=to_disk, batch_size=batch_size, skip_check=skip_check, progress=progress)
+    logger.info(
+        "latents: %d encoded, %d reused from disk, %d failed", report.encoded, report.reused, len(report.failed)
+    )
+    failed = {e.path for e in report.failed}
+    records: list[list[ImageRecord]] = []
+    latents: dict[tuple[int, int], LatentEntry | Path] = {}
+    position = {w: j for j, w in enumerate(where)}
+    for d, recs in enumerate(train.records):
+        kept: list[ImageRecord] = []
+        for i, record in enumerate(recs):
+            if record.path in failed:
+                continue
+            latents[(d, len(kept))] = report.entries[position[(d, i)]]
+            kept.append(record)
+        records.append(kept)
+    skipped = train.skipped + [(e.path, e.reason) for e in report.failed]
+    return train.with_changes(records=records, latents=latents, skipped=skipped)
+
+
+def build_train_dataset(
+    args: argparse.Namespace,
+    allowed_styles: set[str],
+    vae: torch.nn.Module | None = None,
+    *,
+    seed: int | None = None,
+    max_train_steps: int | None = None,
+    progress: bool = True,
+) -> TrainDataset:
+    """Flags/TOML -> dataset configs -> scanned records -> buckets -> (latent cache when asked and ``vae`` given).
+
+    Latents are not cached with ``--debug_dataset`` (it shows the processed images). ``seed`` defaults to
+    ``--seed``; without either a random seed is drawn and logged (keep ``.seed`` to resume exactly).
+    """
+    from library.config.dataset_config import load_dataset_configs
+    from library.dataset.scan import scan_dataset
+
+    datasets = load_dataset_configs(args, allowed_styles)
+    scans = [scan_dataset(d) for d in datasets]
+    if seed is None:
+        seed = getattr(args, "seed", None)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+        logger.info("no --seed given; the dataset uses seed %d", seed)
+    train = TrainDataset(
+        datasets,
+        [s.records for s in scans],
+        seed=seed,
+        prior_loss_weight=getattr(args, "prior_loss_weight", 1.0),
+        max_train_steps=max_train_steps,
+        skipped=[item for s in scans for item in s.skipped],
+    )
+    to_disk = bool(getattr(args, "cache_latents_to_disk", False))
+    if (to_disk or getattr(args, "cache_latents", False)) and not getattr(args, "debug_dataset", False):
+        flag = "--cache_latents_to_disk" if to_disk else "--cache_latents"
+        if vae is None:
+            refuse_incompatible(datasets, flag)
+            return train
+        train = attach_latent_cache(
+            train,
+            vae,
+            to_disk=to_disk,
+            batch_size=getattr(args, "vae_batch_size", 1) or 1,
+            skip_check=bool(getattr(args, "skip_cache_check", False)),
+            progress=progress,
+            flag=flag,
+        )
+    return train
+
+
+def skipped_summary(skipped: Sequence[tuple[Path, str] | str]) -> str:
+    """End-of-run text listing the images that were skipped (empty when none were)."""
+    if not skipped:
+        return ""
+    names = sorted({str(s[0]) if isinstance(s, tuple) else str(s) for s in skipped})
+    return f"{len(names)} image(s) were skipped because they could not be read:\n" + "\n".join(f"  {n}" for n in names)

@@ -1,0 +1,300 @@
+"""Loading an SD 1.x/2.x model from a diffusers folder, a Hugging Face repo id or a single checkpoint file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from library.errors import UserError
+from library.io import atomic_dir, load_pickle_checkpoint, load_safetensors
+from library.models.components import Components
+from library.models.convert import VAE_PREFIX, text_from_ldm, unet_from_ldm, vae_from_ldm
+from library.models.detect import (
+    detect_diffusers,
+    detect_single_file,
+    infer_vae_config,
+    resolve_flags,
+    shapes_agree,
+    stored_configs,
+)
+from library.models.tiny import sd_scheduler
+from library.text.tokenizer import load_packaged_tokenizer
+
+SAFETENSORS_EXTENSIONS = (".safetensors",)
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_TOKENIZER_CACHE_NAMES = {False: "openai_clip-vit-large-patch14", True: "stabilityai_stable-diffusion-2"}
+
+
+def read_checkpoint(path: Path, allow_unsafe_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a ``.safetensors`` or pickle checkpoint (``state_dict`` unwrapped)."""
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_EXTENSIONS:
+        return load_safetensors(path)
+    if suffix not in PICKLE_EXTENSIONS:
+        raise UserError(
+            f"{path}: unknown model file extension '{path.suffix}'; use .safetensors, .ckpt, .pt or a diffusers folder"
+        )
+    try:
+        obj = load_pickle_checkpoint(path, allow_unsafe=allow_unsafe_pickle)
+    except UserError:
+        raise
+    except Exception as e:  # the unrestricted unpickler (allow_unsafe_pickle) raises anything on a corrupt file
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a model checkpoint (it holds a {type(obj).__name__}, not a dict of tensors)")
+    metadata = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, str)}
+    while isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return tensors, metadata
+
+
+def _build(cls_factory, state_dict: Mapping[str, torch.Tensor], what: str, source: str):
+    """Create a model without allocating random weights and load ``state_dict`` into it strictly."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls_factory()
+    try:
+        model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    except RuntimeError as e:
+        first = (str(e).splitlines()[1:2] or [str(e)])[0].strip()
+        raise UserError(f"{source}: {what} weights do not match the model layout: {first[:300]}") from e
+    return model.eval()
+
+
+def _to_dtype(model, dtype: torch.dtype):
+    """Cast only when needed (diffusers warns on every ``.to(dtype)``) and put the model in eval mode."""
+    if any(p.dtype != dtype for p in model.parameters()):
+        model.to(dtype=dtype)
+    return model.eval()
+
+
+def _make_unet(config: Mapping[str, Any], state_dict, source: str) -> UNet2DConditionModel:
+    return _build(lambda: UNet2DConditionModel(**config), state_dict, "UNet", source)
+
+
+def _make_vae(config: Mapping[str, Any], state_dict, source: str) -> AutoencoderKL:
+    return _build(lambda: AutoencoderKL(**config), state_dict, "VAE", source)
+
+
+def _make_text_encoder(config: Mapping[str, Any], state_dict, source: str) -> CLIPTextModel:
+    return _build(lambda: CLIPTextModel(CLIPTextConfig(**config)), state_dict, "text encoder", source)
+
+
+def _convert(key_error_source: str, fn, *args):
+    try:
+        return fn(*args)
+    except KeyError as e:
+        raise UserError(f"{key_error_source}: {e.args[0] if e.args else e}; the file does not fit this model") from e
+
+
+def _load_single_file(path: Path, v2: bool | None, v_parameterization: bool | None, allow_unsafe_pickle: bool):
+    tensors, metadata = read_checkpoint(path, allow_unsafe_pickle)
+    source = str(path)
+    info = detect_single_file(tensors, metadata, source)
+    is_v2, v_pred = resolve_flags(info.v2, info.v_parameterization, v2, v_parameterization, source)
+    unet = _make_unet(info.unet_config, _convert(source, unet_from_ldm, tensors, info.unet_config), source)
+    vae = _make_vae(info.vae_config, _convert(source, vae_from_ldm, tensors, info.vae_config), source)
+    text = _make_text_encoder(info.text_config, _convert(source, text_from_ldm, tensors, info.v2), source)
+    notes = [f"detected from {', '.join(info.evidence)}"]
+    if not info.exact:
+        notes.append("configs inferred from tensor shapes (SD head counts and group norm assumed)")
+    return unet, vae, text, None, is_v2, v_pred, notes
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable JSON ({e})") from e
+
+
+def _load_diffusers_dir(folder: Path, v2: bool | None, v_parameterization: bool | None, source: str):
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part / "config.json").is_file():
+            raise UserError(
+                f"{source}: not a diffusers Stable Diffusion folder (missing {part}/config.json); "
+                "pass a folder with model_index.json, unet/, vae/, text_encoder/ or a .safetensors/.ckpt file"
+            )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        vae = AutoencoderKL.from_pretrained(folder / "vae")
+        text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{source}: cannot load diffusers model ({str(e).splitlines()[0]})") from e
+    tokenizer = None
+    if (folder / "tokenizer").is_dir():
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77)
+    info_v2, info_v = detect_diffusers(text.config, _read_json(folder / "scheduler" / "scheduler_config.json"))
+    is_v2, v_pred = resolve_flags(info_v2, info_v, v2, v_parameterization, source)
+    return unet, vae, text, tokenizer, is_v2, v_pred, []
+
+
+def _hub_enabled_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(constants.HF_HUB_OFFLINE) or env
+
+
+def hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
+    """The local snapshot folder of a Hub repo (downloading the files matching ``patterns`` unless offline).
+
+    ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` are read at call time, so a changed environment is honoured.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=patterns,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            local_files_only=_hub_enabled_offline(),
+        )
+    except Exception as e:  # hub errors are many types (offline, not found, gated, network); all mean the same here
+        raise UserError(
+            f"{repo_id}: cannot get this model from the Hugging Face Hub: it is not in the local cache and could not "
+            f"be downloaded ({type(e).__name__}); check the id, your network / HF_HUB_OFFLINE, or pass a local path"
+        ) from e
+    return Path(folder)
+
+
+def _hub_model_dir(repo_id: str, subfolders: tuple[str, ...], root_weights: bool = False) -> Path:
+    """Snapshot of the files ``from_pretrained`` reads (configs, tokenizer, default-variant weights), not the
+    repo's other checkpoints; ``.bin`` weights are fetched only where no safetensors exist."""
+    folders = [f"{s}/" for s in subfolders] + ([""] if root_weights else [])
+    base = ["model_index.json"] + [f"{f}*.json" for f in folders] + [f"{s}/*.txt" for s in subfolders]
+    safe = [f"{f}{n}.safetensors" for f in folders for n in ("diffusion_pytorch_model", "model")]
+    folder = hub_snapshot(repo_id, base + safe)
+    if not _hub_enabled_offline() and not any(p.suffix == ".safetensors" for p in folder.rglob("*")):
+        folder = hub_snapshot(
+            repo_id, base + [f"{f}{n}.bin" for f in folders for n in ("diffusion_pytorch_model", "pytorch_model")]
+        )
+    return folder
+
+
+def _is_repo_id(name: str) -> bool:
+    return (
+        bool(_REPO_ID.match(name))
+        and not name.startswith((".", "/"))
+        and Path(name).suffix.lower() not in (SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS)
+    )
+
+
+def _tokenizer(found: CLIPTokenizer | None, v2: bool, cache_dir: str | os.PathLike | None) -> CLIPTokenizer:
+    """sd-scripts' ``--tokenizer_cache_dir``: reuse a saved tokenizer there, else save the one loaded."""
+    if cache_dir is not None:
+        cache = Path(cache_dir)
+        for candidate in (cache / _TOKENIZER_CACHE_NAMES[v2], cache):
+            if any((candidate / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.json")):
+                return CLIPTokenizer.from_pretrained(candidate, model_max_length=77)
+    tokenizer = found if found is not None else load_packaged_tokenizer(v2=v2)
+    if cache_dir is not None:
+        with atomic_dir(Path(cache_dir) / _TOKENIZER_CACHE_NAMES[v2]) as tmp:
+            tokenizer.save_pretrained(tmp)
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    v2: bool | None = None,
+    v_parameterization: bool | None = None,
+    vae: str | os.PathLike | None = None,
+    tokenizer_cache_dir: str | os.PathLike | None = None,
+    allow_unsafe_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Components:
+    """Load an SD 1.x/2.x model: a diffusers folder, a Hub repo id (through the normal cache) or a single file.
+
+    ``v2`` / ``v_parameterization`` are the flags (None when not given); ``vae`` replaces the VAE.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_file():
+        parts = _load_single_file(path, v2, v_parameterization, allow_unsafe_pickle)
+    elif path.is_dir():
+        parts = _load_diffusers_dir(path, v2, v_parameterization, name)
+    elif _is_repo_id(name):
+        parts = _load_diffusers_dir(_hub_model_dir(name, _COMPONENTS), v2, v_parameterization, name)
+    else:
+        raise UserError(f"{name}: model file or folder not found; check --pretrained_model_name_or_path")
+    unet, base_vae, text_encoder, tokenizer, is_v2, v_pred, notes = parts
+    if vae is not None:
+        base_vae = load_vae(vae, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle, reference=base_vae.config)
+        notes.append(f"VAE replaced from {vae}")
+    for model in (unet, base_vae, text_encoder):
+        _to_dtype(model, dtype)
+    return Components(
+        unet=unet,
+        vae=base_vae,
+        text_encoder=text_encoder,
+        tokenizer=_tokenizer(tokenizer, is_v2, tokenizer_cache_dir),
+        scheduler=sd_scheduler(v_pred),
+        v2=is_v2,
+        v_parameterization=v_pred,
+        source=name,
+        notes=notes,
+    )
+
+
+def load_vae(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    allow_unsafe_pickle: bool = False,
+    reference: Mapping[str, Any] | None = None,
+) -> AutoencoderKL:
+    """Load a VAE from a single file (LDM keys with or without ``first_stage_model.``), a diffusers folder (with or
+    without a ``vae/`` subfolder) or a Hub repo id.
+
+    For a single file without our stored config, ``reference`` (the base model's VAE config) supplies what shapes
+    cannot tell (group-norm size, scaling factor) when its layout matches.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_file():
+        vae = _vae_from_file(path, allow_unsafe_pickle, reference)
+    elif path.is_dir() or _is_repo_id(name):
+        folder = path if path.is_dir() else _hub_model_dir(name, ("vae",), root_weights=True)
+        target = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+        if not (target / "config.json").is_file():
+            raise UserError(f"{name}: not a diffusers VAE (no config.json here or in a vae/ subfolder)")
+        try:
+            vae = AutoencoderKL.from_pretrained(target)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{name}: cannot load VAE ({str(e).splitlines()[0]})") from e
+    else:
+        raise UserError(f"{name}: VAE file or folder not found; check --vae")
+    return _to_dtype(vae, dtype)
+
+
+def _vae_from_file(path: Path, allow_unsafe_pickle: bool, reference: Mapping[str, Any] | None) -> AutoencoderKL:
+    tensors, metadata = read_checkpoint(path, allow_unsafe_pickle)
+    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in tensors) else ""
+    try:
+        inferred = infer_vae_config(tensors, prefix)
+    except KeyError:
+        raise UserError(
+            f"{path}: not a VAE in LDM layout (no 'encoder.down.0.block.0.conv1.weight', with or without "
+            f"'{VAE_PREFIX}'); pass an LDM-format VAE file or a diffusers VAE folder"
+        ) from None
+    stored = stored_configs(metadata, str(path))
+    if stored is not None:
+        config = stored["vae"]
+    elif reference is not None and shapes_agree(inferred, reference):
+        config = {k: v for k, v in reference.items() if not k.startswith("_")}
+    else:
+        config = inferred
+    return _make_vae(config, _convert(str(path), vae_from_ldm, tensors, config, prefix), str(path))

@@ -1,0 +1,237 @@
+"""The training dataset: deterministic per-bucket batch plans, batch loading, resume, workers, skips, debug."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from library.dataset.debug import debug_dataset
+from library.dataset.epoch import epoch_samples
+from library.dataset.loader import PlannedBatches, TrainDataset, attach_latent_cache, build_train_dataset
+from library.dataset.types import DatasetConfig, ImageRecord, SubsetConfig
+from library.models.tiny import make_tiny_model
+from tests.images import write_image
+
+SQUARE, WIDE = (64, 64), (120, 40)  # -> buckets 64x64 and 96x32 with the settings below
+
+
+def _dataset(tmp_path: Path, batch_size: int = 2, **subset_options) -> tuple[DatasetConfig, list[ImageRecord]]:
+    train_dir, reg_dir = tmp_path / "train", tmp_path / "reg"
+    subsets = (
+        SubsetConfig("datasets[0].subsets[0]", train_dir, num_repeats=2, **subset_options),
+        SubsetConfig("datasets[0].subsets[1]", reg_dir, is_reg=True, class_tokens="dog"),
+    )
+    dataset = DatasetConfig(
+        "datasets[0]",
+        "dreambooth",
+        subsets,
+        batch_size=batch_size,
+        resolution=(64, 64),
+        enable_bucket=True,
+        min_bucket_reso=32,
+        max_bucket_reso=128,
+        bucket_reso_steps=32,
+    )
+    records = []
+    for n in range(7):
+        size = SQUARE if n % 2 == 0 else WIDE
+        path = write_image(train_dir / f"t{n}.png", size, seed=n)
+        records.append(ImageRecord(path, size, (f"sks, tag{n}, red, blue, green",), 0))
+    for n in range(3):
+        path = write_image(reg_dir / f"r{n}.png", SQUARE, seed=100 + n)
+        records.append(ImageRecord(path, SQUARE, (), 1))
+    return dataset, records
+
+
+def _train(tmp_path, seed=7, **options) -> TrainDataset:
+    dataset, records = _dataset(tmp_path, **options)
+    return TrainDataset([dataset], [records], seed=seed, prior_loss_weight=0.25)
+
+
+def test_plan_is_deterministic_and_batches_stay_in_one_bucket(tmp_path):
+    train = _train(tmp_path)
+    plan = train.batch_plan(1)
+    assert plan == _train(tmp_path).batch_plan(1)  # a fresh instance with the same seed: same plan
+    assert plan != train.batch_plan(2)
+    assert [p.global_step for p in plan] == list(range(len(plan)))
+    assert [p.global_step for p in train.batch_plan(2)][0] == len(plan)
+    records = train.records[0]
+    for p in plan:
+        assert 1 <= len(p.items) <= 2
+        assert {train.assignments[0][i].bucket for i in p.items} == {p.bucket}
+    assert {p.bucket for p in plan} == {(64, 64), (96, 32)}
+    # exactly the samples of the epoch (7 train x 2 repeats + 14 reg to balance), each once
+    planned = Counter(records[i].path for p in plan for i in p.items)
+    expected = Counter(r.path for r in epoch_samples(train.datasets[0], records, 1, _dataset_seed(train)))
+    assert planned == expected and sum(planned.values()) == 28
+    # 3 wide images x 2 = 6 samples -> 3 batches; 4 square x 2 + 14 reg = 22 -> 11 batches
+    assert Counter(p.bucket for p in plan) == {(96, 32): 3, (64, 64): 11}
+
+
+def _dataset_seed(train: TrainDataset) -> int:
+    from library.dataset.loader import derive_seed
+
+    return derive_seed(train.seed, "dataset", 0)
+
+
+def test_other_seed_gives_other_order(tmp_path):
+    assert _train(tmp_path, seed=1).batch_plan(1) != _train(tmp_path, seed=2).batch_plan(1)
+    assert _train(tmp_path, seed=1).fingerprint() == _train(tmp_path, seed=1).fingerprint()
+    assert _train(tmp_path, seed=1).fingerprint() != _train(tmp_path, seed=2).fingerprint()
+
+
+def _assert_same_batch(a: dict, b: dict) -> None:
+    assert a["paths"] == b["paths"] and a["captions"] == b["captions"] and a["flipped"] == b["flipped"]
+    assert tuple(a["bucket"]) == tuple(b["bucket"]) and a["global_step"] == b["global_step"]
+    for key in ("images", "latents", "loss_weights", "network_multipliers", "alpha_masks"):
+        if a[key] is None:
+            assert b[key] is None, key
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_resumed_plan_slice_loads_the_same_batches(tmp_path):
+    options = dict(flip_aug=True, random_crop=True, shuffle_caption=True, keep_tokens=1, color_aug=True)
+    train = _train(tmp_path, **options)
+    full = [train.load_batch(p) for p in train.batch_plan(2)]
+    resumed_from = 5
+    fresh = _train(tmp_path, **options)  # a new process after a restart: nothing shared but the seed
+    resumed = [fresh.load_batch(p) for p in fresh.batch_plan(2)[resumed_from:]]
+    for a, b in zip(full[resumed_from:], resumed):
+        _assert_same_batch(a, b)
+    assert len(resumed) == len(full) - resumed_from
+    flips = [f for batch in full for f in batch["flipped"]]
+    assert any(flips) and not all(flips)
+    captions = {c for batch in full for c in batch["captions"] if c.startswith("sks")}
+    assert len(captions) > 3  # shuffled differently per sample
+
+
+def test_batch_contents(tmp_path):
+    train = _train(tmp_path)
+    plan = train.batch_plan(1)
+    batch = train.load_batch(plan[0])
+    b = len(plan[0].items)
+    w, h = plan[0].bucket
+    assert batch["images"].shape == (b, 3, h, w) and batch["latents"] is None
+    assert batch["images"].min() >= -1 and batch["images"].max() <= 1
+    assert batch["alpha_masks"] is None and batch["bucket"] == (w, h)
+    for p in plan:
+        batch = train.load_batch(p)
+        for path, weight, caption in zip(batch["paths"], batch["loss_weights"].tolist(), batch["captions"]):
+            is_reg = "/reg/" in path
+            assert weight == (0.25 if is_reg else 1.0)
+            assert caption == ("dog" if is_reg else "sks, tag" + Path(path).stem[1:] + ", red, blue, green")
+        assert batch["network_multipliers"].tolist() == [1.0] * len(p.items)
+
+
+def test_data_loader_workers_give_the_same_batches(tmp_path):
+    train = _train(tmp_path, flip_aug=True, random_crop=True, shuffle_caption=True)
+    plans = train.batch_plan(1)[:6]
+    in_process = [train.load_batch(p) for p in plans]
+    loader = DataLoader(PlannedBatches(train, plans), batch_size=None, num_workers=2)
+    for a, b in zip(in_process, loader):
+        _assert_same_batch(a, b)
+
+
+def test_corrupt_image_skipped_with_one_warning(tmp_path, caplog):
+    train = _train(tmp_path, batch_size=4)
+    broken = train.records[0][0].path
+    broken.write_bytes(b"not a png" * 20)
+    seen = []
+    with caplog.at_level(logging.WARNING, logger="sdtrain"):
+        for epoch in (1, 2):
+            for p in train.batch_plan(epoch):
+                batch = train.load_batch(p)
+                assert str(broken) not in batch["paths"]
+                assert batch["images"].shape[0] == len(batch["paths"])
+                seen.extend(batch["skipped"])
+    assert seen and set(seen) == {str(broken)}
+    warnings = [r for r in caplog.records if str(broken) in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_batch_of_only_broken_images_is_none(tmp_path):
+    dataset, records = _dataset(tmp_path, batch_size=1)
+    records[0].path.write_bytes(b"junk")
+    train = TrainDataset([dataset], [records], seed=0)
+    plan = next(p for p in train.batch_plan(1) if records[p.items[0]] == records[0])
+    assert train.load_batch(plan) is None
+
+
+def test_cached_latents_and_masks(tmp_path):
+    dataset, records = _dataset(tmp_path, flip_aug=True, alpha_mask=True)
+    mask = tmp_path / "train" / "t0-masklabel.png"
+    write_image(mask, SQUARE, seed=5, mode="L")
+    records[0] = ImageRecord(records[0].path, SQUARE, records[0].captions, 0, mask)
+    train = TrainDataset([dataset], [records], seed=3)
+    cached = attach_latent_cache(train, make_tiny_model().vae, to_disk=False, batch_size=4, progress=False)
+    masked = 0
+    for p in cached.batch_plan(1):
+        batch = cached.load_batch(p)
+        w, h = p.bucket
+        assert batch["images"] is None and batch["latents"].shape == (len(p.items), 4, h // 8, w // 8)
+        for n, i in enumerate(p.items):
+            entry = cached.latents[(0, i)]
+            expected = entry.latents_flipped if batch["flipped"][n] else entry.latents
+            assert torch.equal(batch["latents"][n], expected)
+        uncached = train.load_batch(p)
+        assert uncached["flipped"] == batch["flipped"]
+        if all(cached.records[0][i].subset_index == 1 for i in p.items):  # only the train subset has alpha_mask
+            assert batch["alpha_masks"] is None and uncached["alpha_masks"] is None
+            continue
+        assert batch["alpha_masks"].shape == (len(p.items), 1, h, w)
+        assert torch.allclose(batch["alpha_masks"], uncached["alpha_masks"])  # flipped along with the latents
+        for n, i in enumerate(p.items):
+            if cached.records[0][i] == records[0]:  # the one with a mask file: not all ones
+                masked += 1
+                assert batch["alpha_masks"][n].min() < 0.5
+    assert masked == 2  # t0 x 2 repeats
+
+
+def test_summary_lists_buckets(tmp_path):
+    text = _train(tmp_path).summary()
+    assert "images: 7 train, 3 regularization, in 1 dataset(s)" in text
+    assert "    64x64          7             22" in text
+    assert "    96x32          3              6" in text
+    assert "batches per epoch: 14 (epoch 1)" in text
+
+
+def test_debug_dataset_prints_and_writes_pngs(tmp_path):
+    train = _train(tmp_path, flip_aug=True)
+    lines: list[str] = []
+    out = tmp_path / "debug"
+    written = debug_dataset(train, out_dir=out, max_batches=2, print_fn=lines.append)
+    plans = train.batch_plan(1)[:2]
+    assert len(written) == sum(len(p.items) for p in plans)
+    assert all(p.suffix == ".png" and p.is_file() for p in written)
+    text = "\n".join(lines)
+    assert f"bucket {plans[0].bucket[0]}x{plans[0].bucket[1]}" in text and "caption:" in text
+
+
+def test_build_train_dataset_from_flags(tmp_path):
+    img_dir = tmp_path / "data" / "3_sks dog"
+    for n in range(3):
+        write_image(img_dir / f"a{n}.png", SQUARE, seed=n)
+    from library.config.flags import add_dataset_arguments
+
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    args = parser.parse_args(
+        ["--train_data_dir", str(tmp_path / "data"), "--resolution", "64", "--cache_latents_to_disk", "--seed", "5"]
+    )
+    train = build_train_dataset(args, {"dreambooth"}, make_tiny_model().vae, progress=False)
+    assert train.seed == 5 and len(train.records[0]) == 3
+    assert sorted(p.name for p in img_dir.glob("*.npz")) == [f"a{n}_0064x0064_sd.npz" for n in range(3)]
+    batch = train.load_batch(train.batch_plan(1)[0])
+    assert batch["latents"].shape == (1, 4, 8, 8) and batch["captions"] == ["sks dog"]
+
+
+def test_epochs_count_from_one(tmp_path):
+    with pytest.raises(ValueError):
+        _train(tmp_path).batch_plan(0)
