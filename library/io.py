@@ -147,7 +147,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 def load_pickle_checkpoint(path: str | os.PathLike, allow_unsafe: bool = False) -> dict[str, Any]:
     """Load a ``.ckpt``/``.pt``/``.bin`` pickle with ``weights_only=True``.
 
-    A pickle that needs arbitrary code (the way malicious checkpoints run code) is refused unless ``allow_unsafe``.
+    A pickle that imports code (the way malicious checkpoints run it) is refused unless ``allow_unsafe``.
     """
     path = Path(path)
     if not path.is_file():
@@ -155,16 +155,48 @@ def load_pickle_checkpoint(path: str | os.PathLike, allow_unsafe: bool = False) 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if not _is_unsafe_pickle_error(e):
-            raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        imports = pickle_imports(path)
+        if imports is None:
+            raise UserError(f"{path}: not a readable checkpoint (truncated, corrupt or not a pickle)") from e
+        foreign = sorted(name for name in imports if not name.startswith(_SAFE_IMPORT_PREFIXES))
+        if not foreign:
+            raise UserError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from e
         if not allow_unsafe:
             raise UserError(
-                f"{path}: this pickle checkpoint wants to run code while loading, which a plain weights file never "
-                "needs; refused. Convert it to .safetensors, or pass --allow_unsafe_pickle if you trust its source"
+                f"{path}: this pickle checkpoint wants to run code while loading (it imports "
+                f"{', '.join(foreign[:3])}), which a plain weights file never needs; refused. Convert it to "
+                ".safetensors, or pass --allow_unsafe_pickle if you trust its source"
             ) from e
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__})") from e
 
 
-def _is_unsafe_pickle_error(e: Exception) -> bool:
-    text = str(e)
-    return "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text
+_SAFE_IMPORT_PREFIXES = ("torch.", "torch ", "collections.", "collections ", "numpy", "_codecs.", "_codecs ")
+
+
+def pickle_imports(path: Path) -> set[str] | None:
+    """The ``module.name`` globals a pickle (plain, or inside torch's zip format) would import; None if unparsable."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                data = archive.read(member)
+        else:
+            data = path.read_bytes()
+        names: set[str] = set()
+        strings: list[str] = []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                names.add(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.add(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return names
+    except Exception:
+        return None

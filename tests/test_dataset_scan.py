@@ -279,3 +279,16 @@ def test_scanning_ten_thousand_images_takes_seconds(tmp_path):
     assert isinstance(records[0], ImageRecord)
     # CPU time, not wall time: the check must hold on a loaded machine (about 1 s of CPU here when idle)
     assert cpu < 6, f"scan used {cpu:.1f} s of CPU ({wall:.1f} s wall)"
+
+
+def test_read_size_follows_exif_rotation(tmp_path):
+    from PIL import Image
+
+    from library.dataset.scan import read_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° when displayed
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "plain.jpg")
+    assert read_size(tmp_path / "rotated.jpg") == (32, 64)
+    assert read_size(tmp_path / "plain.jpg") == (64, 32)

@@ -216,7 +216,7 @@ def test_bad_inputs_give_one_line_user_errors(tmp_path):
         tmp_path / "cut.safetensors": r"cut.safetensors: truncated safetensors file",
         tmp_path / "notmodel.safetensors": r"notmodel.safetensors: not a Stable Diffusion 1.x/2.x checkpoint",
         tmp_path / "model.txt": r"model.txt: unknown model file extension '.txt'",
-        tmp_path / "cut.ckpt": r"cut.ckpt: not a readable checkpoint \(RuntimeError: PytorchStreamReader",
+        tmp_path / "cut.ckpt": r"cut.ckpt: not a readable checkpoint \(truncated, corrupt or not a pickle\)",
         tmp_path / "garbage.ckpt": r"garbage.ckpt: not a readable checkpoint",
         tmp_path / "empty": r"empty: not a diffusers Stable Diffusion folder \(missing unet/config.json\)",
     }

@@ -14,9 +14,14 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which base model to load and how (sd-scripts' add_sd_models_arguments)."""
-    parser.add_argument("--v2", action="store_true", help="the base model is Stable Diffusion 2.x")
     parser.add_argument(
-        "--v_parameterization", action="store_true", help="the base model predicts v (SD 2.x 768-v models)"
+        "--v2", action="store_true", default=None, help="the base model is Stable Diffusion 2.x (detected if omitted)"
+    )
+    parser.add_argument(
+        "--v_parameterization",
+        action="store_true",
+        default=None,
+        help="the base model predicts v (SD 2.x 768-v models; detected where the file says so)",
     )
     parser.add_argument(
         "--pretrained_model_name_or_path",

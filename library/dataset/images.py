@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from library.dataset.buckets import cover_size, crop_ltrb
+from library.dataset.scan import read_size
 from library.errors import UserError
 
 INTERPOLATIONS = {
@@ -90,12 +91,9 @@ def open_image(path: Path, keep_alpha: bool = False) -> Image.Image:
 def oriented_size(path: Path) -> tuple[int, int]:
     """The (width, height) an image has after its EXIF orientation, read from the header without decoding."""
     try:
-        with Image.open(path) as image:
-            orientation = image.getexif().get(0x0112, 1)
-            width, height = image.size
+        return read_size(path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def open_mask(path: Path, size: tuple[int, int]) -> Image.Image:

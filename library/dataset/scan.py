@@ -44,9 +44,21 @@ class ScanResult:
 
 
 def read_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header; the pixels are not decoded."""
+    """(width, height) after the EXIF orientation, from the image header; the pixels are not decoded."""
     with Image.open(path) as image:
-        return image.size
+        width, height = image.size
+        rotated = _exif_orientation(image) in (5, 6, 7, 8)
+    return (height, width) if rotated else (width, height)
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """EXIF orientation from header bytes only (``getexif()`` would decode a whole PNG to look for it)."""
+    raw = image.info.get("exif")
+    if raw:
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(0x0112, 1)
+    return image.getexif().get(0x0112, 1) if image.format == "TIFF" else 1
 
 
 def _try_size(path: Path) -> tuple[int, int] | str:
