@@ -230,3 +230,16 @@ def test_bad_inputs_give_one_line_user_errors(tmp_path):
         load_vae(tmp_path / "notmodel.safetensors")
     with pytest.raises(UserError, match=r"nope: VAE file or folder not found; check --vae"):
         load_model(tmp_path / "good.safetensors", vae=tmp_path / "nope")
+
+
+def test_builtin_tiny_model_names_build_on_the_spot(tmp_path, monkeypatch):
+    sd2 = load_model("tiny-sd2")
+    assert sd2.v2 and sd2.v_parameterization and sd2.unet.config.use_linear_projection
+    reference = make_tiny_model()
+    sd1 = load_model("tiny-sd1")
+    assert not sd1.v2 and not sd1.v_parameterization
+    _assert_same_weights(reference, sd1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-sd1").mkdir()
+    with pytest.raises(UserError, match=r"tiny-sd1: not a diffusers Stable Diffusion folder"):
+        load_model("tiny-sd1")  # a real folder of that name wins over the built-in

@@ -25,7 +25,7 @@ from library.models.detect import (
     shapes_agree,
     stored_configs,
 )
-from library.models.tiny import sd_scheduler
+from library.models.tiny import make_tiny_model, sd_scheduler
 from library.text.tokenizer import load_packaged_tokenizer
 
 SAFETENSORS_EXTENSIONS = (".safetensors",)
@@ -206,6 +206,9 @@ def _tokenizer(found: CLIPTokenizer | None, v2: bool, cache_dir: str | os.PathLi
     return tokenizer
 
 
+TINY_MODELS = {"tiny-sd1": False, "tiny-sd2": True}  # name -> v2; an existing file or folder of that name wins
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -228,6 +231,10 @@ def load_model(
         parts = _load_diffusers_dir(path, v2, v_parameterization, name)
     elif _is_repo_id(name):
         parts = _load_diffusers_dir(_hub_model_dir(name, _COMPONENTS), v2, v_parameterization, name)
+    elif name in TINY_MODELS:
+        tiny = make_tiny_model(v2=TINY_MODELS[name], v_parameterization=v_parameterization)
+        note = f"{name}: tiny random-weight model built on the spot (for demos and tests)"
+        parts = (tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.v2, tiny.v_parameterization, [note])
     else:
         raise UserError(f"{name}: model file or folder not found; check --pretrained_model_name_or_path")
     unet, base_vae, text_encoder, tokenizer, is_v2, v_pred, notes = parts
