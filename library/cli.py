@@ -34,7 +34,7 @@ def setup_logging(debug: bool = False) -> None:
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logger.setLevel(level)
-    for noisy in ("diffusers", "transformers", "accelerate"):
+    for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
