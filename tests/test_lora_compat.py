@@ -77,7 +77,8 @@ def test_diffusers_load_lora_weights_matches_our_apply(tmp_path):
 @pytest.fixture
 def lycoris_kohya():
     """lycoris.kohya, with its class-level preset settings restored afterwards (apply_preset changes them)."""
-    kohya = pytest.importorskip("lycoris.kohya")
+    import lycoris.kohya as kohya
+
     cls = kohya.LycorisNetworkKohya
     saved = {k: v for k, v in vars(cls).items() if k.isupper()}
     yield kohya
