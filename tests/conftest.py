@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+# Tiny tensors gain nothing from intra-op threads, and training subprocesses would oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -1,0 +1,130 @@
+"""The training loop's settings, read once from the parsed flags into a frozen value."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from library.errors import UserError
+from library.saving import SavePlan
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the loop needs from the command line; built by :meth:`from_args` or directly in tests."""
+
+    output_dir: Path
+    output_name: str | None = None
+    save_model_as: str = "safetensors"
+    save_precision: str | None = None
+    save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
+    save_last_n_epochs: int | None = None
+    save_last_n_steps: int | None = None
+    save_last_n_epochs_state: int | None = None
+    save_last_n_steps_state: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    resume: Path | None = None
+    initial_step: int | None = None
+    initial_epoch: int | None = None
+    skip_until_initial_step: bool = False
+    max_train_steps: int = 1600
+    max_train_epochs: int | None = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    full_fp16: bool = False
+    full_bf16: bool = False
+    no_half_vae: bool = False
+    max_grad_norm: float = 1.0
+    seed: int | None = None
+    nan_policy: str = "stop"
+    logging_dir: Path | None = None
+    log_with: str | None = None
+    log_prefix: str | None = None
+    log_tracker_name: str | None = None
+    log_tracker_config: Path | None = None
+    wandb_run_name: str | None = None
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None
+    sample_at_first: bool = False
+    max_data_loader_n_workers: int | None = None
+    persistent_data_loader_workers: bool = False
+    tracker_config: dict[str, Any] = field(default_factory=dict)  # flags logged as hyperparameters (--log_config)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
+        """Pick the loop's settings out of the parsed flags and check the ones that would fail late."""
+        if not getattr(args, "output_dir", None):
+            raise UserError("--output_dir is required: the folder where trained models and states are written")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name != "tracker_config" and hasattr(args, f.name):
+                values[f.name] = getattr(args, f.name)
+        for name in ("output_dir", "resume", "logging_dir", "log_tracker_config"):
+            if values.get(name) is not None:
+                values[name] = Path(values[name])
+        if values.get("max_grad_norm") is None:
+            values["max_grad_norm"] = 0.0
+        tracker_config = _loggable(vars(args)) if getattr(args, "log_config", False) else {}
+        config = cls(**values, tracker_config=tracker_config)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in (
+            "max_train_steps",
+            "gradient_accumulation_steps",
+            "save_every_n_epochs",
+            "save_every_n_steps",
+            "max_train_epochs",
+            "sample_every_n_steps",
+            "sample_every_n_epochs",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} {value}: must be 1 or more")
+        for name in ("save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state", "save_last_n_steps_state"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"--{name} {value}: must be 0 or more")
+        if self.save_last_n_steps is not None and not self.save_every_n_steps:
+            raise UserError("--save_last_n_steps needs --save_every_n_steps (it keeps only recent step saves)")
+        if self.full_fp16 and self.mixed_precision != "fp16":
+            raise UserError("--full_fp16 needs --mixed_precision fp16")
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            raise UserError("--full_bf16 needs --mixed_precision bf16")
+        if self.full_fp16 and self.full_bf16:
+            raise UserError("--full_fp16 and --full_bf16 exclude each other; pick one")
+
+    @property
+    def save_plan(self) -> SavePlan:
+        return SavePlan(
+            output_dir=self.output_dir,
+            output_name=self.output_name,
+            extension="." + self.save_model_as,
+            every_n_epochs=self.save_every_n_epochs,
+            every_n_steps=self.save_every_n_steps,
+            last_n_epochs=self.save_last_n_epochs,
+            last_n_steps=self.save_last_n_steps,
+            last_n_epochs_state=self.save_last_n_epochs_state,
+            last_n_steps_state=self.save_last_n_steps_state,
+            save_state=self.save_state,
+            save_state_on_train_end=self.save_state_on_train_end,
+        )
+
+
+def _loggable(values: dict[str, Any]) -> dict[str, Any]:
+    """Flag values trackers accept as hyperparameters (scalars; lists as text); secrets dropped."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in ("wandb_api_key", "huggingface_token") or value is None:
+            continue
+        if isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif isinstance(value, (list, tuple, Path)):
+            out[key] = str(value)
+    return out

@@ -1,0 +1,430 @@
+"""The one training loop every entry script uses; a Recipe says what is trained, TrainingParts how a step works."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from library.engine.config import EngineConfig
+from library.engine.data import BatchSource, batch_loader, dataset_fingerprint
+from library.engine.parts import SampleRequest, TrainingParts
+from library.engine.recipe import Recipe
+from library.engine.schedule import RunPlan, make_run_plan, shard, step_generator
+from library.engine.step import StepModels, TrainingDiverged, batch_loss, divergence_message
+from library.engine.tracking import LossRecorder, make_accelerator, release_accelerator, start_trackers, step_logs
+from library.models.components import Components
+from library.saving import remove_output
+from library.state import (
+    Position,
+    capture_rng,
+    check_fingerprint,
+    load_training_state,
+    position_from_step,
+    read_train_state,
+    restore_rng,
+    save_training_state,
+    saved_position,
+    train_state_record,
+)
+
+logger = logging.getLogger("sdtrain")
+
+PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    global_step: int
+    epochs: int
+    final_model: Path | None
+    skipped_steps: int = 0
+    plan: RunPlan | None = None
+
+
+@dataclass
+class _Progress:
+    """Mutable counters of the running loop (kept in one place, never global)."""
+
+    global_step: int
+    epoch: int = 0
+    batches_done: int = 0
+    skipped_steps: int = 0
+    group_losses: list[float] = field(default_factory=list)
+    group_bad: bool = False
+    group_latents_finite: bool = True
+
+
+def train(
+    config: EngineConfig,
+    components: Components,
+    dataset: BatchSource,
+    recipe: Recipe,
+    parts: TrainingParts,
+    *,
+    tracker_name: str = "network_train",
+    summary: str | None = None,
+) -> TrainResult:
+    """Train ``recipe``'s weights on ``dataset``; writes models and states under ``config.output_dir``."""
+    accelerator = make_accelerator(config)
+    try:
+        return _Run(config, accelerator, components, dataset, recipe, parts, tracker_name, summary).run()
+    finally:
+        release_accelerator(accelerator)
+
+
+class _Run:
+    def __init__(self, config, accelerator, components, dataset, recipe, parts, tracker_name, summary):
+        self.config: EngineConfig = config
+        self.acc: Accelerator = accelerator
+        self.components: Components = components
+        self.dataset: BatchSource = dataset
+        self.recipe: Recipe = recipe
+        self.parts: TrainingParts = parts
+        self.tracker_name = tracker_name
+        self.summary = summary
+        self.saves = config.save_plan
+
+    def run(self) -> TrainResult:
+        config, acc = self.config, self.acc
+        resume_data = read_train_state(config.resume) if config.resume else None
+        self.seed = self._seed(resume_data)
+        set_seed(self.seed)
+        self.weight_dtype = PRECISION[config.mixed_precision]
+        self._place_models()
+        self.plan = make_run_plan(
+            len(self.dataset.batch_plan(1)),
+            acc.num_processes,
+            config.gradient_accumulation_steps,
+            config.max_train_steps,
+            config.max_train_epochs,
+        )
+        modules = self.recipe.trainable_modules()
+        if config.full_fp16 or config.full_bf16:
+            for module in modules:
+                module.to(self.weight_dtype)
+        groups = self.recipe.param_groups()
+        self.group_names = groups.names
+        optimizer, self.lr_scheduler = self.parts.make_optimizer(groups.groups, self.plan.max_train_steps)
+        self.recipe.begin(self.plan, self.seed, optimizer)
+        prepared = acc.prepare(*modules, optimizer)
+        self.optimizer = prepared[-1]
+        if config.full_fp16 and acc.scaler is not None:
+            _allow_fp16_unscaling(acc.scaler)
+        self.trained_params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        acc.register_for_checkpointing(self.lr_scheduler)
+        self.fingerprint = {
+            "run": {"seed": self.seed},
+            "network": self.recipe.fingerprint(),
+            "dataset": dataset_fingerprint(self.dataset, self.plan.batches_per_epoch),
+        }
+        position = self._start_position(resume_data)
+        start_trackers(acc, config, self.tracker_name)
+        self._log_summary(position)
+        return self._loop(position)
+
+    def _seed(self, resume_data: dict[str, Any] | None) -> int:
+        if self.config.seed is not None:
+            return self.config.seed
+        if resume_data is not None and resume_data.get("seed") is not None:
+            return int(resume_data["seed"])
+        return random.SystemRandom().randint(0, 2**31 - 1)
+
+    def _place_models(self) -> None:
+        """Freeze the base model in the working precision; the recipe then attaches what is trained."""
+        c, device = self.components, self.acc.device
+        vae_dtype = torch.float32 if self.config.no_half_vae else self.weight_dtype
+        for module, dtype in ((c.vae, vae_dtype), (c.unet, self.weight_dtype), (c.text_encoder, self.weight_dtype)):
+            module.requires_grad_(False)
+            module.to(device)
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
+        c.vae.eval()
+        self.recipe.setup(c, device, self.weight_dtype)
+        if self.config.gradient_checkpointing:
+            c.unet.enable_gradient_checkpointing()
+            if self.recipe.train_text_encoder:
+                c.text_encoder.gradient_checkpointing_enable()
+        training = self.config.gradient_checkpointing
+        c.unet.train(training)
+        c.text_encoder.train(training and self.recipe.train_text_encoder)
+        self.models = StepModels(
+            unet=c.unet,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            vae=c.vae,
+            vae_scale=float(c.vae.config.scaling_factor),
+        )
+
+    def _start_position(self, resume_data: dict[str, Any] | None) -> Position:
+        config, plan = self.config, self.plan
+        position = Position()
+        if resume_data is not None:
+            check_fingerprint(resume_data, self.fingerprint, config.resume)
+            load_training_state(self.acc, config.resume)
+            if self.acc.num_processes == 1 and resume_data.get("rng"):
+                restore_rng(resume_data["rng"])
+            position = saved_position(resume_data, self.acc.num_processes, plan.steps_per_epoch, plan.accumulation)
+            logger.info(f"resuming from {config.resume} at step {position.global_step}")
+        if config.initial_epoch is not None or config.initial_step is not None:
+            if config.initial_epoch is not None:
+                step = max(config.initial_epoch - 1, 0) * plan.steps_per_epoch
+            else:
+                step = config.initial_step or 0
+            position = position_from_step(step, plan.steps_per_epoch, plan.accumulation, config.skip_until_initial_step)
+        return position
+
+    def _log_summary(self, position: Position) -> None:
+        if not self.acc.is_main_process:
+            return
+        plan = self.plan
+        lines = [self.summary] if self.summary else []
+        lines += [
+            f"batches per epoch: {plan.batches_per_epoch} ({plan.batches_per_process} per process, "
+            f"{plan.num_processes} process(es)), gradient accumulation: {plan.accumulation}, "
+            f"steps per epoch: {plan.steps_per_epoch}",
+            f"training {plan.max_train_steps} steps in {plan.num_epochs} epoch(s), seed {self.seed}"
+            + (f", starting at step {position.global_step}" if position.global_step else ""),
+            f"output: {self.config.output_dir}",
+        ]
+        for line in lines:
+            logger.info(line)
+
+    def _loop(self, position: Position) -> TrainResult:
+        config, acc, plan = self.config, self.acc, self.plan
+        progress = _Progress(global_step=position.global_step, epoch=position.epoch, batches_done=position.batches_done)
+        self.recorder = LossRecorder(steps_per_epoch=plan.steps_per_epoch)
+        bar = tqdm(
+            total=plan.max_train_steps,
+            initial=position.global_step,
+            disable=not acc.is_main_process,
+            desc="steps",
+            dynamic_ncols=True,
+        )
+        if progress.global_step == 0 and config.sample_at_first:
+            self._sample(0, 0)
+        try:
+            for epoch in range(position.epoch, plan.num_epochs):
+                if progress.global_step >= plan.max_train_steps:
+                    break
+                start = position.batches_done if epoch == position.epoch else 0
+                if self._train_epoch(epoch, start, progress, bar):
+                    progress.epoch, progress.batches_done = epoch + 1, 0
+                self._end_epoch(epoch, progress)
+        finally:
+            bar.close()
+        return self._finish(progress)
+
+    def _train_epoch(self, epoch: int, start: int, progress: _Progress, bar: tqdm) -> bool:
+        """Train on the rest of ``epoch`` from batch ``start``; False when --max_train_steps ends it early."""
+        acc, plan = self.acc, self.plan
+        self.recipe.on_epoch_start(epoch)
+        batches = shard(self.dataset.batch_plan(epoch + 1), acc.process_index, acc.num_processes)
+        accumulation = plan.accumulation
+        loader = batch_loader(self.dataset, batches[start:], self.config.max_data_loader_n_workers)
+        for offset, batch in enumerate(loader):
+            index = start + offset
+            group_start = index - index % accumulation
+            group_end = min(group_start + accumulation, len(batches))
+            if batch is None:
+                logger.warning(f"epoch {epoch + 1}, batch {index + 1}: no image of this batch could be read")
+            else:
+                self._micro_step(batch, epoch, index, group_end - group_start, progress)
+            if index + 1 < group_end:
+                continue
+            self._optimizer_step(epoch, index, progress)
+            progress.epoch, progress.batches_done = epoch, index + 1
+            bar.update(1)
+            bar.set_postfix(avr_loss=f"{self.recorder.average:.4f}")
+            self._after_step(epoch, index + 1, progress)
+            if progress.global_step >= plan.max_train_steps and index + 1 < len(batches):
+                return False
+        return True
+
+    def _micro_step(self, batch: dict[str, Any], epoch: int, index: int, group_size: int, progress: _Progress) -> None:
+        self.recipe.on_batch(batch)
+        global_index = index * self.acc.num_processes + self.acc.process_index
+        generator = step_generator(self.seed, "batch", epoch, global_index)
+        result = batch_loss(
+            batch,
+            models=self.models,
+            parts=self.parts,
+            autocast=self.acc.autocast(),
+            generator=generator,
+            device=self.acc.device,
+            weight_dtype=self.weight_dtype,
+            train_text_encoder=self.recipe.train_text_encoder,
+            step=progress.global_step,
+        )
+        if not torch.isfinite(result.loss):
+            progress.group_bad = True
+            progress.group_latents_finite &= result.latents_finite
+            return
+        self.acc.backward(result.loss / group_size)
+        progress.group_losses.append(float(result.loss.detach()))
+
+    def _optimizer_step(self, epoch: int, index: int, progress: _Progress) -> None:
+        acc = self.acc
+        if acc.num_processes > 1:
+            for p in self.trained_params:
+                if p.grad is not None:
+                    p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+        bad = self._any_process(progress.group_bad)
+        what = "loss became NaN/inf"
+        if not bad and self.config.max_grad_norm > 0:
+            norm = acc.clip_grad_norm_(self.trained_params, self.config.max_grad_norm)
+            if acc.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                bad, what = True, "gradient norm became NaN/inf"
+        step = progress.global_step + 1
+        if bad:
+            message = divergence_message(
+                what,
+                step,
+                epoch,
+                index,
+                progress.group_latents_finite,
+                self.config.mixed_precision,
+                self.config.no_half_vae,
+            )
+            if self.config.nan_policy == "stop":
+                raise TrainingDiverged(message)
+            logger.warning(f"skipping optimizer step: {message.split('. Training stopped')[0]}")
+            progress.skipped_steps += 1
+        else:
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        extra = {} if bad else self.recipe.after_optimizer_step(acc.device)
+        progress.global_step = step
+        losses = progress.group_losses
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        progress.group_losses, progress.group_bad, progress.group_latents_finite = [], False, True
+        if losses:
+            self.recorder.add(loss)
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        acc.log({**step_logs(loss, self.recorder.average, lrs, self.group_names), **extra}, step=step)
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.acc.num_processes == 1:
+            return flag
+        total = self.acc.reduce(torch.tensor([1.0 if flag else 0.0], device=self.acc.device), reduction="sum")
+        return bool(total.item() > 0)
+
+    def _after_step(self, epoch: int, batches_done: int, progress: _Progress) -> None:
+        step, saves = progress.global_step, self.saves
+        if saves.saves_at_step(step):
+            self._save_model(saves.step_model(step), epoch=epoch, step=step, stale=saves.stale_step_model(step))
+            if saves.save_state:
+                self._save_state(
+                    saves.step_state(step), Position(step, epoch, batches_done), saves.stale_step_state(step)
+                )
+        if self.config.sample_every_n_epochs is None and self.config.sample_every_n_steps:
+            if step % self.config.sample_every_n_steps == 0:
+                self._sample(step, None)
+
+    def _end_epoch(self, epoch: int, progress: _Progress) -> None:
+        epoch_no, step, saves = epoch + 1, progress.global_step, self.saves
+        self.acc.log({"loss/epoch": self.recorder.end_epoch()}, step=epoch_no)
+        self.acc.wait_for_everyone()
+        if saves.saves_at_epoch_end(epoch_no, self.plan.num_epochs):
+            self._save_model(
+                saves.epoch_model(epoch_no), epoch=epoch_no, step=step, stale=saves.stale_epoch_model(epoch_no)
+            )
+            if saves.save_state:
+                self._save_state(
+                    saves.epoch_state(epoch_no), Position(step, epoch_no, 0), saves.stale_epoch_state(epoch_no)
+                )
+        if self.config.sample_every_n_epochs and epoch_no % self.config.sample_every_n_epochs == 0:
+            self._sample(step, epoch_no)
+
+    def _finish(self, progress: _Progress) -> TrainResult:
+        saves, step = self.saves, progress.global_step
+        final_epoch = self.plan.num_epochs
+        self._check_processes_agree()
+        if saves.save_state or saves.save_state_on_train_end:
+            self._save_state(saves.last_state(), Position(step, progress.epoch, progress.batches_done), None)
+        self._save_model(saves.last_model(), epoch=final_epoch, step=step, stale=None, final=True)
+        if self.acc.is_main_process:
+            logger.info(f"model saved: {saves.last_model()}")
+        return TrainResult(
+            global_step=step,
+            epochs=final_epoch,
+            final_model=saves.last_model(),
+            skipped_steps=progress.skipped_steps,
+            plan=self.plan,
+        )
+
+    def _check_processes_agree(self) -> None:
+        """With several processes, every one must end with the same weights (a cheap checksum comparison)."""
+        acc = self.acc
+        if acc.num_processes == 1:
+            return
+        with torch.no_grad():
+            local = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in self.trained_params])
+        gathered = acc.gather(local.to(acc.device).unsqueeze(0))
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError("the processes ended training with different weights; please report this")
+        if acc.is_main_process:
+            logger.info(f"all {acc.num_processes} processes hold identical trained weights")
+
+    def _save_model(self, path: Path, *, epoch: int, step: int, stale: Path | None, final: bool = False) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self.recipe.save(path, epoch=epoch, step=step, final=final)
+            if remove_output(stale):
+                logger.info(f"removed old model {stale}")
+
+    def _save_state(self, path: Path, position: Position, stale: Path | None) -> None:
+        record = train_state_record(
+            position,
+            seed=self.seed,
+            num_processes=self.acc.num_processes,
+            fingerprint=self.fingerprint,
+            rng=capture_rng(),
+        )
+        save_training_state(self.acc, path, record)
+        if self.acc.is_main_process and remove_output(stale):
+            logger.info(f"removed old state {stale}")
+
+    def _sample(self, step: int, epoch: int | None) -> None:
+        if self.parts.sample is None:
+            return
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            request = SampleRequest(
+                components=self.components,
+                step=step,
+                epoch=epoch,
+                output_dir=self.config.output_dir,
+                device=self.acc.device,
+                accelerator=self.acc,
+            )
+            modules = self.recipe.trainable_modules()
+            modes = [m.training for m in modules]
+            for module in modules:
+                module.eval()
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    self.parts.sample(request)
+            finally:
+                for module, mode in zip(modules, modes):
+                    module.train(mode)
+        self.acc.wait_for_everyone()
+
+
+def _allow_fp16_unscaling(scaler) -> None:
+    """--full_fp16 keeps the trained weights in fp16; torch's GradScaler refuses fp16 gradients unless told (as
+    sd-scripts' patch_accelerator_for_fp16_training does)."""
+    unscale = scaler._unscale_grads_
+
+    def unscale_fp16(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_fp16

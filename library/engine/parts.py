@@ -1,0 +1,68 @@
+"""The pluggable pieces of one training step: text conditioning, noising, loss, optimizer, schedule, sampling.
+
+Entry scripts build them from flags (see ``library.engine.wiring``); tests may build them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from library.models.components import Components
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What a loss function sees for one batch (``latents`` are scaled, ``alpha_masks`` may be None)."""
+
+    model_pred: torch.Tensor
+    target: torch.Tensor
+    latents: torch.Tensor
+    noise: torch.Tensor
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    alpha_masks: torch.Tensor | None
+    step: int
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """A request to render sample images with the model as trained so far (main process only).
+
+    ``epoch`` counts completed epochs for epoch-end samples (0 for ``--sample_at_first``) and is None for step
+    samples; ``accelerator`` gives hooks the run's autocast and trackers.
+    """
+
+    components: Components
+    step: int
+    epoch: int | None
+    output_dir: Path
+    device: torch.device
+    accelerator: Any = None
+
+
+TextEncoder = Callable[[nn.Module, Any, list[str]], torch.Tensor]
+NoiseFunction = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+OptimizerFactory = Callable[[list[dict[str, Any]], int], tuple[torch.optim.Optimizer, Any]]
+
+
+@dataclass(frozen=True)
+class TrainingParts:
+    """Functions the loop calls; each is pure apart from the generator it is given.
+
+    ``encode_text(text_encoder, tokenizer, captions)`` gives the UNet's conditioning; ``add_noise(latents,
+    generator)`` gives ``(noisy_latents, noise, timesteps, target)`` (``library.noise.NoisedBatch``);
+    ``loss(LossInputs)`` gives one loss per sample; ``make_optimizer(param_groups, total_steps)`` gives the
+    optimizer and an LR scheduler that the loop steps once per optimizer step.
+    """
+
+    encode_text: TextEncoder
+    add_noise: NoiseFunction
+    loss: Callable[[LossInputs], torch.Tensor]
+    make_optimizer: OptimizerFactory
+    sample: Callable[[SampleRequest], None] | None = None

@@ -1,0 +1,113 @@
+"""One forward pass: batch → scaled latents → conditioning → noise → UNet prediction → weighted loss."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from library.engine.parts import LossInputs, TrainingParts
+from library.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; training stopped before anything poisoned was saved."""
+
+
+@dataclass(frozen=True)
+class StepModels:
+    """The modules a forward pass uses; ``unet``/``text_encoder`` carry the trained parts."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    vae: nn.Module
+    vae_scale: float
+
+
+@dataclass(frozen=True)
+class BatchLoss:
+    loss: torch.Tensor
+    latents_finite: bool
+
+
+def batch_latents(
+    batch: dict[str, Any],
+    vae: nn.Module,
+    scale: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Cached latents, or the VAE's encoding of the batch's images (sampled with ``generator``), times ``scale``."""
+    if batch.get("latents") is not None:
+        latents = batch["latents"].to(device)
+    else:
+        images = batch.get("images")
+        if images is None:
+            raise ValueError("a batch needs 'latents' or 'images'")
+        vae_dtype = next(vae.parameters()).dtype
+        with torch.no_grad():
+            dist = vae.encode(images.to(device, dtype=vae_dtype)).latent_dist
+            latents = dist.sample(generator=generator)
+    return (latents * scale).to(dtype)
+
+
+def batch_loss(
+    batch: dict[str, Any],
+    *,
+    models: StepModels,
+    parts: TrainingParts,
+    autocast: contextlib.AbstractContextManager,
+    generator: torch.Generator,
+    device: torch.device,
+    weight_dtype: torch.dtype,
+    train_text_encoder: bool,
+    step: int,
+) -> BatchLoss:
+    """The mean of the per-sample losses, each multiplied by its ``loss_weights`` entry."""
+    latents = batch_latents(batch, models.vae, models.vae_scale, device, weight_dtype, generator)
+    with torch.set_grad_enabled(train_text_encoder):
+        conditioning = parts.encode_text(models.text_encoder, models.tokenizer, list(batch["captions"]))
+    conditioning = conditioning.to(device, dtype=weight_dtype)
+    noisy_latents, noise, timesteps, target = parts.add_noise(latents, generator)
+    with autocast:
+        model_pred = models.unet(noisy_latents, timesteps, conditioning).sample
+    masks = batch.get("alpha_masks")
+    per_sample = parts.loss(
+        LossInputs(
+            model_pred=model_pred.float(),
+            target=target.float(),
+            latents=latents.float(),
+            noise=noise.float(),
+            noisy_latents=noisy_latents,
+            timesteps=timesteps,
+            alpha_masks=None if masks is None else masks.to(device),
+            step=step,
+        )
+    )
+    weights = batch.get("loss_weights")
+    if weights is not None:
+        per_sample = per_sample * torch.as_tensor(weights, device=per_sample.device, dtype=per_sample.dtype)
+    return BatchLoss(loss=per_sample.mean(), latents_finite=bool(torch.isfinite(latents).all()))
+
+
+def divergence_message(
+    what: str, step: int, epoch: int, batch_index: int, latents_finite: bool, mixed_precision: str, no_half_vae: bool
+) -> str:
+    """One line naming where the loss broke and the likely cause."""
+    where = f"{what} at step {step} (epoch {epoch + 1}, batch {batch_index + 1})"
+    if not latents_finite:
+        cause = "the latents themselves are NaN/inf"
+        if mixed_precision != "no" and not no_half_vae:
+            cause += ": the VAE overflows in half precision, add --no_half_vae"
+        else:
+            cause += ": check the images (or delete stale latent caches)"
+    else:
+        cause = "likely the learning rate is too high (lower --learning_rate / --unet_lr / --text_encoder_lr)"
+        if mixed_precision == "fp16":
+            cause += ", or fp16 overflow (try --mixed_precision bf16)"
+    return f"{where}: {cause}. Training stopped before saving; use --nan_policy skip to skip such steps instead"

@@ -1,0 +1,275 @@
+"""The recipe of ``train_textual_inversion.py`` (and ``_XTI``): train only new token embedding rows.
+
+The base model stays frozen. New tokens are added to the tokenizer and their rows to the text encoder's token
+embedding (see ``library.textual_inversion``); the whole embedding matrix is handed to the optimizer, as sd-scripts
+does, and every other row is put back bit for bit after each optimizer step. Captions and sample prompts have the
+token string expanded to all its tokens; ``--use_object_template`` / ``--use_style_template`` replace captions by
+sd-scripts' templates, chosen per sample from the seed, epoch and batch so a resumed run sees the same captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from library.engine.parts import SampleRequest, TrainingParts
+from library.engine.recipe import ParamGroups, Recipe
+from library.errors import UserError
+from library.metadata import modelspec_from_args
+from library.models.components import Components
+from library.textual_inversion import (
+    EMBEDDING_KEY,
+    OBJECT_TEMPLATES,
+    STYLE_TEMPLATES,
+    XTI_LAYERS,
+    AddedTokens,
+    add_tokens,
+    expand_text,
+    init_rows,
+    init_token_ids,
+    load_embedding,
+    load_xti_embeddings,
+    pick_template,
+    save_embedding_file,
+    token_strings,
+    xti_token_strings,
+)
+
+logger = logging.getLogger("sdtrain")
+
+SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def templates_from_args(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """sd-scripts' imagenet templates for ``--use_object_template`` / ``--use_style_template`` (None: captions)."""
+    if args.use_object_template and args.use_style_template:
+        raise UserError("--use_object_template and --use_style_template exclude each other; pick one")
+    if args.use_object_template:
+        return OBJECT_TEMPLATES
+    if args.use_style_template:
+        return STYLE_TEMPLATES
+    return None
+
+
+def check_token_in_captions(dataset: Any, token_string: str) -> None:
+    """Refuse a dataset none of whose training captions (or class tokens, prefix, suffix) has ``token_string``."""
+    total = with_token = 0
+    for config, records in zip(dataset.datasets, dataset.records):
+        for record in records:
+            subset = config.subsets[record.subset_index]
+            if subset.is_reg:
+                continue
+            total += 1
+            texts = list(record.captions) or [subset.class_tokens or ""]
+            texts += [subset.caption_prefix or "", subset.caption_suffix or ""]
+            with_token += any(token_string in t for t in texts)
+    if total and not with_token:
+        raise UserError(
+            f"--token_string {token_string!r}: no caption of the {total} training images contains it, so it would "
+            "never be trained; put it in the captions (or class tokens), or use --use_object_template / "
+            "--use_style_template"
+        )
+    if with_token < total:
+        logger.warning(f"--token_string {token_string!r} appears in the captions of {with_token} of {total} images")
+
+
+class TemplateCaptions:
+    """A dataset whose captions are replaced by a template with the token string, picked per sample from
+    (seed, epoch, batch, item) so workers and resumed runs pick the same ones."""
+
+    def __init__(self, inner: Any, templates: tuple[str, ...], token_string: str):
+        self.inner = inner
+        self.templates = templates
+        self.token_string = token_string
+
+    @property
+    def datasets(self) -> Any:
+        return self.inner.datasets
+
+    @property
+    def records(self) -> Any:
+        return self.inner.records
+
+    @property
+    def skipped(self) -> Any:
+        return self.inner.skipped
+
+    def summary(self) -> str:
+        return self.inner.summary() + f"\ncaptions: {len(self.templates)} templates with {self.token_string!r}"
+
+    def fingerprint(self) -> str:
+        return f"{self.inner.fingerprint()}:templates:{self.templates[0]}"
+
+    def batch_plan(self, epoch: int) -> Any:
+        return self.inner.batch_plan(epoch)
+
+    def load_batch(self, plan: Any) -> dict[str, Any] | None:
+        from library.dataset.loader import derive_seed
+
+        batch = self.inner.load_batch(plan)
+        if batch is None:
+            return None
+        rngs = [
+            random.Random(derive_seed(self.inner.seed, "template", plan.epoch, plan.index, n))
+            for n in range(len(batch["captions"]))
+        ]
+        batch["captions"] = [pick_template(self.templates, self.token_string, rng) for rng in rngs]
+        return batch
+
+
+class TextualInversionRecipe(Recipe):
+    """Train the embedding of ``--token_string`` (``--num_vectors_per_token`` vectors); with ``xti`` one embedding
+    per UNet cross-attention layer (SD 1.x only)."""
+
+    def __init__(self, args: argparse.Namespace, *, xti: bool = False):
+        if not args.token_string:
+            raise UserError("--token_string is required: the new word to train, e.g. --token_string mychar")
+        if args.num_vectors_per_token < 1:
+            raise UserError(f"--num_vectors_per_token {args.num_vectors_per_token}: must be 1 or more")
+        self.args = args
+        self.xti = xti
+        self.strings = token_strings(args.token_string, args.num_vectors_per_token)
+        self.save_dtype = SAVE_DTYPES[args.save_precision]
+        self.tokens: AddedTokens | None = None
+        self.embedding: nn.Embedding | None = None
+        self.original: torch.Tensor | None = None
+
+    @property
+    def train_unet(self) -> bool:
+        return False
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return True
+
+    def layer_tokens(self, layer: str | None) -> list[str]:
+        """The tokens that stand for the token string (in one XTI layer, or plain textual inversion's)."""
+        return self.strings if layer is None else xti_token_strings(self.strings, layer)
+
+    def setup(self, components: Components, device: torch.device, weight_dtype: torch.dtype) -> None:
+        args, c = self.args, components
+        if self.xti and c.v2:
+            raise UserError("train_textual_inversion_XTI.py supports SD 1.x only; drop --v2 or use a SD 1.x model")
+        c.text_encoder.to(dtype=torch.float32)
+        init_ids = init_token_ids(c.tokenizer, args.init_word)
+        if init_ids is not None and 1 < len(init_ids) != args.num_vectors_per_token:
+            logger.warning(
+                f"--init_word {args.init_word!r} has {len(init_ids)} tokens for {args.num_vectors_per_token} "
+                "vectors; its tokens are repeated or truncated"
+            )
+        layers = XTI_LAYERS if self.xti else (None,)
+        strings = [t for layer in layers for t in self.layer_tokens(layer)]
+        self.tokens = add_tokens(c.tokenizer, c.text_encoder, strings, "--token_string")
+        embedding = c.text_encoder.get_input_embeddings()
+        if init_ids is not None:
+            init_rows(embedding.weight.data, self.tokens.ids, init_ids, args.num_vectors_per_token)
+        if args.weights:
+            self._load_weights(embedding.weight.data, args.weights)
+        logger.info(f"added {len(strings)} tokens for {args.token_string!r}: ids {self.tokens.ids[0]}…")
+        embedding.requires_grad_(True)
+        self.embedding = embedding
+        self.original = embedding.weight.detach().clone()
+        if self.xti:
+            from library.xti import install_layer_conditioning
+
+            install_layer_conditioning(c.unet)
+
+    def _load_weights(self, weight: torch.Tensor, path: str) -> None:
+        n, width = self.args.num_vectors_per_token, weight.shape[1]
+        if self.xti:
+            loaded = load_xti_embeddings(path, getattr(self.args, "allow_unsafe_pickle", False))
+        else:
+            loaded = {None: load_embedding(path, getattr(self.args, "allow_unsafe_pickle", False))}
+        for layer, emb in loaded.items():
+            if tuple(emb.shape) != (n, width):
+                raise UserError(
+                    f"--weights {path}: embedding shape {tuple(emb.shape)}, this run needs ({n}, {width}); "
+                    "check --num_vectors_per_token and the base model"
+                )
+            ids = self.rows(layer)
+            with torch.no_grad():
+                weight[ids[0] : ids[-1] + 1] = emb.to(weight.dtype)
+        logger.info(f"loaded embedding weights from {path}")
+
+    def rows(self, layer: str | None) -> list[int]:
+        """The embedding rows of one XTI layer's tokens (or all rows for plain textual inversion)."""
+        if layer is None:
+            return list(self.tokens.ids)
+        start = XTI_LAYERS.index(layer) * len(self.strings)
+        return list(self.tokens.ids[start : start + len(self.strings)])
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.embedding]
+
+    def param_groups(self) -> ParamGroups:
+        return ParamGroups([{"params": [self.embedding.weight], "lr": self.args.learning_rate}], ["textencoder"])
+
+    def fingerprint(self) -> dict[str, Any]:
+        readable = {"token_string": self.args.token_string, "num_vectors": len(self.strings), "xti": self.xti}
+        return {**readable, **super().fingerprint()}
+
+    def after_optimizer_step(self, device: torch.device) -> dict[str, float]:
+        """Put back every row but the new tokens' (the optimizer updates the whole matrix)."""
+        first = self.tokens.first_id
+        with torch.no_grad():
+            weight = self.embedding.weight
+            weight[:first] = self.original[:first].to(device=weight.device, dtype=weight.dtype)
+        return {}
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """What a save writes: ``{"emb_params": (N, width)}``, or one ``(N, width)`` tensor per XTI layer."""
+        weight = self.embedding.weight.detach()
+        if not self.xti:
+            return {EMBEDDING_KEY: weight[self.rows(None)].clone()}
+        return {layer: weight[self.rows(layer)].clone() for layer in XTI_LAYERS}
+
+    def save(self, path: Path, *, epoch: int, step: int, final: bool) -> None:
+        metadata = None if self.xti else modelspec_from_args(self.args, lora=False, textual_inversion=True)
+        save_embedding_file(path, self.embeddings(), self.save_dtype, metadata)
+        logger.info(f"saved {path}")
+
+    def training_parts(self, parts: TrainingParts) -> TrainingParts:
+        """``parts`` with captions expanded to the new tokens (per XTI layer) and samples that know the token."""
+        encode = partial(_encode_expanded, parts.encode_text, self)
+        sample = parts.sample
+        if sample is not None:
+            sample = None if self.xti else partial(_sample_expanded, self)
+            if self.xti:
+                logger.warning("sample images are not supported by train_textual_inversion_XTI.py; none are made")
+        return dataclasses.replace(parts, encode_text=encode, sample=sample)
+
+
+def _encode_expanded(base, recipe: TextualInversionRecipe, text_encoder, tokenizer, captions: list[str]):
+    token = recipe.args.token_string
+    if not recipe.xti:
+        return base(text_encoder, tokenizer, [expand_text(c, token, recipe.strings) for c in captions])
+    from library.xti import layer_conditioning
+
+    return layer_conditioning(
+        lambda texts: base(text_encoder, tokenizer, texts),
+        captions,
+        lambda caption, layer: expand_text(caption, token, recipe.layer_tokens(layer)),
+    )
+
+
+def _sample_expanded(recipe: TextualInversionRecipe, request: SampleRequest) -> None:
+    from library.sampling import SampleSettings, sample_images
+
+    settings = SampleSettings.from_args(recipe.args)
+    replacement = (recipe.args.token_string, " ".join(recipe.strings)) if len(recipe.strings) > 1 else None
+    sample_images(
+        request.components,
+        settings,
+        epoch=request.epoch,
+        step=request.step,
+        device=request.device,
+        prompt_replacement=replacement,
+    )

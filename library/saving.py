@@ -1,0 +1,120 @@
+"""Names of saved models and states, when they are written, and which old ones are removed (sd-scripts rules).
+
+Models: ``<name>-<epoch:06d>.<ext>``, ``<name>-step<step:08d>.<ext>``, ``<name>.<ext>``. States:
+``<name>-<epoch:06d>-state``, ``<name>-step<step:08d>-state``, ``<name>-state``. Without ``--output_name`` the
+names are ``epoch``, ``at`` and ``last`` as in sd-scripts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_EPOCH_NAME = "epoch"
+DEFAULT_STEP_NAME = "at"
+DEFAULT_LAST_NAME = "last"
+
+
+def epoch_stem(output_name: str | None, epoch: int) -> str:
+    return f"{output_name or DEFAULT_EPOCH_NAME}-{epoch:06d}"
+
+
+def step_stem(output_name: str | None, step: int) -> str:
+    return f"{output_name or DEFAULT_STEP_NAME}-step{step:08d}"
+
+
+def last_stem(output_name: str | None) -> str:
+    return output_name or DEFAULT_LAST_NAME
+
+
+def epoch_to_remove(epoch: int, every_n_epochs: int, keep_last_n: int | None) -> int | None:
+    """The epoch whose file falls out of the kept window when ``epoch`` is saved (None: nothing to remove)."""
+    if keep_last_n is None:
+        return None
+    old = epoch - every_n_epochs * keep_last_n
+    return old if old > 0 else None
+
+
+def step_to_remove(step: int, every_n_steps: int, keep_last_n_steps: int | None) -> int | None:
+    """The step whose file falls out of the last ``keep_last_n_steps`` steps when ``step`` is saved.
+
+    ``--save_last_n_steps`` counts steps, not files: with saves every 10 steps and 30 kept, saving step 50 removes
+    step 10.
+    """
+    if keep_last_n_steps is None:
+        return None
+    old = step - keep_last_n_steps - 1
+    old -= old % every_n_steps
+    return old if old > 0 else None
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """Where and when one training run writes models and states."""
+
+    output_dir: Path
+    output_name: str | None = None
+    extension: str = ".safetensors"
+    every_n_epochs: int | None = None
+    every_n_steps: int | None = None
+    last_n_epochs: int | None = None
+    last_n_steps: int | None = None
+    last_n_epochs_state: int | None = None
+    last_n_steps_state: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+
+    def saves_at_epoch_end(self, epoch_no: int, num_epochs: int) -> bool:
+        """sd-scripts skips the epoch save of the final epoch: the final model is written under the last name."""
+        return bool(self.every_n_epochs) and epoch_no % self.every_n_epochs == 0 and epoch_no < num_epochs
+
+    def saves_at_step(self, step: int) -> bool:
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0
+
+    def epoch_model(self, epoch_no: int) -> Path:
+        return self.output_dir / (epoch_stem(self.output_name, epoch_no) + self.extension)
+
+    def step_model(self, step: int) -> Path:
+        return self.output_dir / (step_stem(self.output_name, step) + self.extension)
+
+    def last_model(self) -> Path:
+        return self.output_dir / (last_stem(self.output_name) + self.extension)
+
+    def epoch_state(self, epoch_no: int) -> Path:
+        return self.output_dir / (epoch_stem(self.output_name, epoch_no) + "-state")
+
+    def step_state(self, step: int) -> Path:
+        return self.output_dir / (step_stem(self.output_name, step) + "-state")
+
+    def last_state(self) -> Path:
+        return self.output_dir / (last_stem(self.output_name) + "-state")
+
+    def stale_epoch_model(self, epoch_no: int) -> Path | None:
+        old = epoch_to_remove(epoch_no, self.every_n_epochs or 1, self.last_n_epochs)
+        return None if old is None else self.epoch_model(old)
+
+    def stale_step_model(self, step: int) -> Path | None:
+        old = step_to_remove(step, self.every_n_steps or 1, self.last_n_steps)
+        return None if old is None else self.step_model(old)
+
+    def stale_epoch_state(self, epoch_no: int) -> Path | None:
+        keep = self.last_n_epochs_state or self.last_n_epochs
+        old = epoch_to_remove(epoch_no, self.every_n_epochs or 1, keep)
+        return None if old is None else self.epoch_state(old)
+
+    def stale_step_state(self, step: int) -> Path | None:
+        keep = self.last_n_steps_state or self.last_n_steps
+        old = step_to_remove(step, self.every_n_steps or 1, keep)
+        return None if old is None else self.step_state(old)
+
+
+def remove_output(path: Path | None) -> bool:
+    """Delete an old model file or state folder if it exists; True when something was removed."""
+    if path is None or not path.exists():
+        return False
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return True

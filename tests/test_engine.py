@@ -1,0 +1,281 @@
+"""The shared training loop on the real tiny model with an in-test batch source and recipe.
+
+The recipe trains two UNet tensors in full so these tests do not depend on the LoRA module; the parts are written
+out here so a hand-written training step can serve as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from library.engine import EngineConfig, LossInputs, ParamGroups, Recipe, TrainingDiverged, TrainingParts, train
+from library.engine.schedule import step_generator
+from library.io import save_safetensors
+from library.models.tiny import make_tiny_model
+
+TRAINED = ("conv_out.weight", "conv_out.bias")
+
+
+class RandomLatents:
+    """``n`` random latents with captions; each epoch visits them in a seeded order, ``batch_size`` at a time."""
+
+    def __init__(self, n: int = 4, batch_size: int = 2, nan_items: tuple[int, ...] = ()):
+        gen = torch.Generator().manual_seed(123)
+        self.latents = torch.randn(n, 4, 8, 8, generator=gen) * 5
+        for i in nan_items:
+            self.latents[i] = float("nan")
+        self.captions = [f"a photo of thing {i}" for i in range(n)]
+        self.batch_size = batch_size
+
+    def batch_plan(self, epoch: int) -> list[tuple[int, ...]]:
+        order = torch.randperm(len(self.captions), generator=torch.Generator().manual_seed(epoch)).tolist()
+        return [tuple(order[k : k + self.batch_size]) for k in range(0, len(order), self.batch_size)]
+
+    def load_batch(self, plan: tuple[int, ...]) -> dict:
+        return {
+            "latents": self.latents[list(plan)],
+            "images": None,
+            "captions": [self.captions[i] for i in plan],
+            "loss_weights": torch.tensor([1.0 if i % 2 == 0 else 0.5 for i in plan]),
+            "alpha_masks": None,
+            "network_multipliers": torch.ones(len(plan)),
+        }
+
+
+class UNetTensorsRecipe(Recipe):
+    """Trains ``conv_out`` of the UNet in full (a stand-in for a network in engine tests)."""
+
+    def __init__(self):
+        self.unet = None
+
+    @property
+    def train_unet(self) -> bool:
+        return True
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return False
+
+    def setup(self, components, device, weight_dtype):
+        self.unet = components.unet
+        self.unet.conv_out.to(torch.float32).requires_grad_(True)
+
+    def trainable_modules(self):
+        return [self.unet.conv_out]
+
+    def param_groups(self):
+        return ParamGroups([{"params": list(self.unet.conv_out.parameters())}], ["unet"])
+
+    def save(self, path: Path, *, epoch: int, step: int, final: bool) -> None:
+        save_safetensors({k: v for k, v in self.unet.state_dict().items() if k in TRAINED}, path)
+
+
+def encode_text(text_encoder, tokenizer, captions):
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(next(text_encoder.parameters()).device)).last_hidden_state
+
+
+def make_parts(scheduler, lr: float = 0.05, momentum: float = 0.0, sample=None) -> TrainingParts:
+    def add_noise(latents, generator):
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+        return scheduler.add_noise(latents, noise, timesteps), noise, timesteps, noise
+
+    def loss(inputs: LossInputs):
+        return F.mse_loss(inputs.model_pred, inputs.target, reduction="none").mean(dim=(1, 2, 3))
+
+    def make_optimizer(groups, total_steps):
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / (2 * total_steps))
+
+    return TrainingParts(
+        encode_text=encode_text, add_noise=add_noise, loss=loss, make_optimizer=make_optimizer, sample=sample
+    )
+
+
+def run(tmp_path: Path, source=None, parts_kwargs=None, **config) -> tuple:
+    components = make_tiny_model()
+    settings = dict(output_dir=tmp_path / "out", output_name="x", max_train_steps=2, seed=7)
+    settings.update(config)
+    result = train(
+        EngineConfig(**settings),
+        components,
+        source or RandomLatents(),
+        UNetTensorsRecipe(),
+        make_parts(components.scheduler, **(parts_kwargs or {})),
+    )
+    return result, components
+
+
+def trained(components) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in components.unet.state_dict().items() if k in TRAINED}
+
+
+def reference_training(steps: int, accumulation: int, batch_size: int, n: int = 4, lr: float = 0.05, seed: int = 7):
+    """A hand-written loop doing what the engine should: same data order, generators, weights and clipping."""
+    c = make_tiny_model()
+    source = RandomLatents(n=n, batch_size=batch_size)
+    c.unet.requires_grad_(False)
+    c.text_encoder.requires_grad_(False)
+    params = list(c.unet.conv_out.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    parts = make_parts(c.scheduler, lr=lr)
+    total_steps = steps
+    done, epoch = 0, 0
+    while done < steps:
+        plans = source.batch_plan(epoch + 1)
+        for group_start in range(0, len(plans), accumulation):
+            group = list(range(group_start, min(group_start + accumulation, len(plans))))
+            for index in group:
+                batch = source.load_batch(plans[index])
+                gen = step_generator(seed, "batch", epoch, index)
+                latents = batch["latents"] * 0.18215
+                cond = encode_text(c.text_encoder, c.tokenizer, batch["captions"])
+                noisy, noise, t, target = parts.add_noise(latents, gen)
+                pred = c.unet(noisy, t, cond).sample
+                per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * batch["loss_weights"]
+                (per_sample.mean() / len(group)).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            with torch.no_grad():
+                for p in params:
+                    p -= lr * (1.0 - done / (2 * total_steps)) * p.grad
+                    p.grad = None
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    return trained(c)
+
+
+@pytest.mark.parametrize("accumulation, batch_size, n, steps", [(1, 2, 4, 3), (2, 1, 3, 4)])
+def test_training_matches_a_hand_written_loop(tmp_path, accumulation, batch_size, n, steps):
+    """With 3 batches and accumulation 2 each epoch ends with a group of one batch (its loss is not halved)."""
+    result, components = run(
+        tmp_path,
+        source=RandomLatents(n=n, batch_size=batch_size),
+        max_train_steps=steps,
+        gradient_accumulation_steps=accumulation,
+    )
+    assert result.global_step == steps
+    expected = reference_training(steps, accumulation, batch_size, n)
+    got = trained(components)
+    for key in TRAINED:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+    assert not torch.equal(got["conv_out.weight"], make_tiny_model().unet.conv_out.weight)
+
+
+def test_epochs_win_and_outputs_follow_sd_scripts_names_and_cleanup(tmp_path):
+    result, _ = run(
+        tmp_path,
+        max_train_steps=100,
+        max_train_epochs=3,
+        save_every_n_epochs=1,
+        save_last_n_epochs=1,
+        save_every_n_steps=2,
+        save_last_n_steps=2,
+        save_state=True,
+    )
+    assert (result.global_step, result.epochs) == (6, 3)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "x-000002-state",
+        "x-000002.safetensors",
+        "x-state",
+        "x-step00000004-state",
+        "x-step00000004.safetensors",
+        "x-step00000006-state",
+        "x-step00000006.safetensors",
+        "x.safetensors",
+    ]
+    state = json.loads((out / "x-step00000004-state" / "train_state.json").read_text())
+    assert state["position"] == {"global_step": 4, "epoch": 1, "batches_done": 2}
+    assert (state["current_step"], state["current_epoch"], state["seed"]) == (4, 2, 7)
+    assert (out / "x-step00000004-state" / "model.safetensors").is_file()
+
+
+def test_default_names_without_output_name(tmp_path):
+    run(tmp_path, output_name=None, max_train_steps=4, save_every_n_epochs=1, save_every_n_steps=3)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["at-step00000003.safetensors", "epoch-000001.safetensors", "last.safetensors"]
+
+
+def test_nan_loss_stops_before_saving_and_names_the_step(tmp_path):
+    source = RandomLatents(n=4, batch_size=1, nan_items=(2,))
+    order = [p[0] for p in source.batch_plan(1)]
+    bad_step = order.index(2) + 1
+    with pytest.raises(TrainingDiverged) as info:
+        run(tmp_path, source=source, max_train_steps=4, save_every_n_steps=1)
+    message = str(info.value)
+    assert f"at step {bad_step} (epoch 1, batch {bad_step})" in message
+    assert "the latents themselves are NaN/inf" in message and "--nan_policy skip" in message
+    saved = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
+    assert saved == [f"x-step{s:08d}.safetensors" for s in range(1, bad_step)]
+
+
+def test_nan_policy_skip_skips_the_step_and_finishes(tmp_path):
+    source = RandomLatents(n=4, batch_size=1, nan_items=(2,))
+    result, components = run(tmp_path, source=source, max_train_steps=4, nan_policy="skip")
+    assert (result.global_step, result.skipped_steps) == (4, 1)
+    assert all(torch.isfinite(v).all() for v in trained(components).values())
+    assert (tmp_path / "out" / "x.safetensors").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
+    _, plain = run(tmp_path / "a", max_train_steps=2)
+    _, checkpointed = run(tmp_path / "b", max_train_steps=2, gradient_checkpointing=True)
+    for key in TRAINED:
+        torch.testing.assert_close(trained(checkpointed)[key], trained(plain)[key], rtol=0, atol=1e-6)
+
+
+def test_two_runs_with_different_precision_in_one_process(tmp_path):
+    result, bf16 = run(tmp_path / "a", max_train_steps=2, mixed_precision="bf16")
+    assert result.global_step == 2
+    assert all(torch.isfinite(v).all() for v in trained(bf16).values())
+    _, fp32 = run(tmp_path / "b", max_train_steps=3)
+    expected = reference_training(3, 1, 2)
+    torch.testing.assert_close(trained(fp32)["conv_out.weight"], expected["conv_out.weight"], rtol=0, atol=1e-6)
+
+
+def test_sampling_cadence_and_sampling_does_not_disturb_training(tmp_path):
+    calls = []
+
+    def sample(request):
+        calls.append((request.step, request.epoch))
+        torch.rand(1000)
+
+    _, with_samples = run(
+        tmp_path / "a",
+        parts_kwargs={"sample": sample},
+        max_train_steps=4,
+        sample_every_n_steps=3,
+        sample_at_first=True,
+    )
+    assert calls == [(0, 0), (3, None)]
+    _, without = run(tmp_path / "b", max_train_steps=4)
+    assert torch.equal(trained(with_samples)["conv_out.weight"], trained(without)["conv_out.weight"])
+    calls.clear()
+    run(tmp_path / "c", parts_kwargs={"sample": sample}, max_train_steps=4, sample_every_n_epochs=1)
+    assert calls == [(2, 1), (4, 2)]
+
+
+def test_tensorboard_event_file_has_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, max_train_steps=4, logging_dir=tmp_path / "logs", log_prefix="run_")
+    runs = list((tmp_path / "logs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("run_")
+    events = list(runs[0].rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "loss/epoch", "lr/unet"} <= tags
+    assert [e.step for e in acc.Scalars("loss/current")] == [1, 2, 3, 4]
+    lrs = [e.value for e in acc.Scalars("lr/unet")]
+    assert lrs == pytest.approx([0.05 * (1 - s / 8) for s in range(1, 5)])

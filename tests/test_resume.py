@@ -1,0 +1,135 @@
+"""Step-exact resume through train_network.py: stopped (or killed) and resumed runs end bitwise identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import train_network
+from library.cli import run_cli
+from library.state import Position, position_from_step
+from tests import test_train_network as tn
+from tests.conftest import REPO
+from tests.test_train_network import assert_same_tensors, base_args, lora_tensors, write_dataset
+
+model_dir = tn.model_dir
+data_dir = tn.data_dir
+
+# 4 images, batch size 1: 4 batches per epoch, so step 2 is inside epoch 1 and step 6 inside epoch 2. Dropout makes
+# the global torch RNG matter; cosine makes the scheduler state matter.
+RUN = ["--max_train_steps", "6", "--save_every_n_steps", "2", "--save_state", "--network_dropout", "0.1"]
+RUN += ["--lr_scheduler", "cosine"]
+
+
+def args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return base_args(model_dir, data_dir, out, *RUN, *extra)
+
+
+@pytest.fixture(scope="module")
+def straight(model_dir, data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    train_network.main(args(model_dir, data_dir, out))
+    return out
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / "train_state.json").read_text())
+
+
+def test_stop_and_resume_twice_is_bitwise_identical_and_keeps_counting(straight, model_dir, data_dir, tmp_path):
+    """The first resumed run loads batches in a worker process; the second resumes from a resumed run's state."""
+    assert read_state(straight / "lora-state")["position"] == {"global_step": 6, "epoch": 1, "batches_done": 2}
+    assert read_state(straight / "lora-step00000002-state")["position"] == {
+        "global_step": 2,
+        "epoch": 0,
+        "batches_done": 2,
+    }
+    first = tmp_path / "first"
+    state = str(straight / "lora-step00000002-state")
+    train_network.main(args(model_dir, data_dir, first, "--resume", state, "--max_data_loader_n_workers", "1"))
+    assert sorted(p.name for p in first.iterdir() if p.name.endswith("-state")) == [
+        "lora-state",
+        "lora-step00000004-state",
+        "lora-step00000006-state",
+    ]
+    assert_same_tensors(lora_tensors(first / "lora.safetensors"), lora_tensors(straight / "lora.safetensors"))
+    assert_same_tensors(
+        lora_tensors(first / "lora-step00000004-state" / "model.safetensors"),
+        lora_tensors(straight / "lora-step00000004-state" / "model.safetensors"),
+    )
+    second = tmp_path / "second"
+    train_network.main(args(model_dir, data_dir, second, "--resume", str(first / "lora-step00000004-state")))
+    state = read_state(second / "lora-step00000006-state")
+    assert (state["current_step"], state["position"]["epoch"], state["position"]["batches_done"]) == (6, 1, 2)
+    assert_same_tensors(lora_tensors(second / "lora.safetensors"), lora_tensors(straight / "lora.safetensors"))
+
+
+def test_resume_after_sigkill_is_bitwise_identical(straight, model_dir, data_dir, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # same threads as this process, so the arithmetic is the same
+    command = [sys.executable, str(REPO / "train_network.py"), *args(model_dir, data_dir, out)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "lora-step00000002-state"
+    deadline = time.monotonic() + 240
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.exists(), "the step-2 state never appeared"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "lora.safetensors").exists()
+    assert all((p / "train_state.json").is_file() for p in out.iterdir() if p.name.endswith("-state"))
+    resumed = tmp_path / "resumed"
+    train_network.main(args(model_dir, data_dir, resumed, "--resume", str(state)))
+    assert_same_tensors(lora_tensors(resumed / "lora.safetensors"), lora_tensors(straight / "lora.safetensors"))
+
+
+def test_resume_with_another_network_or_dataset_is_refused(straight, model_dir, data_dir, tmp_path, capsys):
+    state = str(straight / "lora-step00000002-state")
+    code = run_cli(
+        train_network.main, args(model_dir, data_dir, tmp_path / "a", "--resume", state, "--network_dim", "8")
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.startswith(f"error: --resume {state}: the network differs from the saved training state")
+    assert "(network_dim: 4 in the state, 8 now)" in err
+    more = write_dataset(tmp_path / "more", count=5)
+    code = run_cli(train_network.main, args(model_dir, more, tmp_path / "b", "--resume", state))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert "the dataset differs from the saved training state (batches_per_epoch: 4 in the state, 5 now)" in err
+    code = run_cli(train_network.main, args(model_dir, data_dir, tmp_path / "c", "--resume", state, "--seed", "4"))
+    assert code == 2 and "the run differs from the saved training state (seed: 3 in the state, 4 now)" in (
+        capsys.readouterr().err
+    )
+    code = run_cli(train_network.main, args(model_dir, data_dir, tmp_path / "d", "--resume", str(tmp_path / "none")))
+    assert code == 2 and "no such state folder" in capsys.readouterr().err
+
+
+def test_initial_step_override_skips_to_that_position(model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    train_network.main(args(model_dir, data_dir, out, "--initial_step", "5", "--skip_until_initial_step"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "lora-state",
+        "lora-step00000006-state",
+        "lora-step00000006.safetensors",
+        "lora.safetensors",
+    ]
+    assert read_state(out / "lora-step00000006-state")["position"] == {
+        "global_step": 6,
+        "epoch": 1,
+        "batches_done": 2,
+    }
+
+
+def test_position_from_step():
+    assert position_from_step(5, 4, 1, skip_batches=True) == Position(5, 1, 1)
+    assert position_from_step(5, 4, 1, skip_batches=False) == Position(5, 1, 0)
+    assert position_from_step(3, 2, 3, skip_batches=True) == Position(3, 1, 3)
