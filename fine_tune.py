@@ -1,18 +1,85 @@
-"""sd-scripts' `fine_tune.py`: full fine-tuning from metadata.
+"""sd-scripts' ``fine_tune.py``: fine-tuning of the full UNet (and with ``--train_text_encoder`` the text encoder).
 
-Not implemented yet: it arrives with the DreamBooth / fine-tune / textual inversion work.
+Takes fine-tuning-style data only (``--in_json`` metadata with ``--train_data_dir``, or ``--dataset_config``
+subsets with ``metadata_file``). ``--from_scratch_config`` starts from random weights of a given architecture.
 """
 
+from __future__ import annotations
+
+import argparse
 import sys
+from collections.abc import Sequence
 
 from library.cli import run_cli
+from library.config import engine_flags, flags, train_flags
+from library.config.config_file import add_config_arguments, parse_args_with_config
 from library.errors import UserError
+from library.models.save import SAVE_FORMATS
 
 
-def main(argv: list[str]) -> None:
-    raise UserError(
-        "fine_tune.py (full fine-tuning from metadata) is not implemented yet in this toolkit; "
-        "use train_network.py for LoRA training"
+def setup_parser() -> argparse.ArgumentParser:
+    from library.metadata import add_metadata_arguments
+    from library.sampling.flags import add_sample_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    for add in (
+        flags.add_logging_arguments,
+        flags.add_model_arguments,
+        flags.add_text_encoding_arguments,
+        flags.add_dataset_arguments,
+        engine_flags.add_training_arguments,
+        engine_flags.add_tracking_arguments,
+        train_flags.add_noise_arguments,
+        train_flags.add_loss_arguments,
+        train_flags.add_optimizer_arguments,
+        add_sample_arguments,
+        add_config_arguments,
+    ):
+        add(parser)
+    engine_flags.add_saving_arguments(parser, model_formats=SAVE_FORMATS, default_format=None)
+    add_metadata_arguments(parser, network=False)
+    parser.add_argument("--use_safetensors", action="store_true", help="without --save_model_as: save safetensors")
+    parser.add_argument("--train_text_encoder", action="store_true", help="train the text encoder too")
+    parser.add_argument("--learning_rate_te", type=float, default=None, help="text encoder LR (default: as UNet)")
+    parser.add_argument("--diffusers_xformers", action="store_true", help="use xformers through diffusers")
+    parser.add_argument(
+        "--from_scratch_config",
+        type=str,
+        default=None,
+        help="start from random weights: a folder with unet/vae/text_encoder config.json, or tiny-sd1 / tiny-sd2",
+    )
+    return parser
+
+
+def main(argv: Sequence[str]) -> None:
+    args = parse_args_with_config(setup_parser(), argv)
+    if args is None:
+        return
+    from library.engine.full_recipe import load_base_model, train_full_model
+    from library.models.scratch import scratch_model
+
+    scratch = args.from_scratch_config
+    if scratch and args.pretrained_model_name_or_path:
+        raise UserError("--from_scratch_config and --pretrained_model_name_or_path exclude each other; pick one")
+
+    def load(seed: int):
+        if not scratch:
+            return load_base_model(args)
+        return scratch_model(
+            scratch,
+            seed=seed,
+            v2=args.v2,
+            v_parameterization=args.v_parameterization,
+            vae=args.vae,
+            allow_unsafe_pickle=args.allow_unsafe_pickle,
+        )
+
+    train_full_model(
+        args,
+        load,
+        styles={"finetune"},
+        text_encoder_steps=None if args.train_text_encoder else 0,
+        tracker_name=args.log_tracker_name or "finetuning",
     )
 
 

@@ -1,18 +1,67 @@
-"""sd-scripts' `train_db.py`: DreamBooth training (full weights).
+"""sd-scripts' ``train_db.py``: DreamBooth training of the full UNet and text encoder weights.
 
-Not implemented yet: it arrives with the DreamBooth / fine-tune / textual inversion work.
+Takes DreamBooth-style data only (``--train_data_dir`` / ``--reg_data_dir`` folders named ``<repeats>_<class
+tokens>``, or ``--dataset_config`` subsets with ``class_tokens`` / ``is_reg``); regularisation images keep the
+class prior, weighted by ``--prior_loss_weight``.
 """
 
+from __future__ import annotations
+
+import argparse
 import sys
+from collections.abc import Sequence
 
 from library.cli import run_cli
-from library.errors import UserError
+from library.config import engine_flags, flags, train_flags
+from library.config.config_file import add_config_arguments, parse_args_with_config
+from library.models.save import SAVE_FORMATS
 
 
-def main(argv: list[str]) -> None:
-    raise UserError(
-        "train_db.py (DreamBooth training (full weights)) is not implemented yet in this toolkit; "
-        "use train_network.py for LoRA training"
+def setup_parser() -> argparse.ArgumentParser:
+    from library.metadata import add_metadata_arguments
+    from library.sampling.flags import add_sample_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    for add in (
+        flags.add_logging_arguments,
+        flags.add_model_arguments,
+        flags.add_text_encoding_arguments,
+        flags.add_dataset_arguments,
+        engine_flags.add_training_arguments,
+        engine_flags.add_tracking_arguments,
+        train_flags.add_noise_arguments,
+        train_flags.add_loss_arguments,
+        train_flags.add_optimizer_arguments,
+        add_sample_arguments,
+        add_config_arguments,
+    ):
+        add(parser)
+    engine_flags.add_saving_arguments(parser, model_formats=SAVE_FORMATS, default_format=None)
+    add_metadata_arguments(parser, network=False)
+    parser.add_argument("--use_safetensors", action="store_true", help="without --save_model_as: save safetensors")
+    parser.add_argument("--learning_rate_te", type=float, default=None, help="text encoder LR (default: as UNet)")
+    parser.add_argument("--no_token_padding", action="store_true", help="pad captions to the batch's longest only")
+    parser.add_argument(
+        "--stop_text_encoder_training",
+        type=int,
+        default=None,
+        help="steps to train the text encoder for (default: all), -1 to never train it",
+    )
+    return parser
+
+
+def main(argv: Sequence[str]) -> None:
+    args = parse_args_with_config(setup_parser(), argv)
+    if args is None:
+        return
+    from library.engine.full_recipe import load_base_model, text_encoder_steps_for_db, train_full_model
+
+    train_full_model(
+        args,
+        lambda seed: load_base_model(args),
+        styles={"dreambooth"},
+        text_encoder_steps=text_encoder_steps_for_db(args.stop_text_encoder_training),
+        tracker_name=args.log_tracker_name or "dreambooth",
     )
 
 

@@ -1,0 +1,268 @@
+"""Full-weight training (``train_db.py``, ``fine_tune.py``): the UNet and optionally the text encoder are trained
+and whole models are saved in sd-scripts' formats (ckpt, safetensors, diffusers, diffusers_safetensors).
+
+This module holds the recipe and the short launch sequence both scripts share (seed, model, dataset, loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from library.engine.config import EngineConfig
+from library.engine.loop import TrainResult, train
+from library.engine.recipe import ParamGroups, Recipe
+from library.errors import UserError
+from library.metadata import modelspec_from_args
+from library.models.components import Components
+from library.models.save import SAVE_FORMATS, save_model
+from library.saving import SavePlan
+from library.text.encode import MAX_LENGTH, encode_token_ids
+
+logger = logging.getLogger("sdtrain")
+
+DIFFUSERS_FORMATS = ("diffusers", "diffusers_safetensors")
+
+
+class FullModelEngineConfig(EngineConfig):
+    """The loop's settings, with diffusers saves named as folders without an extension (sd-scripts' names)."""
+
+    @property
+    def save_plan(self) -> SavePlan:
+        plan = super().save_plan
+        return dataclasses.replace(plan, extension="") if self.save_model_as in DIFFUSERS_FORMATS else plan
+
+
+def choose_seed(args: argparse.Namespace) -> int:
+    """--seed, else the seed of the state being resumed, else a fresh one (stored in states)."""
+    if args.seed is not None:
+        return args.seed
+    if args.resume:
+        from library.state import read_train_state
+
+        saved = read_train_state(args.resume).get("seed")
+        if saved is not None:
+            return int(saved)
+    return random.SystemRandom().randint(0, 2**31 - 1)
+
+
+def resolve_save_format(save_model_as: str | None, use_safetensors: bool, source: str) -> str:
+    """sd-scripts' rule: without --save_model_as, save in the base model's kind of format (file or diffusers)."""
+    if save_model_as is not None:
+        if save_model_as not in SAVE_FORMATS:
+            raise UserError(
+                f"--save_model_as {save_model_as}: not a model format; use one of {', '.join(SAVE_FORMATS)}"
+            )
+        return save_model_as
+    if Path(source).is_file():
+        return "safetensors" if use_safetensors else "ckpt"
+    return "diffusers_safetensors" if use_safetensors else "diffusers"
+
+
+def text_encoder_steps_for_db(stop_text_encoder_training: int | None) -> int | None:
+    """train_db's --stop_text_encoder_training: None trains it throughout, a negative value never, N for N steps."""
+    if stop_text_encoder_training is None:
+        return None
+    return max(stop_text_encoder_training, 0)
+
+
+def unpadded_text_encoding(args: argparse.Namespace, v2: bool) -> Callable[[nn.Module, Any, list[str]], torch.Tensor]:
+    """--no_token_padding: captions are padded to the batch's longest (Diffusers' DreamBooth), not to 77 tokens."""
+    if args.max_token_length is not None or args.weighted_captions:
+        raise UserError(
+            "--no_token_padding works with plain captions of up to 75 tokens; drop --max_token_length "
+            "and --weighted_captions, or drop --no_token_padding"
+        )
+
+    def encode(text_encoder: nn.Module, tokenizer: Any, captions: list[str]) -> torch.Tensor:
+        device = next(text_encoder.parameters()).device
+        ids = tokenizer(captions, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt").input_ids
+        return encode_token_ids(text_encoder, ids.to(device), clip_skip=args.clip_skip, v2=v2)
+
+    return encode
+
+
+def start_step(config: EngineConfig, plan: Any) -> int:
+    """The global step the loop starts at (resume state, --initial_step / --initial_epoch), as the loop computes it."""
+    step = 0
+    if config.resume is not None:
+        from library.state import read_train_state, saved_position
+
+        data = read_train_state(config.resume)
+        step = saved_position(data, plan.num_processes, plan.steps_per_epoch, plan.accumulation).global_step
+    if config.initial_epoch is not None:
+        step = max(config.initial_epoch - 1, 0) * plan.steps_per_epoch
+    elif config.initial_step is not None:
+        step = config.initial_step
+    return step
+
+
+class FullRecipe(Recipe):
+    """Train every UNet weight and, for the first ``text_encoder_steps`` steps (None: all, 0: never), the text
+    encoder's; save the whole model with ``library.models.save.save_model``."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        config: EngineConfig,
+        *,
+        text_encoder_steps: int | None,
+        learning_rate_te: float | None = None,
+    ):
+        if text_encoder_steps is not None and text_encoder_steps < 0:
+            raise ValueError("text_encoder_steps must be None or 0 or more")
+        self.args = args
+        self.config = config
+        self.text_encoder_steps = text_encoder_steps
+        self.learning_rate_te = learning_rate_te
+        self.components: Components | None = None
+        self.step = 0
+
+    @property
+    def text_encoder_trained(self) -> bool:
+        """Whether the text encoder is trained at all in this run (it is then in the optimizer and the states)."""
+        return self.text_encoder_steps != 0
+
+    @property
+    def train_unet(self) -> bool:
+        return True
+
+    @property
+    def train_text_encoder(self) -> bool:
+        limit = self.text_encoder_steps
+        return self.text_encoder_trained and (limit is None or self.step < limit)
+
+    def setup(self, components: Components, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Trained weights stay float32 under mixed precision (--full_fp16/--full_bf16 cast them later)."""
+        self.components = components
+        for module in self.trainable_modules():
+            module.to(dtype=torch.float32)
+            module.requires_grad_(True)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        c = self.components
+        return [c.unet, c.text_encoder] if self.text_encoder_trained else [c.unet]
+
+    def param_groups(self) -> ParamGroups:
+        """One group as sd-scripts builds it, or UNet and text encoder apart when --learning_rate_te is given."""
+        c = self.components
+        unet = list(c.unet.parameters())
+        if not self.text_encoder_trained:
+            return ParamGroups([{"params": unet}], ["unet"])
+        text = list(c.text_encoder.parameters())
+        if self.learning_rate_te is None:
+            return ParamGroups([{"params": unet + text}], ["unet"])
+        return ParamGroups(
+            [{"params": unet, "lr": self.args.learning_rate}, {"params": text, "lr": self.learning_rate_te}],
+            ["unet", "textencoder"],
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        trains = "unet + text encoder" if self.text_encoder_trained else "unet"
+        return {"trains": trains, **super().fingerprint()}
+
+    def begin(self, plan: Any, seed: int, optimizer: torch.optim.Optimizer) -> None:
+        self.step = start_step(self.config, plan)
+        if self.text_encoder_trained and not self.train_text_encoder:
+            logger.info(f"the text encoder stays as it is from step {self.step} (--stop_text_encoder_training)")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        c, checkpointing = self.components, self.config.gradient_checkpointing
+        c.unet.train()
+        c.text_encoder.train(checkpointing or self.train_text_encoder)
+
+    def after_optimizer_step(self, device: torch.device) -> dict[str, float]:
+        """Count steps; at the --stop_text_encoder_training step the text encoder stops receiving gradients."""
+        was_training = self.train_text_encoder
+        self.step += 1
+        if was_training and not self.train_text_encoder:
+            logger.info(f"stop text encoder training at step {self.step}")
+            if not self.config.gradient_checkpointing:
+                self.components.text_encoder.train(False)
+        return {}
+
+    def save(self, path: Path, *, epoch: int, step: int, final: bool) -> None:
+        c = self.components
+        described = argparse.Namespace(**{**vars(self.args), "v2": c.v2, "v_parameterization": c.v_parameterization})
+        modelspec = modelspec_from_args(described, lora=False)
+        save_model(
+            c,
+            path,
+            self.config.save_model_as,
+            self.config.save_precision,
+            metadata=modelspec,
+            epoch=epoch,
+            global_step=step,
+        )
+        logger.info(f"saved {path}")
+
+
+def enable_xformers(components: Components) -> None:
+    try:
+        components.unet.enable_xformers_memory_efficient_attention()
+    except Exception as e:
+        raise UserError(f"--xformers: cannot enable xformers ({e}); install it or use --sdpa") from e
+
+
+def train_full_model(
+    args: argparse.Namespace,
+    load: Callable[[int], Components],
+    *,
+    styles: set[str],
+    text_encoder_steps: int | None,
+    tracker_name: str,
+) -> TrainResult:
+    """Seed → ``load(seed)`` → dataset of ``styles`` → the shared loop with a :class:`FullRecipe`."""
+    from library.dataset.loader import build_train_dataset, skipped_summary
+    from library.engine.tracking import launch_device, launched_processes
+    from library.engine.wiring import parts_from_args
+
+    if args.learning_rate_te is not None and args.learning_rate_te < 0:
+        raise UserError(f"--learning_rate_te {args.learning_rate_te}: must be 0 or more")
+    seed = choose_seed(args)
+    config = dataclasses.replace(FullModelEngineConfig.from_args(args), seed=seed)
+    components = load(seed)
+    save_as = resolve_save_format(args.save_model_as, bool(args.use_safetensors), components.source)
+    config = dataclasses.replace(config, save_model_as=save_as)
+    if args.xformers or getattr(args, "diffusers_xformers", False):
+        enable_xformers(components)
+    components.vae.to(launch_device())
+    dataset = build_train_dataset(args, styles, components.vae, seed=seed)
+    steps = args.max_train_steps
+    if args.max_train_epochs is not None:
+        per_process = math.ceil(len(dataset.batch_plan(1)) / launched_processes())
+        steps = args.max_train_epochs * math.ceil(per_process / args.gradient_accumulation_steps)
+    dataset = dataset.with_changes(max_train_steps=steps)
+    parts = parts_from_args(args, components)
+    if getattr(args, "no_token_padding", False):
+        parts = dataclasses.replace(parts, encode_text=unpadded_text_encoding(args, components.v2))
+    recipe = FullRecipe(args, config, text_encoder_steps=text_encoder_steps, learning_rate_te=args.learning_rate_te)
+    result = train(config, components, dataset, recipe, parts, tracker_name=tracker_name, summary=dataset.summary())
+    if dataset.skipped:
+        logger.warning(skipped_summary(dataset.skipped))
+    return result
+
+
+def load_base_model(args: argparse.Namespace) -> Components:
+    """--pretrained_model_name_or_path with --v2 / --v_parameterization / --vae, as every script loads it."""
+    from library.models.load import load_model
+
+    if not args.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required: a diffusers folder, repo id or model file")
+    return load_model(
+        args.pretrained_model_name_or_path,
+        v2=args.v2,
+        v_parameterization=args.v_parameterization,
+        vae=args.vae,
+        tokenizer_cache_dir=args.tokenizer_cache_dir,
+        allow_unsafe_pickle=args.allow_unsafe_pickle,
+    )

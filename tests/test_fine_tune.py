@@ -1,0 +1,176 @@
+"""fine_tune.py end to end: metadata JSON and TOML subsets, saving, step-exact resume, --train_text_encoder,
+--from_scratch_config, and the worked example of docs/fine_tune.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fine_tune
+from library.cli import run_cli
+from library.errors import UserError
+from library.models.load import load_model
+from library.models.scratch import scratch_model
+from library.models.tiny import make_tiny_model
+from tests.images import write_image
+from tests.test_train_db import run_docs_example
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    make_tiny_model().to_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """``images/`` with three pictures and ``meta.json`` captioning them (sd-scripts' metadata layout)."""
+    root = tmp_path_factory.mktemp("ft")
+    for i in range(3):
+        write_image(root / "images" / f"p{i}.png", seed=20 + i)
+    meta = {f"p{i}": {"caption": f"a painting of a cat, number {i}", "tags": "cat, painting"} for i in range(3)}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def ft_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "--resolution",
+        "64",
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "ft",
+        "--learning_rate",
+        "1e-3",
+        "--optimizer_type",
+        "AdamW",
+        "--seed",
+        "7",
+        *extra,
+    ]
+
+
+def in_json(data: Path) -> list[str]:
+    return ["--in_json", str(data / "meta.json"), "--train_data_dir", str(data / "images")]
+
+
+def weights(path: Path | str) -> dict[str, dict[str, torch.Tensor]]:
+    c = load_model(path)
+    return {name: dict(getattr(c, name).state_dict()) for name in ("unet", "text_encoder", "vae")}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_in_json_with_text_encoder_saved_as_ckpt(model_dir, data, tmp_path):
+    out = tmp_path / "out"
+    argv = ft_args(out, "--pretrained_model_name_or_path", str(model_dir), *in_json(data), "--max_train_steps", "2")
+    fine_tune.main([*argv, "--train_text_encoder", "--learning_rate_te", "5e-4", "--save_model_as", "ckpt"])
+    assert sorted(p.name for p in out.iterdir()) == ["ft.ckpt"]
+    base, trained = weights(model_dir), weights(out / "ft.ckpt")
+    assert not same(base["unet"], trained["unet"])
+    assert not same(base["text_encoder"], trained["text_encoder"])
+    assert same(base["vae"], trained["vae"])
+
+
+def test_toml_metadata_subset_trains_unet_only_by_default(model_dir, data, tmp_path):
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        "[[datasets]]\nresolution = 64\nbatch_size = 3\n"
+        f"  [[datasets.subsets]]\n  image_dir = '{(data / 'images').as_posix()}'\n"
+        f"  metadata_file = '{(data / 'meta.json').as_posix()}'\n"
+    )
+    out = tmp_path / "out"
+    argv = ft_args(out, "--pretrained_model_name_or_path", str(model_dir), "--dataset_config", str(config))
+    fine_tune.main([*argv, "--max_train_steps", "1", "--save_model_as", "diffusers_safetensors"])
+    assert sorted(p.name for p in out.iterdir()) == ["ft"]
+    base, trained = weights(model_dir), weights(out / "ft")
+    assert not same(base["unet"], trained["unet"])
+    assert same(base["text_encoder"], trained["text_encoder"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--train_data_dir", "{data}/images"], "error: --train_data_dir: DreamBooth-style datasets"),
+        (["--dataset_config", "{db_toml}"], "error: "),
+        (["--from_scratch_config", "tiny-sd1", "--pretrained_model_name_or_path", "tiny-sd1"], "error: --from_scratch"),
+        (["--from_scratch_config", "{data}/images"], "error: --from_scratch_config"),
+    ],
+)
+def test_refuses_dreambooth_data_and_bad_model_flags(data, tmp_path, capsys, extra, message):
+    db_toml = tmp_path / "db.toml"
+    db_toml.write_text(f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{(data / 'images').as_posix()}'\n")
+    argv = [a.format(data=data, db_toml=db_toml) for a in extra]
+    if "--pretrained_model_name_or_path" not in argv and "--from_scratch_config" not in argv:
+        argv += ["--pretrained_model_name_or_path", "tiny-sd1"]
+    if "--dataset_config" not in argv and "--train_data_dir" not in argv:
+        argv += in_json(data)
+    assert run_cli(fine_tune.main, ft_args(tmp_path / "out", *argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(message)
+    if "db.toml" in " ".join(argv):
+        assert "DreamBooth" in err and "not supported by this script" in err and "fine-tuning" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_is_step_exact_with_text_encoder_groups(model_dir, data, tmp_path):
+    common = ["--pretrained_model_name_or_path", str(model_dir), *in_json(data), "--max_train_steps", "4"]
+    common += ["--train_text_encoder", "--learning_rate_te", "2e-4", "--save_model_as", "safetensors"]
+    straight = tmp_path / "straight"
+    fine_tune.main(ft_args(straight, *common, "--save_every_n_steps", "2", "--save_state"))
+    resumed = tmp_path / "resumed"
+    fine_tune.main(ft_args(resumed, *common, "--resume", str(straight / "ft-step00000002-state")))
+    a, b = weights(straight / "ft.safetensors"), weights(resumed / "ft.safetensors")
+    assert same(a["unet"], b["unet"]) and same(a["text_encoder"], b["text_encoder"])
+    half = weights(straight / "ft-step00000002.safetensors")
+    assert not same(half["unet"], a["unet"]) and not same(half["text_encoder"], a["text_encoder"])
+
+
+def test_from_scratch_config_trains_a_model_from_nothing(data, tmp_path):
+    out = tmp_path / "out"
+    fine_tune.main(
+        ft_args(out, "--from_scratch_config", "tiny-sd1", *in_json(data), "--max_train_steps", "2")
+        + ["--train_text_encoder", "--save_model_as", "safetensors"]
+    )
+    init = scratch_model("tiny-sd1", seed=7)
+    trained = weights(out / "ft.safetensors")
+    assert trained["unet"].keys() == init.unet.state_dict().keys()
+    assert not same(dict(init.unet.state_dict()), trained["unet"])
+    assert not same(dict(init.text_encoder.state_dict()), trained["text_encoder"])
+    assert same(dict(init.vae.state_dict()), trained["vae"])
+    assert not same(dict(make_tiny_model().vae.state_dict()), trained["vae"])
+
+
+def test_scratch_model_from_a_config_folder(model_dir):
+    base = load_model(model_dir)
+    fresh = scratch_model(str(model_dir), seed=1)
+    unet_config = {k: v for k, v in base.unet.config.items() if k != "_name_or_path"}
+    assert dict(fresh.unet.config) == unet_config and fresh.v2 is False and fresh.tokenizer.model_max_length == 77
+    assert fresh.text_encoder.config.hidden_size == base.text_encoder.config.hidden_size
+    for name in ("unet", "text_encoder", "vae"):
+        ours, theirs = getattr(fresh, name).state_dict(), getattr(base, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert not same(dict(ours), dict(theirs))
+    again = scratch_model(str(model_dir), seed=1)
+    assert same(dict(fresh.unet.state_dict()), dict(again.unet.state_dict()))
+    assert scratch_model("tiny-sd2", seed=0).v2 is True
+
+
+def test_scratch_model_names_the_missing_config(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"missing vae/config.json"):
+        scratch_model(str(tmp_path), seed=0)
+
+
+def test_docs_example_runs(tmp_path):
+    out = run_docs_example("fine_tune.md", tmp_path)
+    assert (out / "frog-ft.safetensors").is_file()
+    assert load_model(out / "frog-ft.safetensors").unet is not None
