@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,28 @@ def calculate_sha256(path: str | os.PathLike) -> str:
 def model_version_string(v2: bool, v_parameterization: bool) -> str:
     """``ss_base_model_version``: ``sd_v1``, ``sd_v2``, ``sd_v2_v`` (and ``sd_v1_v``)."""
     return "sd" + ("_v2" if v2 else "_v1") + ("_v" if v_parameterization else "")
+
+
+def count_tags(captions: Iterable[str], counts: dict[str, int] | None = None) -> dict[str, int]:
+    """sd-scripts' tag frequency: each caption split at commas, tags stripped and lower-cased, empty ones dropped.
+
+    ``counts`` is updated in place (subsets sharing a folder name add into one dict) and returned."""
+    counts = {} if counts is None else counts
+    for caption in captions:
+        for tag in caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def bucket_info(samples_per_bucket: Mapping[tuple[int, int], int], aspect_errors: Sequence[float]) -> dict[str, Any]:
+    """sd-scripts' ``bucket_info``: buckets numbered in resolution order with their sample counts (repeats
+    included), and the mean absolute aspect-ratio error (bucket w/h minus image w/h) over the images."""
+    used = sorted(reso for reso, count in samples_per_bucket.items() if count > 0)
+    buckets = {i: {"resolution": list(reso), "count": samples_per_bucket[reso]} for i, reso in enumerate(used)}
+    mean_error = sum(abs(e) for e in aspect_errors) / len(aspect_errors) if aspect_errors else 0
+    return {"buckets": buckets, "mean_img_ar_error": mean_error}
 
 
 @dataclass

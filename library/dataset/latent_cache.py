@@ -16,10 +16,11 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -320,3 +321,61 @@ def _write_npz(path: Path, entry: LatentEntry, key: str) -> None:
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+
+def cache_latents_shared(
+    jobs: Sequence[CacheJob],
+    vae: torch.nn.Module,
+    *,
+    to_disk: bool,
+    process_index: int,
+    num_processes: int,
+    barrier: Callable[[], None] | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
+    batch_size: int = 1,
+    skip_check: bool = False,
+    progress: bool = True,
+) -> CacheReport:
+    """``cache_latents`` split across the processes of a data-parallel run; every process gets the full report.
+
+    Process ``k`` encodes jobs ``k, k + n, k + 2n, …``. On disk, each writes its share, waits at ``barrier``, then
+    reads everything (a file another process could not write, e.g. on a disk that is not shared, is encoded
+    here). In memory, the shares are exchanged with ``gather`` (each process's object -> the list over all
+    processes, like ``torch.distributed.all_gather_object``); without ``gather`` every process encodes all jobs.
+    Latents do not depend on which process or batch encoded an image, so the result equals a one-process run.
+    ``encoded`` counts the images this process encoded.
+    """
+    if num_processes <= 1 or (not to_disk and gather is None):
+        return cache_latents(
+            jobs, vae, to_disk=to_disk, batch_size=batch_size, skip_check=skip_check, progress=progress
+        )
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} is outside 0..{num_processes - 1}")
+    if to_disk and barrier is None:
+        raise ValueError("caching latents to disk from several processes needs a barrier")
+    vae_id = vae_fingerprint(vae)
+    mine = list(range(process_index, len(jobs), num_processes))
+    show = progress and process_index == 0
+    own = cache_latents(
+        [jobs[i] for i in mine],
+        vae,
+        to_disk=to_disk,
+        batch_size=batch_size,
+        skip_check=skip_check,
+        progress=show,
+        vae_id=vae_id,
+    )
+    if to_disk:
+        barrier()
+        report = cache_latents(
+            jobs, vae, to_disk=True, batch_size=batch_size, skip_check=skip_check, progress=show, vae_id=vae_id
+        )
+        report.encoded += own.encoded
+        report.reused -= own.encoded
+        return report
+    report = CacheReport(encoded=own.encoded)
+    for indices, entries, failed in gather((mine, own.entries, [(e.path, e.reason) for e in own.failed])):
+        report.entries.update({indices[local]: entry for local, entry in entries.items()})
+        report.failed.extend(ImageLoadError(path, reason) for path, reason in failed)
+    report.failed.sort(key=lambda e: str(e.path))
+    return report

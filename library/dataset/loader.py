@@ -12,7 +12,7 @@ import argparse
 import hashlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,13 @@ from library.dataset.buckets import validate_settings as validate_bucket_setting
 from library.dataset.captions import pick_caption, process_caption
 from library.dataset.epoch import epoch_samples
 from library.dataset.images import ImageLoadError, check_interpolation, prepare_image
-from library.dataset.latent_cache import CacheJob, LatentEntry, cache_latents, load_entry, refuse_incompatible
+from library.dataset.latent_cache import (
+    CacheJob,
+    LatentEntry,
+    cache_latents_shared,
+    load_entry,
+    refuse_incompatible,
+)
 from library.dataset.types import DatasetConfig, ImageRecord
 
 logger = logging.getLogger("sdtrain.dataset")
@@ -280,8 +286,15 @@ def attach_latent_cache(
     skip_check: bool = False,
     progress: bool = True,
     flag: str = "--cache_latents",
+    process_index: int = 0,
+    num_processes: int = 1,
+    barrier: Callable[[], None] | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
 ) -> TrainDataset:
-    """Encode (or reuse) the latents of every record; images that cannot be decoded are dropped and listed."""
+    """Encode (or reuse) the latents of every record; images that cannot be decoded are dropped and listed.
+
+    Under several processes each encodes its share (``latent_cache.cache_latents_shared``: ``barrier`` is needed
+    for a disk cache, ``gather`` to share an in-memory one), and every process ends with the same dataset."""
     refuse_incompatible(train.datasets, flag)
     jobs: list[CacheJob] = []
     where: list[tuple[int, int]] = []
@@ -302,7 +315,18 @@ def attach_latent_cache(
                 )
             )
             where.append((d, i))
-    report = cache_latents(jobs, vae, to_disk=to_disk, batch_size=batch_size, skip_check=skip_check, progress=progress)
+    report = cache_latents_shared(
+        jobs,
+        vae,
+        to_disk=to_disk,
+        process_index=process_index,
+        num_processes=num_processes,
+        barrier=barrier,
+        gather=gather,
+        batch_size=batch_size,
+        skip_check=skip_check,
+        progress=progress,
+    )
     logger.info(
         "latents: %d encoded, %d reused from disk, %d failed", report.encoded, report.reused, len(report.failed)
     )
@@ -330,11 +354,17 @@ def build_train_dataset(
     seed: int | None = None,
     max_train_steps: int | None = None,
     progress: bool = True,
+    process_index: int = 0,
+    num_processes: int = 1,
+    barrier: Callable[[], None] | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
 ) -> TrainDataset:
     """Flags/TOML -> dataset configs -> scanned records -> buckets -> (latent cache when asked and ``vae`` given).
 
     Latents are not cached with ``--debug_dataset`` (it shows the processed images). ``seed`` defaults to
     ``--seed``; without either a random seed is drawn and logged (keep ``.seed`` to resume exactly).
+    ``process_index``/``num_processes``/``barrier``/``gather`` split latent caching across the processes of a
+    data-parallel run (see ``attach_latent_cache``).
     """
     from library.config.dataset_config import load_dataset_configs
     from library.dataset.scan import scan_dataset
@@ -368,6 +398,10 @@ def build_train_dataset(
             skip_check=bool(getattr(args, "skip_cache_check", False)),
             progress=progress,
             flag=flag,
+            process_index=process_index,
+            num_processes=num_processes,
+            barrier=barrier,
+            gather=gather,
         )
     return train
 

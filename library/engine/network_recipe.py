@@ -23,7 +23,9 @@ from library.metadata import (
     DatasetMetadata,
     SubsetMetadata,
     TrainingFacts,
+    bucket_info,
     build_training_metadata,
+    count_tags,
     metadata_for_save,
     modelspec_from_args,
 )
@@ -52,10 +54,65 @@ def import_network_module(name: str):
         raise UserError(f"--network_module {name}: cannot import it ({e}); install it or check the name") from e
 
 
+def explain_network_error(module: str, network_args: dict[str, str], error: AssertionError) -> UserError | None:
+    """A one-line UserError for LyCORIS's known failure on diffusers UNets (None for any other assertion).
+
+    LyCORIS 4.1's default (``full``) preset targets ``time_embedding.linear_1/2``, which it matches twice on a
+    diffusers UNet, so it builds two modules with one name and stops at its own duplicate-name assertion."""
+    message = str(error)
+    if not message.startswith("duplicated lora name"):
+        return None
+    preset = network_args.get("preset", "full (the default)")
+    return UserError(
+        f"--network_module {module}: LyCORIS failed with '{message}' (a known LyCORIS 4.1 bug: preset {preset} "
+        "matches the UNet's time embedding twice); add preset=attn-mlp (or another preset that leaves out "
+        "time_embedding) to --network_args"
+    )
+
+
+def dataset_tag_frequency(config: Any, records: list[Any]) -> dict[str, dict[str, int]]:
+    """``{folder or metadata file name: {tag: count}}`` from the raw captions, as sd-scripts counts them.
+
+    DreamBooth subsets count each image's caption file (or the class tokens when it has none); fine-tuning
+    subsets count the ``tags`` of every metadata entry. Subsets with the same folder name share one dict."""
+    from library.dataset.scan import read_metadata
+
+    out: dict[str, dict[str, int]] = {}
+    for s, subset in enumerate(config.subsets):
+        if config.style == "dreambooth":
+            name = Path(subset.image_dir).name
+            captions = [
+                "\n".join(r.captions) if r.captions else subset.class_tokens or ""
+                for r in records
+                if r.subset_index == s
+            ]
+        else:
+            name = Path(subset.metadata_file).name
+            entries = read_metadata(Path(subset.metadata_file)).values()
+            captions = [str(e["tags"]) for e in entries if e.get("tags") is not None]
+        out[name] = count_tags(captions, out.get(name))
+    return out
+
+
+def dataset_bucket_info(dataset: Any, d: int) -> dict[str, Any] | None:
+    """``bucket_info`` of dataset ``d`` (None without bucketing): samples per bucket in epoch 1, repeats included."""
+    config = dataset.datasets[d]
+    if not config.enable_bucket:
+        return None
+    samples: dict[tuple[int, int], int] = {}
+    for plan in dataset.batch_plan(1):
+        if plan.dataset_index == d:
+            samples[plan.bucket] = samples.get(plan.bucket, 0) + len(plan.items)
+    errors = [
+        a.bucket[0] / a.bucket[1] - r.size[0] / r.size[1] for r, a in zip(dataset.records[d], dataset.assignments[d])
+    ]
+    return bucket_info(samples, errors)
+
+
 def dataset_metadata(dataset: Any) -> list[DatasetMetadata]:
     """``ss_datasets`` entries from a ``library.dataset.loader.TrainDataset`` (empty for other sources)."""
     out: list[DatasetMetadata] = []
-    for config, records in zip(getattr(dataset, "datasets", []), getattr(dataset, "records", [])):
+    for d, (config, records) in enumerate(zip(getattr(dataset, "datasets", []), getattr(dataset, "records", []))):
         subsets = []
         for s, subset in enumerate(config.subsets):
             count = sum(1 for r in records if r.subset_index == s)
@@ -72,6 +129,11 @@ def dataset_metadata(dataset: Any) -> list[DatasetMetadata]:
                     random_crop=subset.random_crop,
                     shuffle_caption=subset.shuffle_caption,
                     keep_tokens=subset.keep_tokens,
+                    keep_tokens_separator=subset.keep_tokens_separator,
+                    secondary_separator=subset.secondary_separator,
+                    enable_wildcard=subset.enable_wildcard,
+                    caption_prefix=subset.caption_prefix,
+                    caption_suffix=subset.caption_suffix,
                 )
             )
         reg = sum(s.img_count * s.num_repeats for s in subsets if s.is_reg)
@@ -87,6 +149,9 @@ def dataset_metadata(dataset: Any) -> list[DatasetMetadata]:
                 min_bucket_reso=config.min_bucket_reso,
                 max_bucket_reso=config.max_bucket_reso,
                 bucket_no_upscale=config.bucket_no_upscale,
+                tag_frequency=dataset_tag_frequency(config, records),
+                bucket_info=dataset_bucket_info(dataset, d),
+                resize_interpolation=config.resize_interpolation,
                 subsets=subsets,
             )
         )
@@ -101,6 +166,8 @@ class NetworkRecipe(Recipe):
             raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
         if args.dim_from_weights and not args.network_weights:
             raise UserError("--dim_from_weights needs --network_weights (the file to take the shape from)")
+        if args.network_weights and not Path(args.network_weights).is_file():
+            raise UserError(f"--network_weights {args.network_weights}: no such file; give a saved network file")
         self.args = args
         self.dataset = dataset
         self.network_args = parse_network_args(args.network_args)
@@ -129,16 +196,7 @@ class NetworkRecipe(Recipe):
                 1, args.network_weights, c.vae, c.text_encoder, c.unet, **self.network_args
             )
         else:
-            network = self.module.create_network(
-                1.0,
-                args.network_dim,
-                args.network_alpha,
-                c.vae,
-                c.text_encoder,
-                c.unet,
-                neuron_dropout=args.network_dropout,
-                **self.network_args,
-            )
+            network = self._create_network(c)
         if network is None:
             raise UserError(f"--network_module {args.network_module}: create_network returned nothing")
         if hasattr(network, "prepare_network"):
@@ -152,15 +210,41 @@ class NetworkRecipe(Recipe):
         network.to(device)
         self.network = network
 
+    def _create_network(self, c: Components) -> nn.Module:
+        args = self.args
+        try:
+            return self.module.create_network(
+                1.0,
+                args.network_dim,
+                args.network_alpha,
+                c.vae,
+                c.text_encoder,
+                c.unet,
+                neuron_dropout=args.network_dropout,
+                **self.network_args,
+            )
+        except AssertionError as e:
+            explained = explain_network_error(args.network_module, self.network_args, e)
+            if explained is None:
+                raise
+            raise explained from e
+
     def _merge_base_weights(self, c: Components, device: torch.device, dtype: torch.dtype) -> None:
         multipliers = self.args.base_weights_multiplier or []
-        for i, path in enumerate(self.args.base_weights):
-            multiplier = multipliers[i] if i < len(multipliers) else 1.0
-            module, weights = self.module.create_network_from_weights(
-                multiplier, path, c.vae, c.text_encoder, c.unet, for_inference=True
-            )
-            module.merge_to(c.text_encoder, c.unet, weights, dtype, device)
-            logger.info(f"merged --base_weights {path} (multiplier {multiplier})")
+        # building the merged networks draws random initial weights; fork the generator so the trained network
+        # starts from the same weights with or without --base_weights
+        with torch.random.fork_rng(devices=[]):
+            for i, path in enumerate(self.args.base_weights):
+                self._merge_one(c, path, multipliers[i] if i < len(multipliers) else 1.0, device, dtype)
+
+    def _merge_one(self, c: Components, path: str, multiplier: float, device: torch.device, dtype: torch.dtype) -> None:
+        if not Path(path).is_file():
+            raise UserError(f"--base_weights {path}: no such file; give a saved network file")
+        module, weights = self.module.create_network_from_weights(
+            multiplier, path, c.vae, c.text_encoder, c.unet, for_inference=True
+        )
+        module.merge_to(c.text_encoder, c.unet, weights, dtype, device)
+        logger.info(f"merged --base_weights {path} (multiplier {multiplier})")
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.network]
