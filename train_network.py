@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import random
 import sys
 from collections.abc import Sequence
 
@@ -43,19 +42,6 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def choose_seed(args: argparse.Namespace) -> int:
-    """--seed, else the seed of the state being resumed, else a fresh one (logged, and stored in states)."""
-    if args.seed is not None:
-        return args.seed
-    if args.resume:
-        from library.state import read_train_state
-
-        saved = read_train_state(args.resume).get("seed")
-        if saved is not None:
-            return int(saved)
-    return random.SystemRandom().randint(0, 2**31 - 1)
-
-
 def main(argv: Sequence[str]) -> None:
     args = parse_args_with_config(setup_parser(), argv)
     if args is None:
@@ -64,9 +50,10 @@ def main(argv: Sequence[str]) -> None:
         raise UserError("--pretrained_model_name_or_path is required: a diffusers folder, repo id or model file")
     from library.dataset.loader import build_train_dataset, skipped_summary
     from library.engine import EngineConfig, train
+    from library.engine.attention import attention_from_args
     from library.engine.network_recipe import NetworkRecipe
     from library.engine.tracking import launch_device, launched_processes
-    from library.engine.wiring import parts_from_args
+    from library.engine.wiring import choose_seed, parts_from_args
     from library.models.load import load_model
 
     seed = choose_seed(args)
@@ -79,13 +66,14 @@ def main(argv: Sequence[str]) -> None:
         tokenizer_cache_dir=args.tokenizer_cache_dir,
         allow_unsafe_pickle=args.allow_unsafe_pickle,
     )
-    if args.xformers:
-        try:
-            components.unet.enable_xformers_memory_efficient_attention()
-        except Exception as e:
-            raise UserError(f"--xformers: cannot enable xformers ({e}); install it or use --sdpa") from e
+    attention_from_args(args, components.unet, launch_device())
     components.vae.to(launch_device())
     dataset = build_train_dataset(args, {"dreambooth", "finetune"}, components.vae, seed=seed)
+    if args.debug_dataset:
+        from library.dataset.debug import debug_dataset
+
+        debug_dataset(dataset, out_dir=args.debug_dataset_dir)
+        return
     if args.max_train_epochs is not None:
         per_process = math.ceil(len(dataset.batch_plan(1)) / launched_processes())
         steps = args.max_train_epochs * math.ceil(per_process / args.gradient_accumulation_steps)

@@ -75,9 +75,8 @@ def run(args: argparse.Namespace, *, xti: bool = False) -> TextualInversionRecip
         templates_from_args,
     )
     from library.engine.tracking import launch_device, launched_processes
-    from library.engine.wiring import parts_from_args
+    from library.engine.wiring import choose_seed, parts_from_args
     from library.models.load import load_model
-    from train_network import choose_seed
 
     if args.output_name is None:
         args = argparse.Namespace(**{**vars(args), "output_name": args.token_string})

@@ -23,9 +23,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--full_fp16", action="store_true", help="train the trainable weights in fp16 too")
     parser.add_argument("--full_bf16", action="store_true", help="train the trainable weights in bf16 too")
-    parser.add_argument("--xformers", action="store_true", help="use xformers attention in the UNet")
-    parser.add_argument("--mem_eff_attn", action="store_true", help="memory-efficient attention (maps to SDPA)")
-    parser.add_argument("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention")
+    parser.add_argument(
+        "--xformers", action="store_true", help="xformers attention in the UNet (CUDA only; else SDPA with a warning)"
+    )
+    parser.add_argument(
+        "--mem_eff_attn", action="store_true", help="attention computed in slices of heads: less memory, slower"
+    )
+    parser.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     parser.add_argument("--lowram", action="store_true", help="load the model straight to the accelerator device")
     parser.add_argument(
         "--nan_policy",

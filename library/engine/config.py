@@ -40,6 +40,7 @@ class EngineConfig:
     full_bf16: bool = False
     no_half_vae: bool = False
     max_grad_norm: float = 1.0
+    fused_backward_pass: bool = False
     seed: int | None = None
     nan_policy: str = "stop"
     logging_dir: Path | None = None
@@ -53,6 +54,7 @@ class EngineConfig:
     sample_at_first: bool = False
     max_data_loader_n_workers: int | None = None
     persistent_data_loader_workers: bool = False
+    latents_cached: bool = False  # every batch brings cached latents: the VAE can leave the accelerator
     tracker_config: dict[str, Any] = field(default_factory=dict)  # flags logged as hyperparameters (--log_config)
 
     @classmethod
@@ -69,6 +71,9 @@ class EngineConfig:
                 values[name] = Path(values[name])
         if values.get("max_grad_norm") is None:
             values["max_grad_norm"] = 0.0
+        values["latents_cached"] = bool(
+            getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)
+        )
         tracker_config = _loggable(vars(args)) if getattr(args, "log_config", False) else {}
         config = cls(**values, tracker_config=tracker_config)
         config.validate()
@@ -99,6 +104,13 @@ class EngineConfig:
             raise UserError("--full_bf16 needs --mixed_precision bf16")
         if self.full_fp16 and self.full_bf16:
             raise UserError("--full_fp16 and --full_bf16 exclude each other; pick one")
+        if self.fused_backward_pass and self.gradient_accumulation_steps > 1:
+            raise UserError(
+                f"--fused_backward_pass cannot accumulate gradients (--gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps}): set it to 1 or drop --fused_backward_pass"
+            )
+        if self.max_data_loader_n_workers is not None and self.max_data_loader_n_workers < 0:
+            raise UserError(f"--max_data_loader_n_workers {self.max_data_loader_n_workers}: must be 0 or more")
 
     @property
     def save_plan(self) -> SavePlan:

@@ -1,14 +1,14 @@
-"""What the loop needs from a dataset, and a DataLoader over one process's batches of an epoch."""
+"""What the loop needs from a dataset, and one DataLoader that serves every epoch's planned batches."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class BatchSource(Protocol):
@@ -25,33 +25,73 @@ class BatchSource(Protocol):
 
 
 class _PlannedBatches(Dataset):
-    def __init__(self, source: BatchSource, plans: Sequence[Any]):
+    """Map-style view of a BatchSource whose keys are the plans themselves."""
+
+    def __init__(self, source: BatchSource):
         self.source = source
-        self.plans = list(plans)
+
+    def __getitem__(self, plan: Any) -> dict[str, Any] | None:
+        return self.source.load_batch(plan)
+
+
+class _EpochPlans(Sampler):
+    """Yields the plans of the epoch being trained; the loop swaps them in before each epoch, so one DataLoader
+    (and, with persistent workers, one set of worker processes) serves the whole run."""
+
+    def __init__(self) -> None:
+        self.plans: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self.plans))
 
     def __len__(self) -> int:
         return len(self.plans)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        return self.source.load_batch(self.plans[index])
+
+def loader_workers(workers: int | None, latents_cached: bool, cpu_count: int | None = None) -> int:
+    """Worker processes for batch loading: --max_data_loader_n_workers capped at the CPU count; unset, none when
+    latents are cached (a batch is a tensor lookup: workers only add start-up and copying) and otherwise sd-scripts'
+    8, capped at the CPU count less one for the training process (the loop keeps such default workers persistent,
+    since restarting them costs about a training step at every epoch)."""
+    cpus = cpu_count or os.cpu_count() or 1
+    if workers is not None:
+        return min(workers, cpus)
+    if latents_cached:
+        return 0
+    return max(0, min(8, cpus - 1))
 
 
-def batch_loader(source: BatchSource, plans: Sequence[Any], workers: int | None) -> DataLoader:
-    """Load ``plans`` in order; ``workers`` background processes (None or 0: load in this process).
+class EpochLoader:
+    """Loads each epoch's planned batches in order, in this process or in ``workers`` background processes.
 
+    With ``persistent`` the workers are started once and kept across epochs (no restart stall at every epoch).
     The loader gets its own generator: by default each new iterator draws a seed from the global torch RNG, which
     would make a resumed run's random numbers differ from an uninterrupted one.
     """
-    count = min(workers or 0, os.cpu_count() or 1)
-    return DataLoader(
-        _PlannedBatches(source, plans),
-        batch_size=None,
-        shuffle=False,
-        num_workers=count,
-        persistent_workers=False,
-        collate_fn=_keep,
-        generator=torch.Generator().manual_seed(0),
-    )
+
+    def __init__(self, source: BatchSource, workers: int, persistent: bool = False):
+        self._plans = _EpochPlans()
+        self.workers = workers
+        self._loader: DataLoader | None = DataLoader(
+            _PlannedBatches(source),
+            batch_size=None,
+            sampler=self._plans,
+            num_workers=workers,
+            persistent_workers=persistent and workers > 0,
+            collate_fn=_keep,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    def epoch(self, plans: Sequence[Any]) -> Iterator[dict[str, Any] | None]:
+        """The loaded batches of ``plans``, in order (None for a batch none of whose images could be read)."""
+        if self._loader is None:
+            raise RuntimeError("the loader was closed")
+        self._plans.plans = list(plans)
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """Stop persistent workers (dropping the DataLoader ends them)."""
+        self._loader = None
 
 
 def _keep(batch: dict[str, Any] | None) -> dict[str, Any] | None:

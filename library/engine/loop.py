@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +16,15 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from library.engine.config import EngineConfig
-from library.engine.data import BatchSource, batch_loader, dataset_fingerprint
+from library.engine.data import BatchSource, EpochLoader, dataset_fingerprint, loader_workers
 from library.engine.parts import SampleRequest, TrainingParts
 from library.engine.recipe import Recipe
 from library.engine.schedule import RunPlan, make_run_plan, shard, step_generator
 from library.engine.step import StepModels, TrainingDiverged, batch_loss, divergence_message
 from library.engine.tracking import LossRecorder, make_accelerator, release_accelerator, start_trackers, step_logs
+from library.errors import UserError
 from library.models.components import Components
+from library.optimizers import is_schedule_free, register_fused_backward
 from library.saving import remove_output
 from library.state import (
     Position,
@@ -119,6 +123,9 @@ class _Run:
         if config.full_fp16 and acc.scaler is not None:
             _allow_fp16_unscaling(acc.scaler)
         self.trained_params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        self.schedule_free = is_schedule_free(optimizer)
+        if config.fused_backward_pass:
+            self._fuse_backward(optimizer)
         acc.register_for_checkpointing(self.lr_scheduler)
         self.fingerprint = {
             "run": {"seed": self.seed},
@@ -126,6 +133,8 @@ class _Run:
             "dataset": dataset_fingerprint(self.dataset, self.plan.batches_per_epoch),
         }
         position = self._start_position(resume_data)
+        if self.schedule_free:
+            self.optimizer.train()
         start_trackers(acc, config, self.tracker_name)
         self._log_summary(position)
         return self._loop(position)
@@ -137,16 +146,41 @@ class _Run:
             return int(resume_data["seed"])
         return random.SystemRandom().randint(0, 2**31 - 1)
 
+    def _fuse_backward(self, optimizer: torch.optim.Optimizer) -> None:
+        """--fused_backward_pass: each parameter is stepped by a hook as its gradient arrives (the loop then
+        never calls ``optimizer.step()``); refused where gradients are reduced or unscaled after backward."""
+        if self.acc.num_processes > 1:
+            raise UserError(
+                f"--fused_backward_pass works in one process only ({self.acc.num_processes} were launched): "
+                "launch one process or drop --fused_backward_pass"
+            )
+        if self.acc.scaler is not None:
+            raise UserError(
+                "--fused_backward_pass cannot use fp16 loss scaling (--mixed_precision fp16): "
+                "use --mixed_precision bf16 or no, or drop --fused_backward_pass"
+            )
+        register_fused_backward(optimizer, self.config.max_grad_norm, self.config.gradient_accumulation_steps)
+
     def _place_models(self) -> None:
-        """Freeze the base model in the working precision; the recipe then attaches what is trained."""
+        """Freeze the base model in the working precision; the recipe then attaches what is trained.
+
+        With cached latents the VAE is only needed for samples (which move it over while they run), so it is kept
+        off the accelerator."""
         c, device = self.components, self.acc.device
         vae_dtype = torch.float32 if self.config.no_half_vae else self.weight_dtype
-        for module, dtype in ((c.vae, vae_dtype), (c.unet, self.weight_dtype), (c.text_encoder, self.weight_dtype)):
+        vae_device = torch.device("cpu") if self.config.latents_cached else device
+        for module, dtype, place in (
+            (c.vae, vae_dtype, vae_device),
+            (c.unet, self.weight_dtype, device),
+            (c.text_encoder, self.weight_dtype, device),
+        ):
             module.requires_grad_(False)
-            module.to(device)
+            module.to(place)
             if module.dtype != dtype:
                 module.to(dtype=dtype)
         c.vae.eval()
+        if vae_device != device and device.type == "cuda":
+            torch.cuda.empty_cache()
         self.recipe.setup(c, device, self.weight_dtype)
         if self.config.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
@@ -210,6 +244,11 @@ class _Run:
         )
         if progress.global_step == 0 and config.sample_at_first:
             self._sample(0, 0)
+        workers = loader_workers(config.max_data_loader_n_workers, config.latents_cached)
+        if config.persistent_data_loader_workers and workers == 0 and acc.is_main_process:
+            logger.info("--persistent_data_loader_workers has no effect: batches are loaded in the training process")
+        persistent = config.persistent_data_loader_workers or config.max_data_loader_n_workers is None
+        self.loader = EpochLoader(self.dataset, workers, persistent=persistent)
         try:
             for epoch in range(position.epoch, plan.num_epochs):
                 if progress.global_step >= plan.max_train_steps:
@@ -220,6 +259,7 @@ class _Run:
                 self._end_epoch(epoch, progress)
         finally:
             bar.close()
+            self.loader.close()
         return self._finish(progress)
 
     def _train_epoch(self, epoch: int, start: int, progress: _Progress, bar: tqdm) -> bool:
@@ -228,8 +268,7 @@ class _Run:
         self.recipe.on_epoch_start(epoch)
         batches = shard(self.dataset.batch_plan(epoch + 1), acc.process_index, acc.num_processes)
         accumulation = plan.accumulation
-        loader = batch_loader(self.dataset, batches[start:], self.config.max_data_loader_n_workers)
-        for offset, batch in enumerate(loader):
+        for offset, batch in enumerate(self.loader.epoch(batches[start:])):
             index = start + offset
             group_start = index - index % accumulation
             group_end = min(group_start + accumulation, len(batches))
@@ -278,7 +317,8 @@ class _Run:
                     p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
         bad = self._any_process(progress.group_bad)
         what = "loss became NaN/inf"
-        if not bad and self.config.max_grad_norm > 0:
+        fused = self.config.fused_backward_pass
+        if not bad and not fused and self.config.max_grad_norm > 0:
             norm = acc.clip_grad_norm_(self.trained_params, self.config.max_grad_norm)
             if acc.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
                 bad, what = True, "gradient norm became NaN/inf"
@@ -298,7 +338,8 @@ class _Run:
             logger.warning(f"skipping optimizer step: {message.split('. Training stopped')[0]}")
             progress.skipped_steps += 1
         else:
-            self.optimizer.step()
+            if not fused:
+                self.optimizer.step()
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         extra = {} if bad else self.recipe.after_optimizer_step(acc.device)
@@ -374,12 +415,26 @@ class _Run:
         if acc.is_main_process:
             logger.info(f"all {acc.num_processes} processes hold identical trained weights")
 
+    @contextlib.contextmanager
+    def _eval_weights(self) -> Iterator[None]:
+        """Schedule-free optimizers hold the weights to use (their running average) only in eval mode: switch to
+        it while models are saved or sampled, on every process so their weights stay identical."""
+        if not self.schedule_free:
+            yield
+            return
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            self.optimizer.train()
+
     def _save_model(self, path: Path, *, epoch: int, step: int, stale: Path | None, final: bool = False) -> None:
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            self.recipe.save(path, epoch=epoch, step=step, final=final)
-            if remove_output(stale):
-                logger.info(f"removed old model {stale}")
+        with self._eval_weights():
+            if self.acc.is_main_process:
+                self.recipe.save(path, epoch=epoch, step=step, final=final)
+                if remove_output(stale):
+                    logger.info(f"removed old model {stale}")
 
     def _save_state(self, path: Path, position: Position, stale: Path | None) -> None:
         record = train_state_record(
@@ -397,6 +452,11 @@ class _Run:
         if self.parts.sample is None:
             return
         self.acc.wait_for_everyone()
+        with self._eval_weights():
+            self._sample_on_main(step, epoch)
+        self.acc.wait_for_everyone()
+
+    def _sample_on_main(self, step: int, epoch: int | None) -> None:
         if self.acc.is_main_process:
             request = SampleRequest(
                 components=self.components,
@@ -416,7 +476,6 @@ class _Run:
             finally:
                 for module, mode in zip(modules, modes):
                     module.train(mode)
-        self.acc.wait_for_everyone()
 
 
 def _allow_fp16_unscaling(scaler) -> None:

@@ -42,17 +42,19 @@ def batch_latents(
     dtype: torch.dtype,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Cached latents, or the VAE's encoding of the batch's images (sampled with ``generator``), times ``scale``."""
+    """Cached latents, or the VAE's encoding of the batch's images (sampled with ``generator``), times ``scale``.
+
+    Images are encoded wherever the VAE is (it stays off the accelerator when latents are cached)."""
     if batch.get("latents") is not None:
         latents = batch["latents"].to(device)
     else:
         images = batch.get("images")
         if images is None:
             raise ValueError("a batch needs 'latents' or 'images'")
-        vae_dtype = next(vae.parameters()).dtype
+        vae_param = next(vae.parameters())
         with torch.no_grad():
-            dist = vae.encode(images.to(device, dtype=vae_dtype)).latent_dist
-            latents = dist.sample(generator=generator)
+            dist = vae.encode(images.to(vae_param.device, dtype=vae_param.dtype)).latent_dist
+            latents = dist.sample(generator=generator).to(device)
     return (latents * scale).to(dtype)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import random
 from functools import partial
 from typing import Any
 
@@ -17,6 +18,19 @@ from library.noise import NoiseSettings, noise_and_timesteps, training_scheduler
 from library.optimizers import make_optimizer
 from library.schedulers import make_lr_scheduler
 from library.text.encode import encode_prompts
+
+
+def choose_seed(args: argparse.Namespace) -> int:
+    """--seed, else the seed of the state being resumed, else a fresh one (logged, and stored in states)."""
+    if args.seed is not None:
+        return args.seed
+    if getattr(args, "resume", None):
+        from library.state import read_train_state
+
+        saved = read_train_state(args.resume).get("seed")
+        if saved is not None:
+            return int(saved)
+    return random.SystemRandom().randint(0, 2**31 - 1)
 
 
 def text_encoding(args: argparse.Namespace, v2: bool):
@@ -96,8 +110,6 @@ def sampling_hook(args: argparse.Namespace):
 
 def parts_from_args(args: argparse.Namespace, components: Components) -> TrainingParts:
     """TrainingParts for SD 1.x/2.x from the noise, loss, optimizer, text and sample flags."""
-    if getattr(args, "fused_backward_pass", False):
-        raise UserError("--fused_backward_pass is not supported by this script; remove it")
     v_pred = components.v_parameterization
     noise_settings = dataclasses.replace(NoiseSettings.from_args(args), v_parameterization=v_pred)
     loss_settings = dataclasses.replace(LossSettings.from_args(args), v_parameterization=v_pred)
