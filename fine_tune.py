@@ -55,7 +55,8 @@ def main(argv: Sequence[str]) -> None:
     args = parse_args_with_config(setup_parser(), argv)
     if args is None:
         return
-    from library.engine.full_recipe import load_base_model, train_full_model
+    from library.engine.full_recipe import train_full_model
+    from library.engine.launch import load_base_model
     from library.models.scratch import scratch_model
 
     scratch = args.from_scratch_config

@@ -54,7 +54,8 @@ def main(argv: Sequence[str]) -> None:
     args = parse_args_with_config(setup_parser(), argv)
     if args is None:
         return
-    from library.engine.full_recipe import load_base_model, text_encoder_steps_for_db, train_full_model
+    from library.engine.full_recipe import text_encoder_steps_for_db, train_full_model
+    from library.engine.launch import load_base_model
 
     train_full_model(
         args,

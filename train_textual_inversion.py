@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -62,21 +61,18 @@ def main(argv: Sequence[str], *, xti: bool = False) -> None:
 def run(args: argparse.Namespace, *, xti: bool = False) -> TextualInversionRecipe:
     """Train with parsed flags; ``xti`` trains one embedding per UNet cross-attention layer. Returns the recipe,
     which holds the trained embedding module."""
-    if not args.pretrained_model_name_or_path:
-        raise UserError("--pretrained_model_name_or_path is required: a diffusers folder, repo id or model file")
     if xti and args.v2:
         raise UserError("--v2: train_textual_inversion_XTI.py supports SD 1.x only; use train_textual_inversion.py")
-    from library.dataset.loader import build_train_dataset, skipped_summary
+    from library.dataset.loader import skipped_summary
     from library.engine import EngineConfig, train
+    from library.engine.launch import load_base_model, prepare_training_data
     from library.engine.ti_recipe import (
         TemplateCaptions,
         TextualInversionRecipe,
         check_token_in_captions,
         templates_from_args,
     )
-    from library.engine.tracking import launch_device, launched_processes
     from library.engine.wiring import choose_seed, parts_from_args
-    from library.models.load import load_model
 
     if args.output_name is None:
         args = argparse.Namespace(**{**vars(args), "output_name": args.token_string})
@@ -84,29 +80,12 @@ def run(args: argparse.Namespace, *, xti: bool = False) -> TextualInversionRecip
     templates = templates_from_args(args)
     seed = choose_seed(args)
     config = dataclasses.replace(EngineConfig.from_args(args), seed=seed)
-    components = load_model(
-        args.pretrained_model_name_or_path,
-        v2=args.v2 or None,
-        v_parameterization=args.v_parameterization or None,
-        vae=args.vae,
-        tokenizer_cache_dir=args.tokenizer_cache_dir,
-        allow_unsafe_pickle=args.allow_unsafe_pickle,
-    )
-    if args.xformers:
-        try:
-            components.unet.enable_xformers_memory_efficient_attention()
-        except Exception as e:
-            raise UserError(f"--xformers: cannot enable xformers ({e}); install it or use --sdpa") from e
-    components.vae.to(launch_device())
-    dataset = build_train_dataset(args, {"dreambooth", "finetune"}, components.vae, seed=seed)
+    components = load_base_model(args)
+    dataset = prepare_training_data(args, {"dreambooth", "finetune"}, components, seed)
+    if dataset is None:
+        return recipe
     if templates is None:
         check_token_in_captions(dataset, args.token_string)
-    if args.max_train_epochs is not None:
-        per_process = math.ceil(len(dataset.batch_plan(1)) / launched_processes())
-        steps = args.max_train_epochs * math.ceil(per_process / args.gradient_accumulation_steps)
-        dataset = dataset.with_changes(max_train_steps=steps)
-    else:
-        dataset = dataset.with_changes(max_train_steps=args.max_train_steps)
     source = dataset if templates is None else TemplateCaptions(dataset, templates, args.token_string)
     parts = recipe.training_parts(parts_from_args(args, components))
     train(config, components, source, recipe, parts, tracker_name="textual_inversion", summary=source.summary())

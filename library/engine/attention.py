@@ -63,7 +63,7 @@ def attention_from_args(args: argparse.Namespace, unet: nn.Module, device: torch
     """Apply the attention flags to ``unet`` for a run on ``device``; returns ``"sdpa"``, ``"xformers"`` or
     ``"sliced"``."""
     choice = choose_attention(
-        xformers=bool(getattr(args, "xformers", False)),
+        xformers=bool(getattr(args, "xformers", False) or getattr(args, "diffusers_xformers", False)),
         mem_eff_attn=bool(getattr(args, "mem_eff_attn", False)),
         device=device,
         have_xformers=xformers_installed(),

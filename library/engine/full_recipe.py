@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,19 +38,6 @@ class FullModelEngineConfig(EngineConfig):
     def save_plan(self) -> SavePlan:
         plan = super().save_plan
         return dataclasses.replace(plan, extension="") if self.save_model_as in DIFFUSERS_FORMATS else plan
-
-
-def choose_seed(args: argparse.Namespace) -> int:
-    """--seed, else the seed of the state being resumed, else a fresh one (stored in states)."""
-    if args.seed is not None:
-        return args.seed
-    if args.resume:
-        from library.state import read_train_state
-
-        saved = read_train_state(args.resume).get("seed")
-        if saved is not None:
-            return int(saved)
-    return random.SystemRandom().randint(0, 2**31 - 1)
 
 
 def resolve_save_format(save_model_as: str | None, use_safetensors: bool, source: str) -> str:
@@ -206,13 +191,6 @@ class FullRecipe(Recipe):
         logger.info(f"saved {path}")
 
 
-def enable_xformers(components: Components) -> None:
-    try:
-        components.unet.enable_xformers_memory_efficient_attention()
-    except Exception as e:
-        raise UserError(f"--xformers: cannot enable xformers ({e}); install it or use --sdpa") from e
-
-
 def train_full_model(
     args: argparse.Namespace,
     load: Callable[[int], Components],
@@ -222,9 +200,9 @@ def train_full_model(
     tracker_name: str,
 ) -> TrainResult:
     """Seed → ``load(seed)`` → dataset of ``styles`` → the shared loop with a :class:`FullRecipe`."""
-    from library.dataset.loader import build_train_dataset, skipped_summary
-    from library.engine.tracking import launch_device, launched_processes
-    from library.engine.wiring import parts_from_args
+    from library.dataset.loader import skipped_summary
+    from library.engine.launch import prepare_training_data
+    from library.engine.wiring import choose_seed, parts_from_args
 
     if args.learning_rate_te is not None and args.learning_rate_te < 0:
         raise UserError(f"--learning_rate_te {args.learning_rate_te}: must be 0 or more")
@@ -233,15 +211,9 @@ def train_full_model(
     components = load(seed)
     save_as = resolve_save_format(args.save_model_as, bool(args.use_safetensors), components.source)
     config = dataclasses.replace(config, save_model_as=save_as)
-    if args.xformers or getattr(args, "diffusers_xformers", False):
-        enable_xformers(components)
-    components.vae.to(launch_device())
-    dataset = build_train_dataset(args, styles, components.vae, seed=seed)
-    steps = args.max_train_steps
-    if args.max_train_epochs is not None:
-        per_process = math.ceil(len(dataset.batch_plan(1)) / launched_processes())
-        steps = args.max_train_epochs * math.ceil(per_process / args.gradient_accumulation_steps)
-    dataset = dataset.with_changes(max_train_steps=steps)
+    dataset = prepare_training_data(args, styles, components, seed)
+    if dataset is None:
+        return None
     parts = parts_from_args(args, components)
     if getattr(args, "no_token_padding", False):
         parts = dataclasses.replace(parts, encode_text=unpadded_text_encoding(args, components.v2))
@@ -250,19 +222,3 @@ def train_full_model(
     if dataset.skipped:
         logger.warning(skipped_summary(dataset.skipped))
     return result
-
-
-def load_base_model(args: argparse.Namespace) -> Components:
-    """--pretrained_model_name_or_path with --v2 / --v_parameterization / --vae, as every script loads it."""
-    from library.models.load import load_model
-
-    if not args.pretrained_model_name_or_path:
-        raise UserError("--pretrained_model_name_or_path is required: a diffusers folder, repo id or model file")
-    return load_model(
-        args.pretrained_model_name_or_path,
-        v2=args.v2,
-        v_parameterization=args.v_parameterization,
-        vae=args.vae,
-        tokenizer_cache_dir=args.tokenizer_cache_dir,
-        allow_unsafe_pickle=args.allow_unsafe_pickle,
-    )

@@ -1,0 +1,64 @@
+"""The start every training script shares: the base model from the flags, attention, and the dataset with its steps."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from library.dataset.loader import TrainDataset, build_train_dataset
+from library.engine.attention import attention_from_args
+from library.engine.tracking import launch_device, launched_processes
+from library.errors import UserError
+from library.models.components import Components
+
+
+def load_base_model(args: argparse.Namespace) -> Components:
+    """``--pretrained_model_name_or_path`` with ``--v2`` / ``--v_parameterization`` / ``--vae``."""
+    from library.models.load import load_model
+
+    if not args.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required: a diffusers folder, repo id or model file")
+    return load_model(
+        args.pretrained_model_name_or_path,
+        v2=args.v2,
+        v_parameterization=args.v_parameterization,
+        vae=args.vae,
+        tokenizer_cache_dir=args.tokenizer_cache_dir,
+        allow_unsafe_pickle=args.allow_unsafe_pickle,
+    )
+
+
+def prepare_training_data(
+    args: argparse.Namespace, styles: set[str], components: Components, seed: int
+) -> TrainDataset | None:
+    """Choose attention, build the dataset (latents cached with the work split across processes) and fix its steps.
+
+    Returns None after ``--debug_dataset`` has printed the batches: sd-scripts then exits without training.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    device = launch_device()
+    attention_from_args(args, components.unet, device)
+    components.vae.to(device)
+    processes = PartialState(cpu=device.type == "cpu" and launched_processes() > 1)
+    dataset = build_train_dataset(
+        args,
+        styles,
+        components.vae,
+        seed=seed,
+        process_index=processes.process_index,
+        num_processes=processes.num_processes,
+        barrier=processes.wait_for_everyone,
+        gather=lambda obj: gather_object([obj]),
+    )
+    if args.debug_dataset:
+        from library.dataset.debug import debug_dataset
+
+        debug_dataset(dataset, out_dir=args.debug_dataset_dir)
+        return None
+    steps = args.max_train_steps
+    if args.max_train_epochs is not None:
+        per_process = math.ceil(len(dataset.batch_plan(1)) / launched_processes())
+        steps = args.max_train_epochs * math.ceil(per_process / args.gradient_accumulation_steps)
+    return dataset.with_changes(max_train_steps=steps)
