@@ -117,7 +117,7 @@ class EngineConfig:
         return SavePlan(
             output_dir=self.output_dir,
             output_name=self.output_name,
-            extension="." + self.save_model_as,
+            extension="" if self.save_model_as.startswith("diffusers") else "." + self.save_model_as,
             every_n_epochs=self.save_every_n_epochs,
             every_n_steps=self.save_every_n_steps,
             last_n_epochs=self.save_last_n_epochs,

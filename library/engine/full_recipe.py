@@ -23,22 +23,9 @@ from library.errors import UserError
 from library.metadata import modelspec_from_args
 from library.models.components import Components
 from library.models.save import SAVE_FORMATS, save_model
-from library.saving import SavePlan
 from library.text.encode import MAX_LENGTH, encode_token_ids
 
 logger = logging.getLogger("sdtrain")
-
-DIFFUSERS_FORMATS = ("diffusers", "diffusers_safetensors")
-
-
-class FullModelEngineConfig(EngineConfig):
-    """The loop's settings, with diffusers saves named as folders without an extension (sd-scripts' names)."""
-
-    @property
-    def save_plan(self) -> SavePlan:
-        plan = super().save_plan
-        return dataclasses.replace(plan, extension="") if self.save_model_as in DIFFUSERS_FORMATS else plan
-
 
 def resolve_save_format(save_model_as: str | None, use_safetensors: bool, source: str) -> str:
     """sd-scripts' rule: without --save_model_as, save in the base model's kind of format (file or diffusers)."""
@@ -207,7 +194,7 @@ def train_full_model(
     if args.learning_rate_te is not None and args.learning_rate_te < 0:
         raise UserError(f"--learning_rate_te {args.learning_rate_te}: must be 0 or more")
     seed = choose_seed(args)
-    config = dataclasses.replace(FullModelEngineConfig.from_args(args), seed=seed)
+    config = dataclasses.replace(EngineConfig.from_args(args), seed=seed)
     components = load(seed)
     save_as = resolve_save_format(args.save_model_as, bool(args.use_safetensors), components.source)
     config = dataclasses.replace(config, save_model_as=save_as)

@@ -59,7 +59,9 @@ def make_accelerator(config: EngineConfig, now: float | None = None) -> Accelera
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise UserError("--log_with wandb needs the wandb package: pip install wandb") from None
+            raise UserError(
+                "--log_with wandb needs the wandb package: pip install 'sd-trainer[wandb]' (or pip install wandb)"
+            ) from None
     logging_dir = run_logging_dir(config, now)
     return Accelerator(
         cpu=launch_device().type == "cpu" and launched_processes() > 1,
