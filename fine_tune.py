@@ -10,18 +10,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from library.cli import run_cli
+from library.cli import ArgumentParser, run_cli
 from library.config import engine_flags, flags, train_flags
 from library.config.config_file import add_config_arguments, parse_args_with_config
 from library.errors import UserError
-from library.models.save import SAVE_FORMATS
 
 
 def setup_parser() -> argparse.ArgumentParser:
     from library.metadata import add_metadata_arguments
+    from library.models.save import SAVE_FORMATS
     from library.sampling.flags import add_sample_arguments
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     for add in (
         flags.add_logging_arguments,
         flags.add_model_arguments,

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from library.cli import run_cli
+from library.cli import ArgumentParser, run_cli
 from library.config import engine_flags, flags, train_flags
 from library.config.config_file import add_config_arguments, parse_args_with_config
 
@@ -19,7 +19,7 @@ def setup_parser() -> argparse.ArgumentParser:
     from library.metadata import add_metadata_arguments
     from library.sampling.flags import add_sample_arguments
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     for add in (
         flags.add_logging_arguments,
         flags.add_model_arguments,

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from library.cli import run_cli
+from library.cli import ArgumentParser, run_cli
 from library.config import engine_flags, flags, train_flags
 from library.config.config_file import add_config_arguments, parse_args_with_config
 from library.errors import UserError
@@ -34,7 +34,7 @@ def setup_parser(description: str | None = None) -> argparse.ArgumentParser:
     from library.metadata import add_metadata_arguments
     from library.sampling.flags import add_sample_arguments
 
-    parser = argparse.ArgumentParser(description=description or __doc__)
+    parser = ArgumentParser(description=description or __doc__)
     flags.add_logging_arguments(parser)
     flags.add_model_arguments(parser)
     flags.add_text_encoding_arguments(parser)

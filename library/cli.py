@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 from library.errors import UserError
 
 logger = logging.getLogger("sdtrain")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (with a did-you-mean for unknown flags) instead of the whole usage text."""
+
+    def error(self, message: str):  # type: ignore[override]
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            known = [o for action in self._actions for o in action.option_strings]
+            words = unknown.group(1).split()
+            flags_given = [w for w in words if w.startswith("-")]
+            hints = []
+            for word in flags_given or words:
+                match = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.75)
+                if word.startswith("--") and match:
+                    hints.append(f"{word} (did you mean {match[0]}?)")
+                else:
+                    hints.append(word)
+            message = f"unknown argument(s): {', '.join(hints)}"
+        raise UserError(f"{self.prog}: {message}; see --help")
 
 
 def wants_debug(argv: Sequence[str]) -> bool:

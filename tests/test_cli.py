@@ -5,9 +5,11 @@ import sys
 
 import pytest
 
-from library.cli import run_cli, wants_debug
+from library.cli import ArgumentParser, run_cli, wants_debug
 from library.errors import UserError
 from tests.conftest import REPO
+
+SCRIPTS = ["train_network.py", "train_db.py", "fine_tune.py", "train_textual_inversion.py"]
 
 
 def _fails(argv):
@@ -40,9 +42,24 @@ def test_wants_debug(argv, expected, monkeypatch):
     assert wants_debug(argv) is expected
 
 
-def test_unimplemented_script_exits_cleanly_without_traceback():
-    proc = subprocess.run([sys.executable, "train_db.py"], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_unknown_flags_are_one_line_with_a_suggestion():
+    parser = ArgumentParser(prog="train_network.py")
+    parser.add_argument("--network_dim", type=int)
+    with pytest.raises(UserError) as info:
+        parser.parse_args(["--netwrok_dim", "4", "--zzz"])
+    assert str(info.value) == (
+        "train_network.py: unknown argument(s): --netwrok_dim (did you mean --network_dim?), --zzz; see --help"
+    )
+    with pytest.raises(UserError, match=r"^train_network.py: argument --network_dim: invalid int value: 'four'"):
+        parser.parse_args(["--network_dim", "four"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_model_file_is_one_line_naming_it(script, tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    argv = [sys.executable, script, "--pretrained_model_name_or_path", str(missing), "--output_dir", str(tmp_path)]
+    argv += ["--train_data_dir", str(tmp_path), "--token_string", "tok"] if "inversion" in script else []
+    argv += [] if "inversion" in script else ["--train_data_dir", str(tmp_path)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error: train_db.py")
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr == f"error: {missing}: model file or folder not found; check --pretrained_model_name_or_path\n"
