@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -235,3 +236,31 @@ def test_build_train_dataset_from_flags(tmp_path):
 def test_epochs_count_from_one(tmp_path):
     with pytest.raises(ValueError):
         _train(tmp_path).batch_plan(0)
+
+
+@pytest.mark.parametrize("masked_loss", [False, True])
+def test_mask_files_weight_the_loss_only_with_masked_loss(tmp_path, masked_loss, caplog):
+    from PIL import Image
+
+    from library.config.flags import add_dataset_arguments
+    from library.config.train_flags import add_loss_arguments
+
+    img_dir = tmp_path / "data" / "1_cat"
+    write_image(img_dir / "a.png", SQUARE)
+    mask = np.zeros((SQUARE[1], SQUARE[0]), np.uint8)
+    mask[:, : SQUARE[0] // 2] = 255
+    Image.fromarray(mask).save(img_dir / "a-masklabel.png")
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    add_loss_arguments(parser)
+    argv = ["--train_data_dir", str(tmp_path / "data"), "--resolution", "64", "--seed", "1"]
+    args = parser.parse_args(argv + (["--masked_loss"] if masked_loss else []))
+    with caplog.at_level(logging.INFO, logger="sdtrain"):
+        train = build_train_dataset(args, {"dreambooth"}, progress=False)
+    masks = train.load_batch(train.batch_plan(1)[0])["alpha_masks"]
+    if masked_loss:
+        assert masks.shape == (1, 1, 64, 64)
+        assert masks[0, 0, :, :32].min() == 1.0 and masks[0, 0, :, 32:].max() == 0.0
+    else:
+        assert masks is None
+        assert "1 mask file(s) <stem>-masklabel.png found; pass --masked_loss" in caplog.text

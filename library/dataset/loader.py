@@ -9,6 +9,7 @@ DataLoader workers give the same batches as the main process and resuming at bat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import random
@@ -346,6 +347,14 @@ def attach_latent_cache(
     return train.with_changes(records=records, latents=latents, skipped=skipped)
 
 
+def _without_mask_files(records: list[list[ImageRecord]]) -> list[list[ImageRecord]]:
+    """Mask files (``<stem>-masklabel.png``) weight the loss only with ``--masked_loss``; say so if some are there."""
+    found = sum(r.mask_path is not None for rs in records for r in rs)
+    if found:
+        logger.info("%d mask file(s) <stem>-masklabel.png found; pass --masked_loss to weight the loss by them", found)
+    return [[dataclasses.replace(r, mask_path=None) if r.mask_path else r for r in rs] for rs in records]
+
+
 def build_train_dataset(
     args: argparse.Namespace,
     allowed_styles: set[str],
@@ -371,6 +380,9 @@ def build_train_dataset(
 
     datasets = load_dataset_configs(args, allowed_styles)
     scans = [scan_dataset(d) for d in datasets]
+    records = [s.records for s in scans]
+    if not getattr(args, "masked_loss", False):
+        records = _without_mask_files(records)
     if seed is None:
         seed = getattr(args, "seed", None)
     if seed is None:
@@ -378,7 +390,7 @@ def build_train_dataset(
         logger.info("no --seed given; the dataset uses seed %d", seed)
     train = TrainDataset(
         datasets,
-        [s.records for s in scans],
+        records,
         seed=seed,
         prior_loss_weight=getattr(args, "prior_loss_weight", 1.0),
         max_train_steps=max_train_steps,
