@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 
 from library.dataset.loader import TrainDataset, build_train_dataset
@@ -10,6 +11,8 @@ from library.engine.attention import attention_from_args
 from library.engine.tracking import launch_device, launched_processes
 from library.errors import UserError
 from library.models.components import Components
+
+logger = logging.getLogger("sdtrain")
 
 
 def load_base_model(args: argparse.Namespace) -> Components:
@@ -52,6 +55,7 @@ def prepare_training_data(
         barrier=processes.wait_for_everyone,
         gather=lambda obj: gather_object([obj]),
     )
+    _warn_unused_settings(args, dataset)
     if args.debug_dataset:
         from library.dataset.debug import debug_dataset
 
@@ -62,3 +66,15 @@ def prepare_training_data(
         per_process = math.ceil(len(dataset.batch_plan(1)) / launched_processes())
         steps = args.max_train_epochs * math.ceil(per_process / args.gradient_accumulation_steps)
     return dataset.with_changes(max_train_steps=steps)
+
+
+def _warn_unused_settings(args: argparse.Namespace, dataset: TrainDataset) -> None:
+    """Settings this toolkit accepts from sd-scripts users but does not act on yet: say so, never ignore silently."""
+    if getattr(args, "lowram", False):
+        logger.warning("--lowram has no effect here: models are loaded on the CPU, then moved to the device once")
+    split = [d.name for d in dataset.datasets if d.validation_split > 0]
+    if split:
+        logger.warning(
+            "%s: validation_split is not implemented yet; no images are held out and no validation loss is logged",
+            ", ".join(split),
+        )
