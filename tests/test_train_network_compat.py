@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -264,3 +265,18 @@ def test_bad_network_flags_are_one_line_errors(model_dir, data_dir, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(message)
     assert not (tmp_path / "net.safetensors").exists()
+
+
+def test_accepted_but_unused_settings_are_named_not_ignored(caplog):
+    import logging
+
+    from library.dataset.types import DatasetConfig
+    from library.engine.launch import _warn_unused_settings
+
+    class _Source:
+        datasets = [DatasetConfig(name="datasets[0]", style="dreambooth", subsets=(), validation_split=0.1)]
+
+    with caplog.at_level(logging.WARNING, logger="sdtrain"):
+        _warn_unused_settings(argparse.Namespace(lowram=True), _Source())
+    assert "--lowram has no effect here" in caplog.text
+    assert "datasets[0]: validation_split is not implemented yet" in caplog.text
