@@ -81,7 +81,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug_dataset_dir", type=str, default=None, help="write processed images here")
     parser.add_argument("--resolution", type=str, default=None, help="'512' or '512,768'")
     parser.add_argument("--cache_latents", action="store_true")
-    parser.add_argument("--vae_batch_size", type=int, default=1)
+    parser.add_argument(
+        "--vae_batch_size", type=int, default=None, help="images per VAE call when caching (default: the batch size)"
+    )
     parser.add_argument("--cache_latents_to_disk", action="store_true")
     parser.add_argument("--skip_cache_check", action="store_true")
     parser.add_argument("--enable_bucket", action="store_true")

@@ -406,7 +406,7 @@ def build_train_dataset(
             train,
             vae,
             to_disk=to_disk,
-            batch_size=getattr(args, "vae_batch_size", 1) or 1,
+            batch_size=getattr(args, "vae_batch_size", None) or max(d.batch_size for d in datasets),
             skip_check=bool(getattr(args, "skip_cache_check", False)),
             progress=progress,
             flag=flag,
