@@ -279,3 +279,89 @@ def test_tensorboard_event_file_has_the_scalars(tmp_path):
     assert [e.step for e in acc.Scalars("loss/current")] == [1, 2, 3, 4]
     lrs = [e.value for e in acc.Scalars("lr/unet")]
     assert lrs == pytest.approx([0.05 * (1 - s / 8) for s in range(1, 5)])
+
+
+class StepRecordingRecipe(UNetTensorsRecipe):
+    """Records the order of ``on_step_start`` (with its global step) and ``on_batch`` calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list = []
+
+    def on_step_start(self, global_step: int) -> None:
+        self.events.append(global_step)
+
+    def on_batch(self, batch) -> None:
+        self.events.append("batch")
+
+
+def run_recording(tmp_path: Path, source, **config) -> tuple:
+    components = make_tiny_model()
+    recipe = StepRecordingRecipe()
+    settings = dict(output_dir=tmp_path / "out", output_name="x", seed=7, **config)
+    result = train(EngineConfig(**settings), components, source, recipe, make_parts(components.scheduler))
+    return result, recipe.events
+
+
+def test_on_step_start_gets_each_global_step_before_its_batches_and_counts_skipped_steps(tmp_path):
+    order = [p[0] for p in RandomLatents(n=4, batch_size=1).batch_plan(1)]
+    source = RandomLatents(n=4, batch_size=1, nan_items=(order[1],))
+    result, events = run_recording(
+        tmp_path, source, max_train_steps=4, gradient_accumulation_steps=2, nan_policy="skip"
+    )
+    assert (result.global_step, result.skipped_steps) == (4, 2)  # the NaN item is in one step of each epoch
+    assert events == [0, "batch", "batch", 1, "batch", "batch", 2, "batch", "batch", 3, "batch", "batch"]
+
+
+def test_on_step_start_counts_from_the_resume_and_initial_step_position(tmp_path):
+    source = RandomLatents(n=4, batch_size=1)
+    _, events = run_recording(tmp_path / "a", source, max_train_steps=4, save_every_n_steps=2, save_state=True)
+    assert events == [0, "batch", 1, "batch", 2, "batch", 3, "batch"]
+    state = tmp_path / "a" / "out" / "x-step00000002-state"
+    _, resumed = run_recording(tmp_path / "b", source, max_train_steps=4, resume=state)
+    assert resumed == [2, "batch", 3, "batch"]
+    _, skipped_ahead = run_recording(
+        tmp_path / "c", source, max_train_steps=4, initial_step=3, skip_until_initial_step=True
+    )
+    assert skipped_ahead == [3, "batch"]
+
+
+def test_full_recipe_stops_the_text_encoder_at_global_step_n_when_a_nan_step_was_skipped(tmp_path):
+    """--stop_text_encoder_training 3 with step 1 skipped (NaN): the text encoder moves in steps 2 and 3 only."""
+    import argparse
+
+    from library.engine.full_recipe import FullRecipe
+
+    order = [p[0] for p in RandomLatents(n=4, batch_size=1).batch_plan(1)]
+    source = RandomLatents(n=4, batch_size=1, nan_items=(order[0],))
+    snapshots: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def snapshot(request):
+        c = request.components
+        snapshots[request.step] = {
+            name: {k: v.detach().clone() for k, v in getattr(c, name).state_dict().items()}
+            for name in ("unet", "text_encoder")
+        }
+
+    components = make_tiny_model()
+    config = EngineConfig(
+        output_dir=tmp_path / "out",
+        output_name="x",
+        seed=7,
+        max_train_steps=4,
+        nan_policy="skip",
+        sample_at_first=True,
+        sample_every_n_steps=1,
+        save_model_as="safetensors",
+    )
+    recipe = FullRecipe(argparse.Namespace(), config, text_encoder_steps=3)
+    result = train(config, components, source, recipe, make_parts(components.scheduler, sample=snapshot))
+    assert (result.global_step, result.skipped_steps) == (4, 1)
+    assert sorted(snapshots) == [0, 1, 2, 3, 4]
+
+    def moved(part: str, step: int) -> bool:
+        before, after = snapshots[step - 1][part], snapshots[step][part]
+        return any(not torch.equal(before[k], after[k]) for k in before)
+
+    assert [moved("text_encoder", s) for s in (1, 2, 3, 4)] == [False, True, True, False]
+    assert [moved("unet", s) for s in (1, 2, 3, 4)] == [False, True, True, True]

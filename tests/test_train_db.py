@@ -168,6 +168,24 @@ def test_resume_is_step_exact_and_text_encoder_stops_after_n_steps(model_dir, da
     assert not same(steps[2]["unet"], steps[3]["unet"])
 
 
+def test_resume_after_the_text_encoder_stopped_keeps_it_stopped(model_dir, data, tmp_path):
+    """--stop_text_encoder_training 1, resumed at step 2: the resumed run must not train the text encoder again."""
+    common = [*folders(data), "--max_train_steps", "3", "--stop_text_encoder_training", "1", "--save_model_as"]
+    straight = tmp_path / "straight"
+    train_db.main(db_args(model_dir, straight, *common, "safetensors", "--save_every_n_steps", "1", "--save_state"))
+    resumed = tmp_path / "resumed"
+    train_db.main(
+        db_args(model_dir, resumed, *common, "safetensors", "--resume", str(straight / "db-step00000002-state"))
+    )
+    final, again = weights(straight / "db.safetensors"), weights(resumed / "db.safetensors")
+    for part in ("unet", "text_encoder"):
+        assert same(final[part], again[part]), part
+    base, step1 = weights(model_dir), weights(straight / "db-step00000001.safetensors")
+    assert not same(base["text_encoder"], step1["text_encoder"])
+    assert same(step1["text_encoder"], final["text_encoder"])
+    assert not same(step1["unet"], final["unet"])
+
+
 def test_stop_text_encoder_training_minus_one_never_trains_it(model_dir, data, tmp_path):
     out = tmp_path / "out"
     train_db.main(

@@ -27,6 +27,7 @@ from library.text.encode import MAX_LENGTH, encode_token_ids
 
 logger = logging.getLogger("sdtrain")
 
+
 def resolve_save_format(save_model_as: str | None, use_safetensors: bool, source: str) -> str:
     """sd-scripts' rule: without --save_model_as, save in the base model's kind of format (file or diffusers)."""
     if save_model_as is not None:
@@ -63,24 +64,12 @@ def unpadded_text_encoding(args: argparse.Namespace, v2: bool) -> Callable[[nn.M
     return encode
 
 
-def start_step(config: EngineConfig, plan: Any) -> int:
-    """The global step the loop starts at (resume state, --initial_step / --initial_epoch), as the loop computes it."""
-    step = 0
-    if config.resume is not None:
-        from library.state import read_train_state, saved_position
-
-        data = read_train_state(config.resume)
-        step = saved_position(data, plan.num_processes, plan.steps_per_epoch, plan.accumulation).global_step
-    if config.initial_epoch is not None:
-        step = max(config.initial_epoch - 1, 0) * plan.steps_per_epoch
-    elif config.initial_step is not None:
-        step = config.initial_step
-    return step
-
-
 class FullRecipe(Recipe):
     """Train every UNet weight and, for the first ``text_encoder_steps`` steps (None: all, 0: never), the text
-    encoder's; save the whole model with ``library.models.save.save_model``."""
+    encoder's; save the whole model with ``library.models.save.save_model``.
+
+    Steps are the loop's global steps (:meth:`on_step_start`), so resumed runs and steps skipped under
+    ``--nan_policy skip`` count as the loop counts them."""
 
     def __init__(
         self,
@@ -142,25 +131,20 @@ class FullRecipe(Recipe):
         trains = "unet + text encoder" if self.text_encoder_trained else "unet"
         return {"trains": trains, **super().fingerprint()}
 
-    def begin(self, plan: Any, seed: int, optimizer: torch.optim.Optimizer) -> None:
-        self.step = start_step(self.config, plan)
-        if self.text_encoder_trained and not self.train_text_encoder:
-            logger.info(f"the text encoder stays as it is from step {self.step} (--stop_text_encoder_training)")
-
     def on_epoch_start(self, epoch: int) -> None:
         c, checkpointing = self.components, self.config.gradient_checkpointing
         c.unet.train()
         c.text_encoder.train(checkpointing or self.train_text_encoder)
 
-    def after_optimizer_step(self, device: torch.device) -> dict[str, float]:
-        """Count steps; at the --stop_text_encoder_training step the text encoder stops receiving gradients."""
+    def on_step_start(self, global_step: int) -> None:
+        """From global step ``text_encoder_steps`` on (0-based: after that many steps, skipped ones included) the
+        text encoder stops receiving gradients."""
         was_training = self.train_text_encoder
-        self.step += 1
+        self.step = global_step
         if was_training and not self.train_text_encoder:
-            logger.info(f"stop text encoder training at step {self.step}")
+            logger.info(f"stop text encoder training at step {global_step} (--stop_text_encoder_training)")
             if not self.config.gradient_checkpointing:
                 self.components.text_encoder.train(False)
-        return {}
 
     def save(self, path: Path, *, epoch: int, step: int, final: bool) -> None:
         c = self.components

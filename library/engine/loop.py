@@ -272,6 +272,8 @@ class _Run:
             index = start + offset
             group_start = index - index % accumulation
             group_end = min(group_start + accumulation, len(batches))
+            if offset == 0 or index == group_start:
+                self.recipe.on_step_start(progress.global_step)
             if batch is None:
                 logger.warning(f"epoch {epoch + 1}, batch {index + 1}: no image of this batch could be read")
             else:

@@ -27,8 +27,9 @@ class Recipe(ABC):
     """What is trainable, how it is grouped for the optimizer, how it is saved, and what it adds to the state.
 
     The loop calls, in order: :meth:`setup` once, :meth:`trainable_modules` and :meth:`param_groups` once,
-    then per epoch :meth:`on_epoch_start`, per batch :meth:`on_batch`, after each optimizer step
-    :meth:`after_optimizer_step`, and :meth:`save` whenever a model file is due (main process only).
+    :meth:`begin` once, then per epoch :meth:`on_epoch_start`, per optimizer step :meth:`on_step_start`, per batch
+    :meth:`on_batch`, after each optimizer step that was taken :meth:`after_optimizer_step`, and :meth:`save`
+    whenever a model file is due (main process only).
     """
 
     extension: str = ".safetensors"
@@ -76,6 +77,14 @@ class Recipe(ABC):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first batch of each epoch (0-based)."""
+        return None
+
+    def on_step_start(self, global_step: int) -> None:
+        """Called before the first batch of every optimizer step with the number of steps already counted (0 for
+        the first step of a fresh run; the resume / --initial_step position after a restart).
+
+        A step skipped under ``--nan_policy skip`` counts like any other, as it does for ``--max_train_steps``,
+        saves and logs: the step after it gets ``global_step + 1`` although the weights did not move."""
         return None
 
     def on_batch(self, batch: dict[str, Any]) -> None:
