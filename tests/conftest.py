@@ -29,3 +29,27 @@ def tiny_sd2():
     from library.models.tiny import make_tiny_model
 
     return make_tiny_model(v2=True)
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    """The tiny SD1 model, built once per test module, for tests that only read it."""
+    from library.models.tiny import make_tiny_model
+
+    return make_tiny_model(v2=False)
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    """The tiny SD2 (v-prediction) model, built once per test module, for tests that only read it."""
+    from library.models.tiny import make_tiny_model
+
+    return make_tiny_model(v2=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """The tiny SD1 model saved as a diffusers folder, once per test module."""
+    from tests.training import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("model"))

@@ -23,22 +23,17 @@ from library.engine.schedule import step_generator
 from library.engine.wiring import choose_seed
 from library.io import load_safetensors
 from library.models.tiny import make_tiny_model
+from tests.engine_reference import reference_batch_loss, train_conv_out_only
 from tests.test_engine import TRAINED, RandomLatents, UNetTensorsRecipe, encode_text, make_parts, trained
-from tests.test_train_network import base_args, lora_tensors, write_dataset
+from tests.test_train_network import lora_tensors
+from tests.training import network_args, write_frog_dataset
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    make_tiny_model().to_pipeline().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data"))
+    return write_frog_dataset(tmp_path_factory.mktemp("data"))
 
 
 def processor_types(unet) -> set[type]:
@@ -108,7 +103,7 @@ def test_xformers_that_cannot_be_enabled_falls_back_to_sdpa(caplog):
 
 def test_train_network_with_xformers_on_cpu_warns_and_trains(model_dir, data_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sdtrain"):
-        train_network.main(base_args(model_dir, data_dir, tmp_path / "out", "--max_train_steps", "1", "--xformers"))
+        train_network.main(network_args(model_dir, data_dir, tmp_path / "out", "--max_train_steps", "1", "--xformers"))
     assert "--xformers:" in caplog.text
     assert (tmp_path / "out" / "lora.safetensors").is_file()
 
@@ -136,11 +131,7 @@ def schedule_free_reference(steps: int, lr: float, seed: int = 7) -> tuple[dict,
     """A hand-written RAdamScheduleFree loop: (train-mode weights, eval-mode weights) after ``steps`` steps."""
     c = make_tiny_model()
     source = RandomLatents()
-    c.unet.requires_grad_(False)
-    c.text_encoder.requires_grad_(False)
-    params = list(c.unet.conv_out.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    params = train_conv_out_only(c)
     parts = make_parts(c.scheduler)
     optimizer = schedulefree.RAdamScheduleFree([{"params": params}], lr=lr)
     optimizer.train()
@@ -148,13 +139,7 @@ def schedule_free_reference(steps: int, lr: float, seed: int = 7) -> tuple[dict,
     while done < steps:
         for index, plan in enumerate(source.batch_plan(epoch + 1)):
             batch = source.load_batch(plan)
-            gen = step_generator(seed, "batch", epoch, index)
-            latents = batch["latents"] * 0.18215
-            cond = encode_text(c.text_encoder, c.tokenizer, batch["captions"])
-            noisy, noise, t, target = parts.add_noise(latents, gen)
-            pred = c.unet(noisy, t, cond).sample
-            per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * batch["loss_weights"]
-            per_sample.mean().backward()
+            reference_batch_loss(c, parts, batch, step_generator(seed, "batch", epoch, index)).mean().backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -219,8 +204,8 @@ def test_schedule_free_resume_continues_exactly(tmp_path):
 def test_fused_backward_pass_gives_the_same_lora_as_a_plain_step(model_dir, data_dir, tmp_path):
     """Without clipping (per-parameter with the fused pass, global otherwise) both do the same AdamW updates."""
     common = ("--max_train_steps", "3", "--max_grad_norm", "0", "--network_train_unet_only")
-    train_network.main(base_args(model_dir, data_dir, tmp_path / "plain", *common))
-    train_network.main(base_args(model_dir, data_dir, tmp_path / "fused", *common, "--fused_backward_pass"))
+    train_network.main(network_args(model_dir, data_dir, tmp_path / "plain", *common))
+    train_network.main(network_args(model_dir, data_dir, tmp_path / "fused", *common, "--fused_backward_pass"))
     plain = lora_tensors(tmp_path / "plain" / "lora.safetensors")
     fused = lora_tensors(tmp_path / "fused" / "lora.safetensors")
     assert plain.keys() == fused.keys()
@@ -241,7 +226,7 @@ def test_fused_backward_pass_gives_the_same_lora_as_a_plain_step(model_dir, data
     ],
 )
 def test_fused_backward_pass_refuses_what_it_cannot_do(model_dir, data_dir, tmp_path, capsys, extra, message):
-    argv = base_args(model_dir, data_dir, tmp_path / "out", "--max_train_steps", "1", "--fused_backward_pass")
+    argv = network_args(model_dir, data_dir, tmp_path / "out", "--max_train_steps", "1", "--fused_backward_pass")
     code = run_cli(train_network.main, [*argv, *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -383,7 +368,7 @@ def test_cached_latents_keep_the_vae_off_the_accelerator_and_images_still_train(
 
 def test_debug_dataset_prints_batches_writes_pngs_and_does_not_train(model_dir, data_dir, tmp_path, capsys):
     out, shown = tmp_path / "out", tmp_path / "shown"
-    argv = base_args(model_dir, data_dir, out, "--debug_dataset", "--debug_dataset_dir", str(shown))
+    argv = network_args(model_dir, data_dir, out, "--debug_dataset", "--debug_dataset_dir", str(shown))
     train_network.main([*argv, "--cache_latents"])
     printed = capsys.readouterr().out
     assert printed.count("bucket 64x64") == 4

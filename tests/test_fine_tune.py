@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import fine_tune
 from library.cli import run_cli
@@ -15,57 +14,26 @@ from library.errors import UserError
 from library.models.load import load_model
 from library.models.scratch import scratch_model
 from library.models.tiny import make_tiny_model
-from tests.images import write_image
 from tests.test_train_db import run_docs_example
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    make_tiny_model().to_pipeline().save_pretrained(folder)
-    return folder
+from tests.training import model_weights, run_args, same_tensors, write_captioned_images, write_dataset_toml
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """``images/`` with three pictures and ``meta.json`` captioning them (sd-scripts' metadata layout)."""
     root = tmp_path_factory.mktemp("ft")
-    for i in range(3):
-        write_image(root / "images" / f"p{i}.png", seed=20 + i)
+    write_captioned_images(root / "images", [None] * 3, seed=20, stem="p")
     meta = {f"p{i}": {"caption": f"a painting of a cat, number {i}", "tags": "cat, painting"} for i in range(3)}
     (root / "meta.json").write_text(json.dumps(meta))
     return root
 
 
 def ft_args(out: Path, *extra: str) -> list[str]:
-    return [
-        "--resolution",
-        "64",
-        "--output_dir",
-        str(out),
-        "--output_name",
-        "ft",
-        "--learning_rate",
-        "1e-3",
-        "--optimizer_type",
-        "AdamW",
-        "--seed",
-        "7",
-        *extra,
-    ]
+    return [*run_args(out, name="ft", learning_rate="1e-3", seed=7), *extra]
 
 
 def in_json(data: Path) -> list[str]:
     return ["--in_json", str(data / "meta.json"), "--train_data_dir", str(data / "images")]
-
-
-def weights(path: Path | str) -> dict[str, dict[str, torch.Tensor]]:
-    c = load_model(path)
-    return {name: dict(getattr(c, name).state_dict()) for name in ("unet", "text_encoder", "vae")}
-
-
-def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_in_json_with_text_encoder_saved_as_ckpt(model_dir, data, tmp_path):
@@ -73,26 +41,23 @@ def test_in_json_with_text_encoder_saved_as_ckpt(model_dir, data, tmp_path):
     argv = ft_args(out, "--pretrained_model_name_or_path", str(model_dir), *in_json(data), "--max_train_steps", "2")
     fine_tune.main([*argv, "--train_text_encoder", "--learning_rate_te", "5e-4", "--save_model_as", "ckpt"])
     assert sorted(p.name for p in out.iterdir()) == ["ft.ckpt"]
-    base, trained = weights(model_dir), weights(out / "ft.ckpt")
-    assert not same(base["unet"], trained["unet"])
-    assert not same(base["text_encoder"], trained["text_encoder"])
-    assert same(base["vae"], trained["vae"])
+    base, trained = model_weights(model_dir), model_weights(out / "ft.ckpt")
+    assert not same_tensors(base["unet"], trained["unet"])
+    assert not same_tensors(base["text_encoder"], trained["text_encoder"])
+    assert same_tensors(base["vae"], trained["vae"])
 
 
 def test_toml_metadata_subset_trains_unet_only_by_default(model_dir, data, tmp_path):
-    config = tmp_path / "dataset.toml"
-    config.write_text(
-        "[[datasets]]\nresolution = 64\nbatch_size = 3\n"
-        f"  [[datasets.subsets]]\n  image_dir = '{(data / 'images').as_posix()}'\n"
-        f"  metadata_file = '{(data / 'meta.json').as_posix()}'\n"
-    )
+    subset = {"image_dir": (data / "images").as_posix(), "metadata_file": (data / "meta.json").as_posix()}
+    datasets = [{"resolution": 64, "batch_size": 3, "subsets": [subset]}]
+    config = write_dataset_toml(tmp_path / "dataset.toml", datasets)
     out = tmp_path / "out"
     argv = ft_args(out, "--pretrained_model_name_or_path", str(model_dir), "--dataset_config", str(config))
     fine_tune.main([*argv, "--max_train_steps", "1", "--save_model_as", "diffusers_safetensors"])
     assert sorted(p.name for p in out.iterdir()) == ["ft"]
-    base, trained = weights(model_dir), weights(out / "ft")
-    assert not same(base["unet"], trained["unet"])
-    assert same(base["text_encoder"], trained["text_encoder"])
+    base, trained = model_weights(model_dir), model_weights(out / "ft")
+    assert not same_tensors(base["unet"], trained["unet"])
+    assert same_tensors(base["text_encoder"], trained["text_encoder"])
 
 
 @pytest.mark.parametrize(
@@ -105,8 +70,7 @@ def test_toml_metadata_subset_trains_unet_only_by_default(model_dir, data, tmp_p
     ],
 )
 def test_refuses_dreambooth_data_and_bad_model_flags(data, tmp_path, capsys, extra, message):
-    db_toml = tmp_path / "db.toml"
-    db_toml.write_text(f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{(data / 'images').as_posix()}'\n")
+    db_toml = write_dataset_toml(tmp_path / "db.toml", [{"subsets": [{"image_dir": (data / "images").as_posix()}]}])
     argv = [a.format(data=data, db_toml=db_toml) for a in extra]
     if "--pretrained_model_name_or_path" not in argv and "--from_scratch_config" not in argv:
         argv += ["--pretrained_model_name_or_path", "tiny-sd1"]
@@ -127,10 +91,10 @@ def test_resume_is_step_exact_with_text_encoder_groups(model_dir, data, tmp_path
     fine_tune.main(ft_args(straight, *common, "--save_every_n_steps", "2", "--save_state"))
     resumed = tmp_path / "resumed"
     fine_tune.main(ft_args(resumed, *common, "--resume", str(straight / "ft-step00000002-state")))
-    a, b = weights(straight / "ft.safetensors"), weights(resumed / "ft.safetensors")
-    assert same(a["unet"], b["unet"]) and same(a["text_encoder"], b["text_encoder"])
-    half = weights(straight / "ft-step00000002.safetensors")
-    assert not same(half["unet"], a["unet"]) and not same(half["text_encoder"], a["text_encoder"])
+    a, b = model_weights(straight / "ft.safetensors"), model_weights(resumed / "ft.safetensors")
+    assert same_tensors(a["unet"], b["unet"]) and same_tensors(a["text_encoder"], b["text_encoder"])
+    half = model_weights(straight / "ft-step00000002.safetensors")
+    assert not same_tensors(half["unet"], a["unet"]) and not same_tensors(half["text_encoder"], a["text_encoder"])
 
 
 def test_from_scratch_config_trains_a_model_from_nothing(data, tmp_path):
@@ -140,12 +104,12 @@ def test_from_scratch_config_trains_a_model_from_nothing(data, tmp_path):
         + ["--train_text_encoder", "--save_model_as", "safetensors"]
     )
     init = scratch_model("tiny-sd1", seed=7)
-    trained = weights(out / "ft.safetensors")
+    trained = model_weights(out / "ft.safetensors")
     assert trained["unet"].keys() == init.unet.state_dict().keys()
-    assert not same(dict(init.unet.state_dict()), trained["unet"])
-    assert not same(dict(init.text_encoder.state_dict()), trained["text_encoder"])
-    assert same(dict(init.vae.state_dict()), trained["vae"])
-    assert not same(dict(make_tiny_model().vae.state_dict()), trained["vae"])
+    assert not same_tensors(dict(init.unet.state_dict()), trained["unet"])
+    assert not same_tensors(dict(init.text_encoder.state_dict()), trained["text_encoder"])
+    assert same_tensors(dict(init.vae.state_dict()), trained["vae"])
+    assert not same_tensors(dict(make_tiny_model().vae.state_dict()), trained["vae"])
 
 
 def test_scratch_model_from_a_config_folder(model_dir):
@@ -157,9 +121,9 @@ def test_scratch_model_from_a_config_folder(model_dir):
     for name in ("unet", "text_encoder", "vae"):
         ours, theirs = getattr(fresh, name).state_dict(), getattr(base, name).state_dict()
         assert ours.keys() == theirs.keys()
-        assert not same(dict(ours), dict(theirs))
+        assert not same_tensors(dict(ours), dict(theirs))
     again = scratch_model(str(model_dir), seed=1)
-    assert same(dict(fresh.unet.state_dict()), dict(again.unet.state_dict()))
+    assert same_tensors(dict(fresh.unet.state_dict()), dict(again.unet.state_dict()))
     assert scratch_model("tiny-sd2", seed=0).v2 is True
 
 

@@ -35,11 +35,6 @@ def _same_model(a, b) -> None:
         _same(getattr(a, part), getattr(b, part), part)
 
 
-@pytest.fixture(scope="module")
-def sd1():
-    return make_tiny_model(v2=False)
-
-
 @pytest.mark.parametrize("precision", [None, "float", "fp16", "bf16"])
 def test_single_files_hold_tensors_of_the_requested_precision(sd1, tmp_path, precision):
     expected = DTYPES[precision]

@@ -13,7 +13,7 @@ from library.dataset.latent_cache import cache_latents_shared, load_entry
 from library.dataset.loader import TrainDataset, attach_latent_cache
 from library.dataset.scan import scan_dataset
 from library.dataset.types import DatasetConfig, SubsetConfig
-from tests.images import write_image
+from tests.training import write_captioned_images
 
 SIZES = [(64, 64), (128, 64), (64, 64), (96, 64), (64, 128)]
 
@@ -87,9 +87,7 @@ def _worker(rank: int, world: int, root: Path) -> None:
 
 @pytest.fixture
 def image_root(tmp_path) -> Path:
-    for i, size in enumerate(SIZES):
-        write_image(tmp_path / "images" / f"img{i}.png", size=size, seed=i)
-        (tmp_path / "images" / f"img{i}.txt").write_text("a frog")
+    write_captioned_images(tmp_path / "images", ["a frog"] * len(SIZES), sizes=SIZES)
     return tmp_path
 
 

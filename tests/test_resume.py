@@ -15,12 +15,15 @@ import pytest
 import train_network
 from library.cli import run_cli
 from library.state import Position, position_from_step
-from tests import test_train_network as tn
 from tests.conftest import REPO
-from tests.test_train_network import assert_same_tensors, base_args, lora_tensors, write_dataset
+from tests.test_train_network import assert_same_tensors, lora_tensors
+from tests.training import network_args, write_frog_dataset
 
-model_dir = tn.model_dir
-data_dir = tn.data_dir
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_frog_dataset(tmp_path_factory.mktemp("data"))
+
 
 # 4 images, batch size 1: 4 batches per epoch, so step 2 is inside epoch 1 and step 6 inside epoch 2. Dropout makes
 # the global torch RNG matter; cosine makes the scheduler state matter.
@@ -29,7 +32,7 @@ RUN += ["--lr_scheduler", "cosine"]
 
 
 def args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return base_args(model_dir, data_dir, out, *RUN, *extra)
+    return network_args(model_dir, data_dir, out, *RUN, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,7 @@ def test_resume_with_another_network_or_dataset_is_refused(straight, model_dir, 
     assert code == 2
     assert err.startswith(f"error: --resume {state}: the network differs from the saved training state")
     assert "(network_dim: 4 in the state, 8 now)" in err
-    more = write_dataset(tmp_path / "more", count=5)
+    more = write_frog_dataset(tmp_path / "more", count=5)
     code = run_cli(train_network.main, args(model_dir, more, tmp_path / "b", "--resume", state))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2

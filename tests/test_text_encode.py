@@ -9,21 +9,10 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.models.tiny import make_tiny_model
 from library.text.encode import encode_prompts, encode_token_ids, tokenize_prompts
 from library.text.tokenizer import load_packaged_tokenizer, packaged_tokenizer_dir
 
 BOS, EOS, SD2_PAD = 49406, 49407, 0
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return make_tiny_model(v2=False)
-
-
-@pytest.fixture(scope="module")
-def sd2():
-    return make_tiny_model(v2=True)
 
 
 def vocab() -> dict[str, int]:

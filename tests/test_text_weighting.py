@@ -9,23 +9,12 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.models.tiny import make_tiny_model
 from library.text.encode import encode_prompts, tokenize_prompts, tokenize_weighted_prompts
 from library.text.tokenizer import load_packaged_tokenizer, packaged_tokenizer_dir
 from library.text.weighting import apply_token_weights, parse_prompt_attention
 
 BOS, EOS, SD2_PAD = 49406, 49407, 0
 A, B, C, D = 320, 321, 322, 323
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return make_tiny_model(v2=False)
-
-
-@pytest.fixture(scope="module")
-def sd2():
-    return make_tiny_model(v2=True)
 
 
 def letters(n: int) -> tuple[list[str], list[int]]:

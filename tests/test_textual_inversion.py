@@ -24,6 +24,7 @@ from library.textual_inversion import XTI_LAYERS, add_tokens, load_embedding
 from library.xti import install_layer_conditioning
 from tests.conftest import REPO
 from tests.images import write_image
+from tests.training import write_captioned_images, write_dataset_toml
 
 TOKEN = "mytok"
 CAPTION = "a photo of mytok"
@@ -32,9 +33,7 @@ CAPTION = "a photo of mytok"
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    for i in range(3):
-        write_image(root / "2_obj" / f"img{i}.png", size=(64, 64), seed=i)
-        (root / "2_obj" / f"img{i}.txt").write_text(CAPTION)
+    write_captioned_images(root / "2_obj", [CAPTION] * 3)
     return root
 
 
@@ -206,12 +205,8 @@ def test_diffusers_pipeline_loads_both_layouts(main_run, tmp_path):
 
 def test_dataset_toml_with_templates_and_pt_output(tmp_path):
     """Captions without the token train with --use_object_template (they are replaced); the default .pt layout."""
-    for i in range(2):
-        write_image(tmp_path / "images" / f"img{i}.png", seed=i)
-        (tmp_path / "images" / f"img{i}.txt").write_text("a frog")
-    toml = tmp_path / "dataset.toml"
-    image_dir = (tmp_path / "images").as_posix()
-    toml.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{image_dir}"\n')
+    image_dir = write_captioned_images(tmp_path / "images", ["a frog"] * 2).as_posix()
+    toml = write_dataset_toml(tmp_path / "dataset.toml", [{"resolution": 64, "subsets": [{"image_dir": image_dir}]}])
     args = argv(None, tmp_path / "out", "--dataset_config", str(toml), "--use_object_template", "--output_name", "obj")
     recipe = run([*args, "--max_train_steps", "2", "--learning_rate", "1e-2"])
     saved = torch.load(tmp_path / "out" / "obj.pt", weights_only=True)

@@ -14,57 +14,12 @@ import train_network
 from library.cli import run_cli
 from library.io import load_safetensors
 from tests.conftest import REPO
-from tests.images import write_image
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from library.models.tiny import make_tiny_model
-
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    make_tiny_model().to_pipeline().save_pretrained(folder)
-    return folder
-
-
-def write_dataset(root: Path, count: int = 4, repeats: int = 1) -> Path:
-    folder = root / f"{repeats}_frog"
-    for i in range(count):
-        write_image(folder / f"img{i}.png", size=(64, 64), seed=i)
-        (folder / f"img{i}.txt").write_text(f"a frog, number {i}")
-    return root
+from tests.training import network_args, write_frog_dataset
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data"))
-
-
-def base_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path",
-        str(model_dir),
-        "--train_data_dir",
-        str(data_dir),
-        "--resolution",
-        "64",
-        "--caption_extension",
-        ".txt",
-        "--output_dir",
-        str(out),
-        "--output_name",
-        "lora",
-        "--network_dim",
-        "4",
-        "--network_alpha",
-        "2",
-        "--learning_rate",
-        "1e-2",
-        "--optimizer_type",
-        "AdamW",
-        "--seed",
-        "3",
-        *extra,
-    ]
+    return write_frog_dataset(tmp_path_factory.mktemp("data"))
 
 
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -79,7 +34,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def test_trains_a_lora_with_sd_scripts_files_and_metadata(model_dir, data_dir, tmp_path):
     out = tmp_path / "out"
-    train_network.main(base_args(model_dir, data_dir, out, "--max_train_epochs", "2", "--save_every_n_epochs", "1"))
+    train_network.main(network_args(model_dir, data_dir, out, "--max_train_epochs", "2", "--save_every_n_epochs", "1"))
     assert sorted(p.name for p in out.iterdir()) == ["lora-000001.safetensors", "lora.safetensors"]
     tensors, metadata = load_safetensors(out / "lora.safetensors")
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in tensors)
@@ -96,7 +51,7 @@ def test_trains_a_lora_with_sd_scripts_files_and_metadata(model_dir, data_dir, t
 
 def test_config_file_and_output_config_drive_the_script(model_dir, data_dir, tmp_path):
     config = tmp_path / "run.toml"
-    argv = base_args(model_dir, data_dir, tmp_path / "out", "--max_train_steps", "1")
+    argv = network_args(model_dir, data_dir, tmp_path / "out", "--max_train_steps", "1")
     train_network.main([*argv, "--config_file", str(config), "--output_config"])
     assert not (tmp_path / "out").exists()
     text = config.read_text()
@@ -114,7 +69,7 @@ def test_config_file_and_output_config_drive_the_script(model_dir, data_dir, tmp
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(model_dir, data_dir, tmp_path, capsys, extra, message):
-    code = run_cli(train_network.main, base_args(model_dir, data_dir, tmp_path / "out", *extra))
+    code = run_cli(train_network.main, network_args(model_dir, data_dir, tmp_path / "out", *extra))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith(message)
@@ -127,7 +82,7 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(mo
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out2 = tmp_path / "two"
-    argv = base_args(model_dir, data_dir, out2, "--max_train_steps", "2")
+    argv = network_args(model_dir, data_dir, out2, "--max_train_steps", "2")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
     launch += ["29517", str(REPO / "train_network.py"), *argv]
@@ -135,7 +90,7 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(mo
     assert done.returncode == 0, done.stderr[-3000:]
     assert "all 2 processes hold identical trained weights" in done.stderr
     state_args = ["--max_train_steps", "2", "--gradient_accumulation_steps", "2"]
-    train_network.main(base_args(model_dir, data_dir, tmp_path / "one", *state_args))
+    train_network.main(network_args(model_dir, data_dir, tmp_path / "one", *state_args))
     two = lora_tensors(out2 / "lora.safetensors")
     one = lora_tensors(tmp_path / "one" / "lora.safetensors")
     assert two.keys() == one.keys()

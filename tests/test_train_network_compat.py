@@ -13,55 +13,21 @@ import train_network
 from library.cli import run_cli
 from library.io import load_safetensors
 from tests.images import write_image
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from library.models.tiny import make_tiny_model
-
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    make_tiny_model().to_pipeline().save_pretrained(folder)
-    return folder
+from tests.training import network_args, write_captioned_images, write_dataset_toml
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """``2_frog``: three captioned images (64x64, 128x64, 100x64); ``1_cat``: one image without a caption."""
     root = tmp_path_factory.mktemp("data")
-    frog = root / "2_frog"
-    for i, (size, caption) in enumerate(
-        [((64, 64), "Frog, green, pond"), ((128, 64), "frog,  ,sky"), ((100, 64), "A Frog, Green,")]
-    ):
-        write_image(frog / f"img{i}.png", size=size, seed=i)
-        (frog / f"img{i}.txt").write_text(caption)
+    captions = ["Frog, green, pond", "frog,  ,sky", "A Frog, Green,"]
+    write_captioned_images(root / "2_frog", captions, sizes=[(64, 64), (128, 64), (100, 64)])
     write_image(root / "1_cat" / "cat.png", size=(64, 64), seed=9)
     return root
 
 
 def base_args(model_dir: Path, data: Path | None, out: Path, *extra: str) -> list[str]:
-    dataset = ["--train_data_dir", str(data), "--resolution", "64"] if data is not None else []
-    return [
-        "--pretrained_model_name_or_path",
-        str(model_dir),
-        *dataset,
-        "--caption_extension",
-        ".txt",
-        "--output_dir",
-        str(out),
-        "--output_name",
-        "net",
-        "--network_dim",
-        "4",
-        "--network_alpha",
-        "2",
-        "--learning_rate",
-        "1e-2",
-        "--optimizer_type",
-        "AdamW",
-        "--seed",
-        "3",
-        *extra,
-    ]
+    return network_args(model_dir, data, out, *extra, name="net")
 
 
 BUCKETS = ["--enable_bucket", "--bucket_no_upscale", "--min_bucket_reso", "64", "--max_bucket_reso", "128"]
@@ -88,16 +54,12 @@ def test_flag_dataset_writes_tag_frequency_and_bucket_info(model_dir, data_dir, 
 
 
 def test_toml_dataset_writes_per_dataset_tag_frequency_and_bucket_info(model_dir, data_dir, tmp_path):
-    config = tmp_path / "dataset.toml"
-    config.write_text(
-        "[general]\ncaption_extension = '.txt'\n\n"
-        "[[datasets]]\nresolution = 128\nenable_bucket = true\nbucket_no_upscale = true\n"
-        "min_bucket_reso = 64\nmax_bucket_reso = 128\n\n"
-        f"  [[datasets.subsets]]\n  image_dir = '{data_dir / '2_frog'}'\n  num_repeats = 2\n\n"
-        f"  [[datasets.subsets]]\n  image_dir = '{data_dir / '1_cat'}'\n  class_tokens = 'cat'\n\n"
-        "[[datasets]]\nresolution = 64\n\n"
-        f"  [[datasets.subsets]]\n  image_dir = '{data_dir / '1_cat'}'\n  class_tokens = 'kitten, cat'\n"
-    )
+    bucketed = {"enable_bucket": True, "bucket_no_upscale": True, "min_bucket_reso": 64, "max_bucket_reso": 128}
+    frog = {"image_dir": str(data_dir / "2_frog"), "num_repeats": 2}
+    cat = {"image_dir": str(data_dir / "1_cat"), "class_tokens": "cat"}
+    kitten = {"image_dir": str(data_dir / "1_cat"), "class_tokens": "kitten, cat"}
+    datasets = [{"resolution": 128, **bucketed, "subsets": [frog, cat]}, {"resolution": 64, "subsets": [kitten]}]
+    config = write_dataset_toml(tmp_path / "dataset.toml", datasets, general={"caption_extension": ".txt"})
     argv = base_args(model_dir, None, tmp_path, "--dataset_config", str(config), "--max_train_steps", "1")
     train_network.main([*argv, "--network_train_unet_only"])
     metadata = load_safetensors(tmp_path / "net.safetensors")[1]
