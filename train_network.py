@@ -8,35 +8,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from library.cli import ArgumentParser, run_cli
-from library.config import engine_flags, flags, train_flags
-from library.config.config_file import add_config_arguments, parse_args_with_config
+from library.cli import run_cli
+from library.config import engine_flags
+from library.config.config_file import parse_args_with_config
+from library.config.parsers import training_parser
 
 logger = logging.getLogger("sdtrain")
 
 
 def setup_parser() -> argparse.ArgumentParser:
     from library.metadata import add_metadata_arguments
-    from library.sampling.flags import add_sample_arguments
 
-    parser = ArgumentParser(description=__doc__)
-    for add in (
-        flags.add_logging_arguments,
-        flags.add_model_arguments,
-        flags.add_text_encoding_arguments,
-        flags.add_dataset_arguments,
-        engine_flags.add_training_arguments,
-        engine_flags.add_saving_arguments,
-        engine_flags.add_tracking_arguments,
-        engine_flags.add_network_arguments,
-        train_flags.add_noise_arguments,
-        train_flags.add_loss_arguments,
-        train_flags.add_optimizer_arguments,
-        add_sample_arguments,
-        add_metadata_arguments,
-        add_config_arguments,
-    ):
-        add(parser)
+    parser = training_parser(__doc__)
+    engine_flags.add_saving_arguments(parser)
+    engine_flags.add_network_arguments(parser)
+    add_metadata_arguments(parser)
     return parser
 
 

@@ -9,9 +9,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from library.cli import ArgumentParser, run_cli
-from library.config import engine_flags, flags, train_flags
-from library.config.config_file import add_config_arguments, parse_args_with_config
+from library.cli import run_cli
+from library.config import engine_flags
+from library.config.config_file import parse_args_with_config
+from library.config.parsers import training_parser
 from library.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,22 +33,11 @@ def add_textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
 
 def setup_parser(description: str | None = None) -> argparse.ArgumentParser:
     from library.metadata import add_metadata_arguments
-    from library.sampling.flags import add_sample_arguments
 
-    parser = ArgumentParser(description=description or __doc__)
-    flags.add_logging_arguments(parser)
-    flags.add_model_arguments(parser)
-    flags.add_text_encoding_arguments(parser)
-    flags.add_dataset_arguments(parser)
-    engine_flags.add_training_arguments(parser)
+    parser = training_parser(description or __doc__)
     engine_flags.add_saving_arguments(parser, default_format="pt")
-    engine_flags.add_tracking_arguments(parser)
-    for add in (train_flags.add_noise_arguments, train_flags.add_loss_arguments, train_flags.add_optimizer_arguments):
-        add(parser)
-    add_sample_arguments(parser)
     add_metadata_arguments(parser, network=False)
     add_textual_inversion_arguments(parser)
-    add_config_arguments(parser)
     return parser
 
 
