@@ -403,17 +403,6 @@ def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {normalize_lora_key(k): v for k, v in sd.items()}
 
 
-def parse_network_args(network_args: Sequence[str] | None) -> dict[str, str]:
-    """``--network_args k=v …`` as a dict of strings, split at the first ``=``."""
-    out: dict[str, str] = {}
-    for arg in network_args or []:
-        key, sep, value = arg.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--network_args: '{arg}' is not key=value; write e.g. conv_dim=4")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def _num(kwargs: dict, key: str, kind: type):
     """One numeric network arg (``None``/``none``/empty mean unset)."""
     value = kwargs.get(key)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from library.engine.network_recipe import parse_network_args
 from library.errors import UserError
 from library.models.tiny import make_tiny_model
 from networks import lora
@@ -339,13 +340,13 @@ def test_text_encoder_keys_without_text_model_are_read(tiny_sd1, tmp_path):
 
 
 def test_network_args_parsing_and_errors(tiny_sd1, tmp_path):
-    assert lora.parse_network_args(["conv_dim=4", "preset=a=b", " algo = loha "]) == {
+    assert parse_network_args(["conv_dim=4", "preset=a=b", " algo = loha "]) == {
         "conv_dim": "4",
         "preset": "a=b",
         "algo": "loha",
     }
     with pytest.raises(UserError, match="'conv_dim' is not key=value"):
-        lora.parse_network_args(["conv_dim"])
+        parse_network_args(["conv_dim"])
     c = tiny_sd1
     with pytest.raises(UserError, match="conv_dim=four"):
         lora.create_network(1.0, 4, 1.0, c.vae, c.text_encoder, c.unet, conv_dim="four")

@@ -30,19 +30,18 @@ from library.metadata import (
     modelspec_from_args,
 )
 from library.models.components import Components
+from library.models.save import save_dtype
 
 logger = logging.getLogger("sdtrain")
 
-SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def parse_network_args(items: list[str] | None) -> dict[str, str]:
-    """``--network_args key=value …`` as a dict of strings (the network module parses the values)."""
+    """``--network_args key=value …`` as a dict of strings, split at the first ``=`` (the network parses values)."""
     out: dict[str, str] = {}
     for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--network_args {item!r}: expected key=value, e.g. conv_dim=4")
-        key, value = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--network_args: '{item}' is not key=value; write e.g. conv_dim=4")
         out[key.strip()] = value.strip()
     return out
 
@@ -172,7 +171,7 @@ class NetworkRecipe(Recipe):
         self.dataset = dataset
         self.network_args = parse_network_args(args.network_args)
         self.module = import_network_module(args.network_module)
-        self.save_dtype = SAVE_DTYPES[args.save_precision]
+        self.save_dtype = save_dtype(args.save_precision)
         self.network: nn.Module | None = None
         self.components: Components | None = None
         self.metadata: dict[str, str] = {}

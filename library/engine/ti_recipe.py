@@ -25,6 +25,7 @@ from library.engine.recipe import ParamGroups, Recipe
 from library.errors import UserError
 from library.metadata import modelspec_from_args
 from library.models.components import Components
+from library.models.save import save_dtype
 from library.textual_inversion import (
     EMBEDDING_KEY,
     OBJECT_TEMPLATES,
@@ -44,8 +45,6 @@ from library.textual_inversion import (
 )
 
 logger = logging.getLogger("sdtrain")
-
-SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def templates_from_args(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -137,7 +136,7 @@ class TextualInversionRecipe(Recipe):
         self.args = args
         self.xti = xti
         self.strings = token_strings(args.token_string, args.num_vectors_per_token)
-        self.save_dtype = SAVE_DTYPES[args.save_precision]
+        self.save_dtype = save_dtype(args.save_precision)
         self.tokens: AddedTokens | None = None
         self.embedding: nn.Embedding | None = None
         self.original: torch.Tensor | None = None
