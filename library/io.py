@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,12 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None], suffix:
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
     """Write a safetensors file atomically (tensors are made contiguous; shared storage is copied)."""
+    owners = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
     clean = {
-        k: v.detach().contiguous().clone() if _shares_storage(v, tensors) else v.detach().contiguous()
+        k: v.detach().contiguous().clone() if owners[v.untyped_storage().data_ptr()] > 1 else v.detach().contiguous()
         for k, v in tensors.items()
     }
     atomic_save(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
-
-
-def _shares_storage(t: torch.Tensor, all_tensors: dict[str, torch.Tensor]) -> bool:
-    ptr = t.untyped_storage().data_ptr()
-    return sum(1 for o in all_tensors.values() if o.untyped_storage().data_ptr() == ptr) > 1
 
 
 def check_safetensors(path: str | os.PathLike) -> None:

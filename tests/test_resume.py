@@ -136,3 +136,12 @@ def test_position_from_step():
     assert position_from_step(5, 4, 1, skip_batches=True) == Position(5, 1, 1)
     assert position_from_step(5, 4, 1, skip_batches=False) == Position(5, 1, 0)
     assert position_from_step(3, 2, 3, skip_batches=True) == Position(3, 1, 3)
+
+
+def test_seed_rule_is_flag_then_saved_state_then_fresh():
+    from library.state import resolve_seed
+
+    assert resolve_seed(5, 7) == 5
+    assert resolve_seed(None, "7") == 7
+    fresh = {resolve_seed(None) for _ in range(4)}
+    assert all(0 <= s < 2**31 for s in fresh) and len(fresh) > 1

@@ -33,6 +33,7 @@ from library.dataset.latent_cache import (
     refuse_incompatible,
 )
 from library.dataset.types import DatasetConfig, ImageRecord
+from library.state import resolve_seed
 
 logger = logging.getLogger("sdtrain.dataset")
 
@@ -386,7 +387,7 @@ def build_train_dataset(
     if seed is None:
         seed = getattr(args, "seed", None)
     if seed is None:
-        seed = random.SystemRandom().randrange(2**31)
+        seed = resolve_seed(None)
         logger.info("no --seed given; the dataset uses seed %d", seed)
     train = TrainDataset(
         datasets,

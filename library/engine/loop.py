@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from library.state import (
     load_training_state,
     position_from_step,
     read_train_state,
+    resolve_seed,
     restore_rng,
     save_training_state,
     saved_position,
@@ -140,11 +140,7 @@ class _Run:
         return self._loop(position)
 
     def _seed(self, resume_data: dict[str, Any] | None) -> int:
-        if self.config.seed is not None:
-            return self.config.seed
-        if resume_data is not None and resume_data.get("seed") is not None:
-            return int(resume_data["seed"])
-        return random.SystemRandom().randint(0, 2**31 - 1)
+        return resolve_seed(self.config.seed, (resume_data or {}).get("seed"))
 
     def _fuse_backward(self, optimizer: torch.optim.Optimizer) -> None:
         """--fused_backward_pass: each parameter is stepped by a hook as its gradient arrives (the loop then

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 from functools import partial
 from typing import Any
 
@@ -22,15 +21,10 @@ from library.text.encode import encode_prompts
 
 def choose_seed(args: argparse.Namespace) -> int:
     """--seed, else the seed of the state being resumed, else a fresh one (logged, and stored in states)."""
-    if args.seed is not None:
-        return args.seed
-    if getattr(args, "resume", None):
-        from library.state import read_train_state
+    from library.state import read_train_state, resolve_seed
 
-        saved = read_train_state(args.resume).get("seed")
-        if saved is not None:
-            return int(saved)
-    return random.SystemRandom().randint(0, 2**31 - 1)
+    saved = read_train_state(args.resume).get("seed") if args.seed is None and getattr(args, "resume", None) else None
+    return resolve_seed(args.seed, saved)
 
 
 def text_encoding(args: argparse.Namespace, v2: bool):
