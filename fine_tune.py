@@ -11,22 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from library.cli import run_cli
-from library.config import engine_flags
 from library.config.config_file import parse_args_with_config
-from library.config.parsers import training_parser
+from library.config.parsers import full_model_parser
 from library.errors import UserError
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    from library.metadata import add_metadata_arguments
-    from library.models.save import SAVE_FORMATS
-
-    parser = training_parser(__doc__)
-    engine_flags.add_saving_arguments(parser, model_formats=SAVE_FORMATS, default_format=None)
-    add_metadata_arguments(parser, network=False)
-    parser.add_argument("--use_safetensors", action="store_true", help="without --save_model_as: save safetensors")
+    parser = full_model_parser(__doc__)
     parser.add_argument("--train_text_encoder", action="store_true", help="train the text encoder too")
-    parser.add_argument("--learning_rate_te", type=float, default=None, help="text encoder LR (default: as UNet)")
     parser.add_argument("--diffusers_xformers", action="store_true", help="use xformers through diffusers")
     parser.add_argument(
         "--from_scratch_config",

@@ -27,3 +27,16 @@ def training_parser(description: str | None) -> ArgumentParser:
     ):
         add(parser)
     return parser
+
+
+def full_model_parser(description: str | None) -> ArgumentParser:
+    """:func:`training_parser` plus what scripts saving a whole model share (train_db.py, fine_tune.py)."""
+    from library.metadata import add_metadata_arguments
+    from library.models.save import SAVE_FORMATS
+
+    parser = training_parser(description)
+    engine_flags.add_saving_arguments(parser, model_formats=SAVE_FORMATS, default_format=None)
+    add_metadata_arguments(parser, network=False)
+    parser.add_argument("--use_safetensors", action="store_true", help="without --save_model_as: save safetensors")
+    parser.add_argument("--learning_rate_te", type=float, default=None, help="text encoder LR (default: as UNet)")
+    return parser
