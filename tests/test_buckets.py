@@ -124,9 +124,19 @@ def test_crop_ltrb_matches_sd_scripts_convention():
         (BucketSettings((512, 512), True, 256, 448, 64), "max_bucket_reso"),
         (BucketSettings((512, 512), True, 256, 1024, 60), "bucket_reso_steps"),
         (BucketSettings((200, 200), True, 256, 1024, 64), "min_bucket_reso"),
-        (BucketSettings((500, 512), False), "resolution"),
+        (BucketSettings((512, 512), True, 256, 1024, 1), "bucket_reso_steps"),
+        (BucketSettings((512, 512), True, 256, 32768, 64), "max_bucket_reso"),
+        (BucketSettings((20000, 512), False), "resolution"),
     ],
 )
 def test_bad_settings_are_user_errors(settings, key):
     with pytest.raises(UserError, match=key):
         validate_settings(settings, "datasets[0]")
+
+
+def test_any_resolution_without_buckets_as_sd_scripts():
+    # sd-scripts trains resolution = "512,650" with buckets off: one fixed bucket of exactly that size.
+    settings = BucketSettings((512, 650), enable_bucket=False)
+    validate_settings(settings)
+    assert select_bucket((1024, 1300), settings) == BucketAssignment((512, 650), (512, 650))
+    assert select_bucket((1000, 1000), settings) == BucketAssignment((512, 650), (650, 650))

@@ -12,6 +12,7 @@ import pytest
 
 from library.config.dataset_config import load_dataset_configs
 from library.config.flags import add_dataset_arguments
+from library.config.values import DATASET_RANGES
 from library.errors import UserError
 from tests.images import write_image
 
@@ -80,7 +81,7 @@ SUBSET_KEYS = {
     "custom_attributes": ([{"a": 1}, {"b": 2}, {"c": 3}], None, None, None, {}),
     "caption_extension": ([".txt", "cap", ".tags"], [".txt", ".cap", ".tags"], ["--caption_extension", "f"], ".f", ""),
     "class_tokens": (["sks dog", "dog", "animal"], None, None, None, None),
-    "cache_info": ([False, True, False], None, None, None, False),
+    "cache_info": ([False, True, False], None, ["--cache_info"], True, False),
 }
 DATASET_KEYS = {
     "batch_size": ([4, 3], None, ["--train_batch_size", "2"], 2, 1),
@@ -308,11 +309,12 @@ def test_error_messages(tmp_path):
         ("[general]\nflip_aug = 1\n", "general: key 'flip_aug' must be true or false, got 1"),
         (
             f"[[datasets]]\n{sub}caption_dropout_rate = 1.5\n",
-            "datasets[0].subsets[0]: key 'caption_dropout_rate' must be between 0 and 1, got 1.5",
+            "datasets[0].subsets[0]: key 'caption_dropout_rate' must be a number from 0 to 1, got 1.5",
         ),
         (
             f"[[datasets]]\nresolution = [512]\n{sub}",
-            "datasets[0]: key 'resolution' must be a positive integer or [width, height], got [512]",
+            "datasets[0]: key 'resolution' must be a whole number from 1 to 16384 or [width, height] of such, got "
+            "[512]",
         ),
         (
             "[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n",
@@ -364,8 +366,8 @@ def test_error_messages(tmp_path):
             "or raise resolution",
         ),
         (
-            f"[general]\nenable_bucket = true\nresolution = [512, 768]\n[[datasets]]\nmax_bucket_reso = 700\n{sub}",
-            "datasets[0]: max_bucket_reso 700 is smaller than the resolution's longer side 768; raise max_bucket_reso "
+            f"[general]\nenable_bucket = true\nresolution = [512, 768]\n[[datasets]]\nmax_bucket_reso = 640\n{sub}",
+            "datasets[0]: max_bucket_reso 640 is smaller than the resolution's longer side 768; raise max_bucket_reso "
             "or lower resolution",
         ),
     ]
@@ -383,7 +385,10 @@ def test_syntax_and_file_errors(tmp_path):
         load_dataset_configs(parse("--dataset_config", str(bad_json)), BOTH)
     assert str(info.value) == f"{bad_json}: JSON syntax error at line 2, column 15: Expecting value"
     for name, expected in [
-        ("missing.toml", f"--dataset_config {tmp_path / 'missing.toml'}: file not found"),
+        (
+            "missing.toml",
+            f"--dataset_config {tmp_path / 'missing.toml'}: file not found (does not exist or is not a file)",
+        ),
         ("d.yaml", f"--dataset_config {tmp_path / 'd.yaml'}: unsupported file type '.yaml'; use a .toml or .json file"),
     ]:
         if name.endswith(".yaml"):
@@ -402,8 +407,7 @@ def test_flag_errors(tmp_path):
             ["--resolution", "1,2,3"],
             "--resolution: expected 'SIZE' or 'WIDTH,HEIGHT' such as 512 or 512,768, got '1,2,3'",
         ),
-        (["--face_crop_aug_range", "4,2"], "--face_crop_aug_range: MIN must not exceed MAX, got '4,2'"),
-        (["--dataset_repeats", "-1"], "--dataset_repeats: must be 0 or more, got -1.0"),
+        (["--face_crop_aug_range", "4,2"], "--face_crop_aug_range: MIN must be above 0 and not exceed MAX, got '4,2'"),
     ]:
         with pytest.raises(UserError) as info:
             load_dataset_configs(parse("--train_data_dir", str(train), *flags), {"dreambooth"})
@@ -413,9 +417,110 @@ def test_flag_errors(tmp_path):
             parse("--train_data_dir", str(train), "--enable_bucket", "--resolution", "128"), {"dreambooth"}
         )
     assert str(info.value) == (
-        "--resolution / --min_bucket_reso / --max_bucket_reso: min_bucket_reso 256 is larger than the resolution's "
-        "shorter side 128; lower min_bucket_reso or raise resolution"
+        "--train_data_dir: --min_bucket_reso 256 is larger than the resolution's shorter side 128; lower "
+        "min_bucket_reso or raise resolution"
     )
+    args = parse("--train_data_dir", str(train))
+    args.dataset_repeats = float("nan")  # a namespace built without our parser still gets the shared range check
+    with pytest.raises(UserError) as info:
+        load_dataset_configs(args, {"dreambooth"})
+    assert str(info.value) == f"--dataset_repeats: must be {DATASET_RANGES['num_repeats'].describe()}, got nan"
     with pytest.raises(UserError) as info:
         load_dataset_configs(parse("--train_data_dir", str(tmp_path / "nope")), {"dreambooth"})
-    assert str(info.value) == f"--train_data_dir {tmp_path / 'nope'}: folder not found"
+    assert str(info.value) == (
+        f"--train_data_dir {tmp_path / 'nope'}: folder not found (does not exist or is not a folder)"
+    )
+
+
+def test_resolution_not_a_multiple_of_64_without_buckets_as_sd_scripts(tmp_path):
+    folder = image_folder(tmp_path)
+    sub = f"[[datasets.subsets]]\nimage_dir = '{folder}'\n"
+    assert load_toml(tmp_path, f"[[datasets]]\nresolution = [512, 650]\n{sub}")[0].resolution == (512, 650)
+    train = tmp_path / "train"
+    image_folder(train, "1_x")
+    args = parse("--train_data_dir", str(train), "--resolution", "512,650")
+    assert load_dataset_configs(args, {"dreambooth"})[0].resolution == (512, 650)
+
+
+def test_bucket_step_errors_name_the_key_or_flag(tmp_path):
+    folder = image_folder(tmp_path)
+    src = tmp_path / "dataset.toml"
+    sub = f"[[datasets.subsets]]\nimage_dir = '{folder}'\n"
+    rule = "must be a positive multiple of 8 when buckets are on (every bucket side is a multiple of it); use 64"
+    assert error_of(tmp_path, f"[[datasets]]\nenable_bucket = true\nbucket_reso_steps = 1\n{sub}") == (
+        f"{src}: datasets[0]: bucket_reso_steps = 1 {rule}, as sd-scripts does"
+    )
+    assert error_of(tmp_path, f"[general]\nbucket_reso_steps = 12\n[[datasets]]\nenable_bucket = true\n{sub}") == (
+        f"{src}: datasets[0]: [general] bucket_reso_steps = 12 {rule}, as sd-scripts does"
+    )
+    train = tmp_path / "train"
+    image_folder(train, "1_x")
+    with pytest.raises(UserError) as info:
+        load_dataset_configs(parse("--train_data_dir", str(train), "--enable_bucket", "--bucket_reso_steps", "1"), BOTH)
+    assert str(info.value) == f"--train_data_dir: --bucket_reso_steps = 1 {rule}, as sd-scripts does"
+
+
+def test_min_max_bucket_reso_rounded_to_the_step_as_sd_scripts(tmp_path, caplog):
+    folder = image_folder(tmp_path)
+    text = "[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 300\nmax_bucket_reso = 1000\n"
+    with caplog.at_level(logging.WARNING, logger="sdtrain"):
+        dataset = load_toml(tmp_path, text + f"[[datasets.subsets]]\nimage_dir = '{folder}'\n")[0]
+    assert (dataset.min_bucket_reso, dataset.max_bucket_reso) == (256, 1024)
+    src = tmp_path / "dataset.toml"
+    assert caplog.messages == [
+        f"{src}: datasets[0]: min_bucket_reso 300 is not a multiple of bucket_reso_steps 64; using 256",
+        f"{src}: datasets[0]: max_bucket_reso 1000 is not a multiple of bucket_reso_steps 64; using 1024",
+    ]
+
+
+def test_fuzzer_findings_are_one_line_user_errors(tmp_path):
+    folder = image_folder(tmp_path)
+    src = tmp_path / "dataset.toml"
+    sub = f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{folder}'\n"
+    repeats = DATASET_RANGES["num_repeats"].describe()
+    long_dir = "d" * 300
+    cases = [
+        (sub + "num_repeats = inf\n", f"key 'num_repeats' must be {repeats}, got Infinity"),
+        (sub + "num_repeats = nan\n", f"key 'num_repeats' must be {repeats}, got NaN"),
+        (sub + "num_repeats = 1e12\n", f"key 'num_repeats' must be {repeats}, got 1000000000000.0"),
+        (
+            sub + "caption_prefix = 5\ncustom_attributes = 1\n",
+            "datasets[0].subsets[0]: key 'caption_prefix' must be a string, got 5",
+        ),
+        (
+            f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{long_dir}'\n",
+            f"datasets[0].subsets[0]: image_dir '{long_dir[:77]}...' is too long for the file system (4096 "
+            "characters in all, 255 per folder or file name) or is not a folder (relative paths are taken from the "
+            "current directory)",
+        ),
+        ("general = 1\n[general.x]\n", None),
+        (
+            sub + "caption_separator = ''\n",
+            "key 'caption_separator' must be a non-empty string (tags are split at it), got \"\"",
+        ),
+    ]
+    for text, message in cases:
+        got = error_of(tmp_path, text)
+        if message is not None:
+            assert got == f"{src}: {message}" or got == f"{src}: datasets[0].subsets[0]: {message}", got
+        assert "\n" not in got and got.startswith(f"{src}: ")
+    src.write_bytes("[general]\ncaption_prefix = 'café'\n".encode("latin-1"))
+    with pytest.raises(UserError) as info:
+        load_dataset_configs(parse("--dataset_config", str(src)), BOTH)
+    assert str(info.value) == f"{src}: --dataset_config file is not UTF-8 text (byte 31 is 0xe9); re-save it as UTF-8"
+    big = {"datasets": [{"subsets": [{"image_dir": str(folder), "custom_attributes": {"k" * 500: [1] * 500}}]}]}
+    big["datasets"][0]["subsets"][0]["is_reg"] = {"x": ["y" * 1000]}
+    with pytest.raises(UserError) as info:
+        load_dataset_configs(parse("--dataset_config", str(write_json_config(tmp_path, big))), BOTH)
+    assert str(info.value).endswith('key \'is_reg\' must be true or false, got {"x": ["' + "y" * 69 + "...")
+
+
+def test_cache_info_flag_on_fine_tuning_data_is_named_as_unused(tmp_path, caplog):
+    folder = image_folder(tmp_path)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({str(folder / "0.png"): {"caption": "x"}}))
+    with caplog.at_level(logging.WARNING, logger="sdtrain"):
+        load_dataset_configs(parse("--in_json", str(meta), "--cache_info"), {"finetune"})
+    assert caplog.messages == [
+        "--cache_info caches DreamBooth-style folders only (as in sd-scripts); fine-tuning datasets ignore it"
+    ]

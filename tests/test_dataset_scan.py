@@ -126,7 +126,10 @@ def test_non_utf8_caption_is_an_error(tmp_path):
     (tmp_path / "a.caption").write_bytes(b"caf\xe9")
     with pytest.raises(UserError) as info:
         scan_subset(subset_for(tmp_path), 0)
-    assert str(info.value) == f"{tmp_path / 'a.caption'}: caption file is not UTF-8 text; re-save it as UTF-8"
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'a.caption'}: caption file is not UTF-8 text (byte 3 is 0xe9); re-save it as UTF-8"
+    )
 
 
 def test_finetune_json_metadata(tmp_path, monkeypatch):
@@ -292,3 +295,49 @@ def test_read_size_follows_exif_rotation(tmp_path):
     Image.new("RGB", (64, 32), "red").save(tmp_path / "plain.jpg")
     assert read_size(tmp_path / "rotated.jpg") == (32, 64)
     assert read_size(tmp_path / "plain.jpg") == (64, 32)
+
+
+def test_kohya_folder_name_captions_are_not_overridden_by_txt(tmp_path, caplog):
+    # kohya_ss writes caption_extension = ".none-use-foldername": no caption file matches, so sd-scripts captions
+    # every image with the class tokens; the .txt fallback must not kick in.
+    write_image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("from txt")
+    for ext in (".none-use-foldername", ".cap"):
+        subset = subset_for(tmp_path, caption_extension=ext, class_tokens="sls frog")
+        result = scan_subset(subset, 0)
+        assert [r.captions for r in result.records] == [()]
+        assert result.caption_sources == {0: ext}
+        assert (
+            summary([DatasetConfig("datasets[0]", "dreambooth", (subset,))], [result])
+            .splitlines()[1]
+            .endswith(f"captions ({ext}): 0 found, 1 use 'sls frog'")
+        )
+
+
+def test_cache_info_stores_class_tokens_for_missing_captions_as_sd_scripts(tmp_path):
+    write_image(tmp_path / "a.png", (24, 16))
+    scan_subset(subset_for(tmp_path, cache_info=True, class_tokens="sls frog"), 0)
+    cache = json.loads((tmp_path / INFO_CACHE_FILE).read_text(encoding="utf-8"))
+    assert cache == {str(tmp_path / "a.png"): {"caption": "sls frog", "resolution": [24, 16]}}
+
+
+def test_unreadable_and_non_utf8_text_files_are_one_line_errors(tmp_path, monkeypatch):
+    write_image(tmp_path / "a.png")
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(b'{"a": {"caption": "caf\xe9"}}')
+    subset = SubsetConfig(name="datasets[0].subsets[0]", image_dir=tmp_path, metadata_file=meta)
+    with pytest.raises(UserError) as info:
+        scan_subset(subset, 0)
+    assert str(info.value) == f"{meta}: metadata file is not UTF-8 text (byte 22 is 0xe9); re-save it as UTF-8"
+    (tmp_path / "a.caption").write_text("fine")
+    real_read_bytes = Path.read_bytes
+
+    def denied(self: Path) -> bytes:  # the tests run as root, where chmod cannot make a file unreadable
+        if self.suffix == ".caption":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(UserError) as info:
+        scan_subset(subset_for(tmp_path), 0)
+    assert str(info.value) == f"{tmp_path / 'a.caption'}: cannot read caption file (Permission denied)"

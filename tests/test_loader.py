@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from library.dataset.debug import debug_dataset
 from library.dataset.epoch import epoch_samples
-from library.dataset.loader import PlannedBatches, TrainDataset, attach_latent_cache, build_train_dataset
+from library.dataset.loader import TrainDataset, attach_latent_cache, build_train_dataset
 from library.dataset.types import DatasetConfig, ImageRecord, SubsetConfig
+from library.engine.data import EpochLoader
+from library.errors import UserError
 from library.models.tiny import make_tiny_model
 from tests.images import write_image
 
@@ -135,8 +136,11 @@ def test_data_loader_workers_give_the_same_batches(tmp_path):
     train = _train(tmp_path, flip_aug=True, random_crop=True, shuffle_caption=True)
     plans = train.batch_plan(1)[:6]
     in_process = [train.load_batch(p) for p in plans]
-    loader = DataLoader(PlannedBatches(train, plans), batch_size=None, num_workers=2)
-    for a, b in zip(in_process, loader):
+    loader = EpochLoader(train, workers=2)
+    loaded = list(loader.epoch(plans))
+    loader.close()
+    assert len(loaded) == len(in_process)
+    for a, b in zip(in_process, loaded):
         _assert_same_batch(a, b)
 
 
@@ -264,3 +268,60 @@ def test_mask_files_weight_the_loss_only_with_masked_loss(tmp_path, masked_loss,
     else:
         assert masks is None
         assert "1 mask file(s) <stem>-masklabel.png found; pass --masked_loss" in caplog.text
+
+
+CUSTOM_DATASET = '''
+from library.dataset.loader import TrainDataset
+
+
+class Tagged(TrainDataset):
+    """Every batch says where it came from."""
+
+    def load_batch(self, plan):
+        batch = super().load_batch(plan)
+        batch["source"] = "tagged"
+        return batch
+'''
+
+
+def test_dataset_class_swaps_in_a_train_dataset_subclass(tmp_path, monkeypatch):
+    (tmp_path / "my_datasets.py").write_text(CUSTOM_DATASET)
+    monkeypatch.chdir(tmp_path)  # sd-scripts users keep the module beside them: the current folder is searched
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    write_image(tmp_path / "img" / "2_frog" / "a.png", (64, 64))
+    args = argparse.Namespace(
+        train_data_dir=str(tmp_path / "img"), dataset_class="my_datasets.Tagged", resolution="64", seed=3
+    )
+    train = build_train_dataset(args, {"dreambooth"})
+    assert type(train).__name__ == "Tagged"
+    assert type(train.with_changes(max_train_steps=5)).__name__ == "Tagged"
+    batch = train.load_batch(train.batch_plan(1)[0])
+    assert batch["source"] == "tagged" and batch["captions"] == ["frog"]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("Tagged", "expected package.module.ClassName naming a subclass of library.dataset.loader.TrainDataset"),
+        ("no_such_module_x.Tagged", "cannot import no_such_module_x (ModuleNotFoundError: No module named"),
+        ("json.Nope", "module json has no Nope"),
+        ("json.JSONDecoder", "JSONDecoder is not a subclass of library.dataset.loader.TrainDataset"),
+    ],
+)
+def test_dataset_class_errors(tmp_path, spec, message):
+    args = argparse.Namespace(train_data_dir=str(tmp_path), dataset_class=spec)
+    with pytest.raises(UserError) as info:
+        build_train_dataset(args, {"dreambooth"})
+    assert str(info.value).startswith(f"--dataset_class {spec}: {message}")
+    assert "\n" not in str(info.value)
+
+
+def test_resolution_off_the_8_grid_trains_as_sd_scripts(tmp_path):
+    # sd-scripts accepts resolution = "52,40" with buckets off; the VAE rounds the latent size down (52/8 -> 6).
+    path = write_image(tmp_path / "a.png", (104, 90))
+    subset = SubsetConfig("datasets[0].subsets[0]", tmp_path)
+    dataset = DatasetConfig("datasets[0]", "dreambooth", (subset,), resolution=(52, 40))
+    train = TrainDataset([dataset], [[ImageRecord(path, (104, 90), ("frog",), 0)]], seed=1)
+    assert train.load_batch(train.batch_plan(1)[0])["images"].shape == (1, 3, 40, 52)
+    cached = attach_latent_cache(train, make_tiny_model(seed=0).vae, to_disk=False, progress=False)
+    assert cached.load_batch(cached.batch_plan(1)[0])["latents"].shape == (1, 4, 5, 6)

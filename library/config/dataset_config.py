@@ -11,8 +11,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,20 @@ import toml
 from library.config.dataset_schema import (
     DATASET_FLAGS,
     DATASET_KEYS,
+    RESOLUTION_RANGE,
     SUBSET_ASCENDING_KEYS,
+    clip,
     validate_user_config,
 )
+from library.config.values import DATASET_RANGES
+from library.dataset.buckets import BucketSettings, check_step, validate_settings
+from library.dataset.scan import read_text_file
 from library.dataset.types import DatasetConfig, SubsetConfig
 from library.errors import UserError
 
 logger = logging.getLogger("sdtrain.dataset")
 
 _FOLDER_NAME = re.compile(r"^(\d+(?:\.\d+)?)_(.*)$")
-_BUCKET_FLAGS = "--resolution / --min_bucket_reso / --max_bucket_reso"
 _STYLE_WORDS = {
     "dreambooth": "DreamBooth-style datasets (subsets with image_dir, or --train_data_dir folders)",
     "finetune": "fine-tuning datasets (subsets with metadata_file, or --in_json)",
@@ -50,35 +55,43 @@ def _defaults(cls: type) -> dict[str, Any]:
 def _parse_pair(flag: str, text: str, kind: type, example: str) -> tuple:
     try:
         parts = tuple(kind(p) for p in str(text).split(","))
-    except ValueError:
-        raise UserError(f"--{flag}: expected {example}, got '{text}'") from None
+    except (ValueError, OverflowError):
+        raise UserError(f"--{flag}: expected {example}, got '{clip(text)}'") from None
     if len(parts) == 1:
         parts = (parts[0], parts[0])
-    if len(parts) != 2:
-        raise UserError(f"--{flag}: expected {example}, got '{text}'")
+    if len(parts) != 2 or not all(math.isfinite(p) for p in parts):
+        raise UserError(f"--{flag}: expected {example}, got '{clip(text)}'")
     return parts
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The dataset flags as config keys (``train_batch_size`` -> ``batch_size``), parsed like sd-scripts does."""
-    names = set(DATASET_KEYS) | set(SUBSET_ASCENDING_KEYS) | {"alpha_mask"}
+    names = set(DATASET_KEYS) | set(SUBSET_ASCENDING_KEYS) | {"alpha_mask", "conditioning_data_dir"}
     values = {key: getattr(args, DATASET_FLAGS.get(key, key), None) for key in names}
     if getattr(args, "caption_extention", None) is not None:
         values["caption_extension"] = args.caption_extention
     if values["resolution"] is not None and not isinstance(values["resolution"], tuple):
         res = _parse_pair("resolution", values["resolution"], int, "'SIZE' or 'WIDTH,HEIGHT' such as 512 or 512,768")
-        if min(res) <= 0:
-            raise UserError(f"--resolution: sizes must be positive, got '{values['resolution']}'")
+        if not all(RESOLUTION_RANGE.low <= side <= RESOLUTION_RANGE.high for side in res):
+            raise UserError(
+                f"--resolution: sizes must be from 1 to {RESOLUTION_RANGE.high:g}, got '{clip(values['resolution'])}'"
+            )
         values["resolution"] = res
     crop = values["face_crop_aug_range"]
     if crop is not None and not isinstance(crop, tuple):
         lo, hi = _parse_pair("face_crop_aug_range", crop, float, "two numbers 'MIN,MAX' such as 2.0,4.0")
-        if lo > hi:
-            raise UserError(f"--face_crop_aug_range: MIN must not exceed MAX, got '{crop}'")
+        if lo > hi or lo <= 0:
+            raise UserError(f"--face_crop_aug_range: MIN must be above 0 and not exceed MAX, got '{clip(crop)}'")
         values["face_crop_aug_range"] = (lo, hi)
-    repeats = values["num_repeats"]
-    if repeats is not None and repeats < 0:
-        raise UserError(f"--dataset_repeats: must be 0 or more, got {repeats}")
+    if values["caption_separator"] == "":
+        raise UserError("--caption_separator: must not be empty (tags are split at it); leave it out to use ','")
+    for key, rule in DATASET_RANGES.items():
+        if key in values and values[key] is not None:
+            flag = DATASET_FLAGS.get(key, key)
+            try:
+                rule.check(values[key])
+            except (ValueError, OverflowError):
+                raise UserError(f"--{flag}: must be {rule.describe()}, got {clip(values[key])}") from None
     return values
 
 
@@ -95,7 +108,10 @@ def _normalise_extension(ext: str) -> str:
 
 
 def _make_subset(name: str, own: dict[str, Any], levels: Sequence[dict[str, Any]], flags: dict) -> SubsetConfig:
-    """Build one SubsetConfig: ascending keys from ``own`` then ``levels`` then flags; subset-only keys from ``own``."""
+    """Build one SubsetConfig: ascending keys from ``own`` then ``levels`` then flags; subset-only keys from ``own``.
+
+    ``--conditioning_data_dir`` is the fallback for DreamBooth-style subsets that do not set their own folder.
+    """
     defaults = _defaults(SubsetConfig)
     values: dict[str, Any] = {}
     for key in SUBSET_ASCENDING_KEYS:
@@ -106,7 +122,26 @@ def _make_subset(name: str, own: dict[str, Any], levels: Sequence[dict[str, Any]
     values["is_reg"] = bool(own.get("is_reg", False))
     for key in ("image_dir", "metadata_file"):
         values[key] = Path(own[key]) if own.get(key) is not None else None
+    conditioning = own.get("conditioning_data_dir")
+    if conditioning is None and values["metadata_file"] is None:
+        conditioning = flags.get("conditioning_data_dir")
+    values["conditioning_data_dir"] = Path(conditioning) if conditioning is not None else None
     return SubsetConfig(name=name, **values)
+
+
+def _key_namer(own: dict[str, Any], general: dict[str, Any], flags: dict[str, Any]) -> Callable[[str], str]:
+    """Names a dataset key as the user set it: the TOML key, the ``--flag``, or ``key (default)``."""
+
+    def name(key: str) -> str:
+        if own.get(key) is not None:
+            return key
+        if general.get(key) is not None:
+            return f"[general] {key}"
+        if flags.get(key) is not None:
+            return f"--{DATASET_FLAGS.get(key, key)}"
+        return f"{key} (default)"
+
+    return name
 
 
 def _make_dataset(
@@ -118,22 +153,41 @@ def _make_dataset(
     flags: dict[str, Any],
     subsets: Sequence[SubsetConfig],
 ) -> DatasetConfig:
-    """Build one DatasetConfig (keys from ``own`` -> ``general`` -> flags -> default); ``where`` prefixes errors."""
+    """Build one DatasetConfig (keys from ``own`` -> ``general`` -> flags -> default); ``where`` prefixes errors.
+
+    As sd-scripts, min/max_bucket_reso that are not multiples of bucket_reso_steps are rounded (min down, max up)
+    with a warning; everything else that cannot make valid buckets is a UserError naming the key or flag.
+    """
     defaults = _defaults(DatasetConfig)
     values = {key: _first_set(key, [own, general, flags], defaults[key]) for key in DATASET_KEYS}
     dataset = DatasetConfig(name=name, style=style, subsets=tuple(subsets), **values)  # type: ignore[arg-type]
+    key_name = _key_namer(own, general, flags)
     if dataset.enable_bucket:
+        step = dataset.bucket_reso_steps
+        check_step(step, where, key_name("bucket_reso_steps"))
+        low = dataset.min_bucket_reso - dataset.min_bucket_reso % step
+        high = dataset.max_bucket_reso + (-dataset.max_bucket_reso) % step
+        for key, old, new in (
+            ("min_bucket_reso", dataset.min_bucket_reso, low),
+            ("max_bucket_reso", dataset.max_bucket_reso, high),
+        ):
+            if old != new:
+                logger.warning(
+                    f"{where}: {key_name(key)} {old} is not a multiple of bucket_reso_steps {step}; using {new}"
+                )
+        dataset = dataclasses.replace(dataset, min_bucket_reso=max(step, low), max_bucket_reso=high)
         width, height = dataset.resolution
         if dataset.min_bucket_reso > min(width, height):
             raise UserError(
-                f"{where}: min_bucket_reso {dataset.min_bucket_reso} is larger than the resolution's shorter side "
-                f"{min(width, height)}; lower min_bucket_reso or raise resolution"
+                f"{where}: {key_name('min_bucket_reso')} {dataset.min_bucket_reso} is larger than the resolution's "
+                f"shorter side {min(width, height)}; lower min_bucket_reso or raise resolution"
             )
         if dataset.max_bucket_reso < max(width, height):
             raise UserError(
-                f"{where}: max_bucket_reso {dataset.max_bucket_reso} is smaller than the resolution's longer side "
-                f"{max(width, height)}; raise max_bucket_reso or lower resolution"
+                f"{where}: {key_name('max_bucket_reso')} {dataset.max_bucket_reso} is smaller than the resolution's "
+                f"longer side {max(width, height)}; raise max_bucket_reso or lower resolution"
             )
+    validate_settings(BucketSettings.from_dataset(dataset), where)
     return dataset
 
 
@@ -143,36 +197,69 @@ def _check_style(style: str, allowed_styles: set[str], where: str) -> None:
         raise UserError(f"{where}: {_STYLE_WORDS[style]} are not supported by this script; it takes {wanted}")
 
 
+def _is(path: Path, kind: str) -> bool:
+    """``path.is_dir()``/``is_file()`` that treats a path the OS cannot even look up (too long, NUL byte) as absent."""
+    try:
+        return path.is_dir() if kind == "dir" else path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _path_problem(path: Path) -> str:
+    """Why ``path`` cannot be found, in words (a name that is too long or has a NUL byte gets its own reason)."""
+    text = str(path)
+    if "\0" in text:
+        return "contains a NUL character"
+    if len(text) > 4096 or any(len(part) > 255 for part in path.parts):
+        return "is too long for the file system (4096 characters in all, 255 per folder or file name)"
+    return "does not exist"
+
+
 def _check_paths(subset: SubsetConfig, where: str) -> None:
-    if subset.image_dir is not None and not subset.image_dir.is_dir():
-        raise UserError(
-            f"{where}: image_dir '{subset.image_dir}' does not exist or is not a folder "
-            "(relative paths are taken from the current directory)"
-        )
-    if subset.metadata_file is not None:
-        if subset.metadata_file.suffix.lower() not in (".json", ".jsonl"):
-            raise UserError(f"{where}: metadata_file '{subset.metadata_file}' must be a .json or .jsonl file")
-        if not subset.metadata_file.is_file():
-            raise UserError(f"{where}: metadata_file '{subset.metadata_file}' does not exist")
+    """Each folder/file a subset names must exist (checked at start-up, not when the first batch is read)."""
+    checks = [("image_dir", subset.image_dir, "dir"), ("conditioning_data_dir", subset.conditioning_data_dir, "dir")]
+    checks.append(("metadata_file", subset.metadata_file, "file"))
+    for key, path, kind in checks:
+        if path is None:
+            continue
+        shown = clip(path)
+        if key == "metadata_file" and path.suffix.lower() not in (".json", ".jsonl"):
+            raise UserError(f"{where}: metadata_file '{shown}' must be a .json or .jsonl file")
+        if not _is(path, kind):
+            what = "folder" if kind == "dir" else "file"
+            raise UserError(
+                f"{where}: {key} '{shown}' {_path_problem(path)} or is not a {what} "
+                "(relative paths are taken from the current directory)"
+            )
 
 
 def read_config_file(path: Path) -> dict:
-    """Parse a .toml or .json dataset config; syntax errors become a UserError with line and column."""
-    if not path.is_file():
-        raise UserError(f"--dataset_config {path}: file not found")
+    """Parse a .toml or .json dataset config; any problem reading or parsing it becomes a one-line UserError."""
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    if suffix not in (".toml", ".json"):
+        raise UserError(
+            f"--dataset_config {clip(path)}: unsupported file type '{clip(suffix)}'; use a .toml or .json file"
+        )
+    if not _is(path, "file"):
+        raise UserError(f"--dataset_config {clip(path)}: file not found ({_path_problem(path)} or is not a file)")
+    text = read_text_file(path, "--dataset_config file")
     if suffix == ".toml":
         try:
             return toml.loads(text)
         except toml.TomlDecodeError as e:
-            raise UserError(f"{path}: TOML syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    raise UserError(f"--dataset_config {path}: unsupported file type '{suffix}'; use a .toml or .json file")
+            raise UserError(f"{path}: TOML syntax error at line {e.lineno}, column {e.colno}: {clip(e.msg)}") from None
+        except Exception as e:  # the toml library raises assorted errors (TypeError, IndexError, ...) on odd input
+            raise UserError(
+                f"{path}: not valid TOML ({clip(f'{type(e).__name__}: {e}')}); check the file's syntax"
+            ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: JSON syntax error at line {e.lineno}, column {e.colno}: {clip(e.msg)}") from None
+    except (ValueError, RecursionError) as e:
+        raise UserError(
+            f"{path}: not valid JSON ({clip(f'{type(e).__name__}: {e}')}); check the file's syntax"
+        ) from None
 
 
 def configs_from_user_config(
@@ -197,20 +284,35 @@ def configs_from_user_config(
     return datasets
 
 
+def _subfolders(base: Path, flag: str) -> list[Path]:
+    """The visible subfolders of ``base``; a folder that cannot be listed is a UserError naming the flag."""
+    if not _is(base, "dir"):
+        raise UserError(f"--{flag} {clip(base)}: folder not found ({_path_problem(base)} or is not a folder)")
+    try:
+        return sorted(p for p in base.iterdir() if not p.name.startswith(".") and _is(p, "dir"))
+    except OSError as e:
+        raise UserError(f"--{flag} {clip(base)}: cannot list the folder ({e.strerror or type(e).__name__})") from None
+
+
 def subsets_from_folders(base: Path, flag: str, is_reg: bool) -> list[dict[str, Any]]:
     """sd-scripts' folder convention: each immediate subfolder ``<repeats>_<class tokens>`` is one subset."""
-    if not base.is_dir():
-        raise UserError(f"--{flag} {base}: folder not found")
     found = []
-    for sub in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    rule = DATASET_RANGES["num_repeats"]
+    for sub in _subfolders(base, flag):
         match = _FOLDER_NAME.match(sub.name)
         if match is None:
-            logger.warning(f"--{flag}: ignoring folder '{sub.name}': its name does not start with '<repeats>_'")
+            logger.warning(f"--{flag}: ignoring folder '{clip(sub.name)}': its name does not start with '<repeats>_'")
             continue
         repeats = float(match.group(1))
         if repeats == 0:
-            logger.warning(f"--{flag}: ignoring folder '{sub.name}': 0 repeats")
+            logger.warning(f"--{flag}: ignoring folder '{clip(sub.name)}': 0 repeats")
             continue
+        try:
+            rule.check(repeats)
+        except ValueError:
+            raise UserError(
+                f"--{flag}: folder '{clip(sub.name)}': its repeat count must be {rule.describe()}; rename the folder"
+            ) from None
         found.append(
             {
                 "name": f"--{flag} {sub.name}",
@@ -222,8 +324,8 @@ def subsets_from_folders(base: Path, flag: str, is_reg: bool) -> list[dict[str, 
         )
     if not found:
         raise UserError(
-            f"--{flag} {base}: no subfolders named '<repeats>_<class tokens>' found; put the images in a subfolder "
-            f"such as '{base / '10_sls frog'}' (10 repeats per epoch, class tokens 'sls frog')"
+            f"--{flag} {clip(base)}: no subfolders named '<repeats>_<class tokens>' found; put the images in a "
+            f"subfolder such as '{clip(base / '10_sls frog')}' (10 repeats per epoch, class tokens 'sls frog')"
         )
     return found
 
@@ -235,7 +337,9 @@ def _configs_from_folders(args: argparse.Namespace, allowed_styles: set[str]) ->
     if getattr(args, "reg_data_dir", None) is not None:
         found += subsets_from_folders(Path(args.reg_data_dir), "reg_data_dir", True)
     subsets = [_make_subset(entry.pop("name"), entry, [], flags) for entry in found]
-    return [_make_dataset("datasets[0]", _BUCKET_FLAGS, "dreambooth", {}, {}, flags, subsets)]
+    for subset in subsets:
+        _check_paths(subset, subset.name)
+    return [_make_dataset("datasets[0]", "--train_data_dir", "dreambooth", {}, {}, flags, subsets)]
 
 
 def _configs_from_in_json(args: argparse.Namespace, allowed_styles: set[str]) -> list[DatasetConfig]:
@@ -243,12 +347,12 @@ def _configs_from_in_json(args: argparse.Namespace, allowed_styles: set[str]) ->
     flags = flag_values(args)
     own = {"metadata_file": args.in_json, "image_dir": getattr(args, "train_data_dir", None)}
     subset = _make_subset("--in_json", own, [], flags)
-    if subset.metadata_file is not None and not subset.metadata_file.is_file():
-        raise UserError(f"--in_json {subset.metadata_file}: file not found")
-    if subset.image_dir is not None and not subset.image_dir.is_dir():
-        raise UserError(f"--train_data_dir {subset.image_dir}: folder not found")
+    if subset.metadata_file is not None and not _is(subset.metadata_file, "file"):
+        raise UserError(f"--in_json {clip(subset.metadata_file)}: file not found")
+    if subset.image_dir is not None and not _is(subset.image_dir, "dir"):
+        raise UserError(f"--train_data_dir {clip(subset.image_dir)}: folder not found")
     _check_paths(subset, "--in_json")
-    return [_make_dataset("datasets[0]", _BUCKET_FLAGS, "finetune", {}, {}, flags, [subset])]
+    return [_make_dataset("datasets[0]", "--in_json", "finetune", {}, {}, flags, [subset])]
 
 
 def load_dataset_configs(args: argparse.Namespace, allowed_styles: set[str]) -> list[DatasetConfig]:
@@ -262,11 +366,19 @@ def load_dataset_configs(args: argparse.Namespace, allowed_styles: set[str]) -> 
         if ignored:
             logger.warning(f"--dataset_config is given, so {', '.join(ignored)} are ignored")
         path = Path(config_path)
-        return configs_from_user_config(read_config_file(path), str(path), args, allowed_styles)
-    if getattr(args, "in_json", None) is not None:
-        return _configs_from_in_json(args, allowed_styles)
-    if getattr(args, "train_data_dir", None) is not None:
-        return _configs_from_folders(args, allowed_styles)
+        configs = configs_from_user_config(read_config_file(path), str(path), args, allowed_styles)
+    elif getattr(args, "in_json", None) is not None:
+        configs = _configs_from_in_json(args, allowed_styles)
+    elif getattr(args, "train_data_dir", None) is not None:
+        configs = _configs_from_folders(args, allowed_styles)
+    else:
+        configs = []
+    if getattr(args, "cache_info", False) and any(d.style == "finetune" for d in configs):
+        logger.warning(
+            "--cache_info caches DreamBooth-style folders only (as in sd-scripts); fine-tuning datasets ignore it"
+        )
+    if configs:
+        return configs
     if allowed_styles == {"finetune"}:
         raise UserError("no training data: pass --in_json METADATA.json (with --train_data_dir) or --dataset_config")
     raise UserError("no training data: pass --dataset_config FILE.toml or --train_data_dir DIR")

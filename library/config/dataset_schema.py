@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import voluptuous as vol
 
+from library.config.values import DATASET_RANGES, Range
+from library.dataset.buckets import MAX_SIDE
 from library.errors import UserError
 
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+# Keys with no flag twin in DATASET_RANGES: their ranges live here.
+RESOLUTION_RANGE = Range(int, 1, MAX_SIDE)
+MULTIPLIER_RANGE = Range(float, -1e3, 1e3)
+ECHO_LIMIT = 80  # longest echo of a user's value in an error line
 
 
 def _is_int(value: Any) -> bool:
@@ -38,51 +45,53 @@ def _string(value: Any) -> str:
     return value
 
 
+def _separator(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise vol.Invalid("must be a non-empty string (tags are split at it)")
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise vol.Invalid("must be a string")
+    if not value.strip() or "\0" in value:
+        raise vol.Invalid("must be a path (not empty, no NUL character)")
+    return value
+
+
 def _table(value: Any) -> dict:
     if not isinstance(value, dict):
         raise vol.Invalid("must be a table of names and values")
     return dict(value)
 
 
-def _integer(minimum: int | None = None) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if not _is_int(value):
-            raise vol.Invalid("must be an integer")
-        if minimum is not None and value < minimum:
-            raise vol.Invalid(f"must be at least {minimum}")
-        return value
+def _ranged(key: str, rule: Range | None = None) -> Callable[[Any], int | float]:
+    """A checker for numeric ``key``: its type (int or number, as sd-scripts' schema), then its one allowed range."""
+    rule = rule or DATASET_RANGES[key]
 
-    return check
-
-
-def _number(minimum: float | None = None, maximum: float | None = None, below: float | None = None):
-    def check(value: Any) -> float:
-        if not _is_number(value):
-            raise vol.Invalid("must be a number")
-        if minimum is not None and maximum is not None and not minimum <= value <= maximum:
-            raise vol.Invalid(f"must be between {minimum:g} and {maximum:g}")
-        if minimum is not None and value < minimum:
-            raise vol.Invalid(f"must be at least {minimum:g}")
-        if below is not None and value >= below:
-            raise vol.Invalid(f"must be less than {below:g}")
-        return value
+    def check(value: Any) -> int | float:
+        if not (_is_int(value) if rule.kind is int else _is_number(value)):
+            raise vol.Invalid("must be an integer" if rule.kind is int else "must be a number")
+        try:
+            return rule.check(value)
+        except (ValueError, OverflowError):
+            raise vol.Invalid(f"must be {rule.describe()}") from None
 
     return check
 
 
 def _resolution(value: Any) -> tuple[int, int]:
-    if _is_int(value) and value > 0:
-        return (value, value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value):
-        return (value[0], value[1])
-    raise vol.Invalid("must be a positive integer or [width, height]")
+    pair = [value, value] if not isinstance(value, (list, tuple)) else list(value)
+    if len(pair) == 2 and all(_is_int(v) and RESOLUTION_RANGE.low <= v <= RESOLUTION_RANGE.high for v in pair):
+        return (pair[0], pair[1])
+    raise vol.Invalid(f"must be a whole number from 1 to {RESOLUTION_RANGE.high:g} or [width, height] of such")
 
 
 def _crop_range(value: Any) -> tuple[float, float]:
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value):
-        if value[0] <= value[1]:
+        if all(math.isfinite(v) and v > 0 for v in value) and value[0] <= value[1]:
             return (float(value[0]), float(value[1]))
-    raise vol.Invalid("must be two numbers [min, max] with min <= max")
+    raise vol.Invalid("must be two positive numbers [min, max] with min <= max")
 
 
 def _interpolation(value: Any) -> str:
@@ -93,25 +102,25 @@ def _interpolation(value: Any) -> str:
 
 # Set in [[datasets]] or [general]; flag fallback through DATASET_FLAGS.
 DATASET_KEYS: dict[str, Callable[[Any], Any]] = {
-    "batch_size": _integer(1),
+    "batch_size": _ranged("batch_size"),
     "resolution": _resolution,
     "enable_bucket": _boolean,
-    "min_bucket_reso": _integer(1),
-    "max_bucket_reso": _integer(1),
-    "bucket_reso_steps": _integer(1),
+    "min_bucket_reso": _ranged("min_bucket_reso"),
+    "max_bucket_reso": _ranged("max_bucket_reso"),
+    "bucket_reso_steps": _ranged("bucket_reso_steps"),
     "bucket_no_upscale": _boolean,
-    "network_multiplier": _number(),
-    "validation_seed": _integer(),
-    "validation_split": _number(0, below=1),
+    "network_multiplier": _ranged("network_multiplier", MULTIPLIER_RANGE),
+    "validation_seed": _ranged("validation_seed"),
+    "validation_split": _ranged("validation_split"),
     "resize_interpolation": _interpolation,
 }
 
 # Set in [[datasets.subsets]], [[datasets]] or [general] ("ascending" keys).
 SUBSET_ASCENDING_KEYS: dict[str, Callable[[Any], Any]] = {
-    "num_repeats": _number(0),
+    "num_repeats": _ranged("num_repeats"),
     "shuffle_caption": _boolean,
-    "caption_separator": _string,
-    "keep_tokens": _integer(0),
+    "caption_separator": _separator,
+    "keep_tokens": _ranged("keep_tokens"),
     "keep_tokens_separator": _string,
     "secondary_separator": _string,
     "enable_wildcard": _boolean,
@@ -121,11 +130,11 @@ SUBSET_ASCENDING_KEYS: dict[str, Callable[[Any], Any]] = {
     "flip_aug": _boolean,
     "face_crop_aug_range": _crop_range,
     "random_crop": _boolean,
-    "token_warmup_min": _integer(0),
-    "token_warmup_step": _number(0),
-    "caption_dropout_rate": _number(0, 1),
-    "caption_dropout_every_n_epochs": _integer(0),
-    "caption_tag_dropout_rate": _number(0, 1),
+    "token_warmup_min": _ranged("token_warmup_min"),
+    "token_warmup_step": _ranged("token_warmup_step"),
+    "caption_dropout_rate": _ranged("caption_dropout_rate"),
+    "caption_dropout_every_n_epochs": _ranged("caption_dropout_every_n_epochs"),
+    "caption_tag_dropout_rate": _ranged("caption_tag_dropout_rate"),
     "custom_attributes": _table,
     "caption_extension": _string,
     "class_tokens": _string,
@@ -134,14 +143,15 @@ SUBSET_ASCENDING_KEYS: dict[str, Callable[[Any], Any]] = {
 
 # Only in [[datasets.subsets]].
 SUBSET_ONLY_KEYS: dict[str, Callable[[Any], Any]] = {
-    "image_dir": _string,
+    "image_dir": _path,
     "is_reg": _boolean,
     "alpha_mask": _boolean,
-    "metadata_file": _string,
+    "metadata_file": _path,
+    "conditioning_data_dir": _path,
 }
 
 # Meaningful only for DreamBooth-style subsets (sd-scripts rejects them in fine-tuning datasets).
-DREAMBOOTH_ONLY_KEYS = ("is_reg", "class_tokens", "caption_extension", "cache_info")
+DREAMBOOTH_ONLY_KEYS = ("is_reg", "class_tokens", "caption_extension", "cache_info", "conditioning_data_dir")
 
 # Command-line flag that backs a config key when its name differs.
 DATASET_FLAGS = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
@@ -156,12 +166,25 @@ _TYPE_WORDS = {
 }
 
 
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` made safe for a one-line message: control characters escaped, cut to ``limit`` characters."""
+    safe = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    safe = safe.encode("utf-8", "backslashreplace").decode("utf-8")
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+
+
+def shown(key: Any) -> str:
+    """A key from the user's file, quoted and clipped for an error line."""
+    return "'" + clip(key, 40) + "'"
+
+
 def describe(value: Any) -> str:
-    """A value as the user wrote it in the file (JSON spelling: strings quoted, true/false)."""
+    """A value as the user wrote it in the file (JSON spelling: strings quoted, true/false), clipped to one line."""
     try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(value)
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return clip(text)
 
 
 class _Checker:
@@ -176,14 +199,18 @@ class _Checker:
 
     def unknown_key(self, location: str, key: str, level: str) -> NoReturn:
         if key in SUBSET_ONLY_KEYS and level != "subset":
-            self.fail(location, f"key '{key}' belongs in a [[datasets.subsets]] entry, not in {_LEVEL_NAMES[level]}")
+            self.fail(
+                location, f"key {shown(key)} belongs in a [[datasets.subsets]] entry, not in {_LEVEL_NAMES[level]}"
+            )
         if key in DATASET_KEYS and level == "subset":
-            self.fail(location, f"key '{key}' is a dataset setting; move it to its [[datasets]] entry or to [general]")
+            self.fail(
+                location, f"key {shown(key)} is a dataset setting; move it to its [[datasets]] entry or to [general]"
+            )
         if key == "subsets" and level == "general":
             self.fail(location, "[general] cannot hold subsets; put [[datasets.subsets]] under a [[datasets]] entry")
-        match = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.6)
+        match = difflib.get_close_matches(str(key)[:100], ALL_KEYS, n=1, cutoff=0.6)
         hint = f" (did you mean '{match[0]}'?)" if match else "; see docs for the keys allowed here"
-        self.fail(location, f"unknown key '{key}'{hint}")
+        self.fail(location, f"unknown key {shown(key)}{hint}")
 
     def values(self, node: dict, schema: dict[str, Callable[[Any], Any]], location: str) -> dict:
         """Validate the values of ``node`` (all keys already known) and return them converted (tuples etc.)."""
@@ -196,8 +223,8 @@ class _Checker:
             message = first.error_message
             got = describe(node.get(key))
             if message in _TYPE_WORDS:
-                self.fail(location, f"key '{key}' must be {_TYPE_WORDS[message]}, got {got}")
-            self.fail(location, f"key '{key}' {message}, got {got}")
+                self.fail(location, f"key {shown(key)} must be {_TYPE_WORDS[message]}, got {got}")
+            self.fail(location, f"key {shown(key)} {message}, got {got}")
 
     def table(self, value: Any, location: str, what: str) -> dict:
         if not isinstance(value, dict):
@@ -246,10 +273,12 @@ def validate_user_config(config: Any, source: str) -> dict:
     for key in config:
         if key not in ("general", "datasets"):
             if key in DATASET_KEYS or key in SUBSET_ASCENDING_KEYS:
-                checker.fail("", f"key '{key}' must be inside [general] or a [[datasets]] entry, not at the top level")
-            match = difflib.get_close_matches(key, ("general", "datasets"), n=1, cutoff=0.6)
+                checker.fail(
+                    "", f"key {shown(key)} must be inside [general] or a [[datasets]] entry, not at the top level"
+                )
+            match = difflib.get_close_matches(str(key)[:100], ("general", "datasets"), n=1, cutoff=0.6)
             hint = f" (did you mean '{match[0]}'?)" if match else "; only [general] and [[datasets]] are allowed"
-            checker.fail("", f"unknown top-level key '{key}'{hint}")
+            checker.fail("", f"unknown top-level key {shown(key)}{hint}")
 
     general_schema = {**DATASET_KEYS, **SUBSET_ASCENDING_KEYS}
     general = _check_level(
@@ -272,7 +301,7 @@ def validate_user_config(config: Any, source: str) -> dict:
         for key in dataset:
             if key in DREAMBOOTH_ONLY_KEYS and style == "finetune":
                 checker.fail(
-                    d_loc, f"key '{key}' is only for DreamBooth-style datasets (subsets without metadata_file)"
+                    d_loc, f"key {shown(key)} is only for DreamBooth-style datasets (subsets without metadata_file)"
                 )
         resolved = _check_level(
             checker, {k: v for k, v in dataset.items() if k != "subsets"}, dataset_schema, d_loc, "dataset"
@@ -285,7 +314,8 @@ def validate_user_config(config: Any, source: str) -> dict:
                 for key in subset:
                     if key in DREAMBOOTH_ONLY_KEYS:
                         checker.fail(
-                            s_loc, f"key '{key}' is only for DreamBooth-style subsets (image_dir without metadata_file)"
+                            s_loc,
+                            f"key {shown(key)} is only for DreamBooth-style subsets (image_dir without metadata_file)",
                         )
             elif "image_dir" not in subset:
                 checker.fail(s_loc, "missing required key 'image_dir' (the folder holding this subset's images)")

@@ -19,6 +19,7 @@ from library.dataset.types import DatasetConfig
 from library.errors import UserError
 
 LATENT_STRIDE = 8  # the SD VAE downsamples 8x; bucket sides must be multiples of it
+MAX_SIDE = 16384  # largest resolution side or bucket side accepted (also bounds the bucket table's size)
 
 
 @dataclass(frozen=True)
@@ -59,21 +60,33 @@ class BucketAssignment:
     resized: tuple[int, int]
 
 
-def validate_settings(settings: BucketSettings, where: str = "dataset") -> None:
-    """Raise a UserError naming ``where`` and the offending key when the settings cannot produce valid buckets."""
-    width, height = settings.resolution
-    if width <= 0 or height <= 0:
-        raise UserError(f"{where}: resolution {width}x{height} must be positive; set e.g. resolution = 512")
-    if width % LATENT_STRIDE or height % LATENT_STRIDE:
+def check_step(step: int, where: str, name: str = "bucket_reso_steps") -> None:
+    """Bucket sides move in steps that are a positive multiple of 8 (the VAE's stride); ``name`` is the key or flag.
+
+    sd-scripts' SD scripts demand a multiple of 64; any multiple of 8 gives valid latents, so 8..56 are allowed here.
+    """
+    if step <= 0 or step % LATENT_STRIDE:
         raise UserError(
-            f"{where}: resolution {width}x{height} must be a multiple of {LATENT_STRIDE} on both sides "
-            "(the VAE downsamples 8x); use e.g. 512 or 512,768"
+            f"{where}: {name} = {step} must be a positive multiple of {LATENT_STRIDE} when buckets are on "
+            "(every bucket side is a multiple of it); use 64, as sd-scripts does"
         )
+
+
+def validate_settings(settings: BucketSettings, where: str = "dataset") -> None:
+    """Raise a UserError naming ``where`` and the offending key when the settings cannot produce valid buckets.
+
+    Without buckets any resolution is trained as given (sd-scripts does not require multiples of 8 or 64 there: the
+    VAE rounds the latent size down and the UNet pads odd sizes).
+    """
+    width, height = settings.resolution
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise UserError(f"{where}: resolution {width}x{height} must be from 1 to {MAX_SIDE} per side; e.g. 512")
     if not settings.enable_bucket:
         return
     step = settings.step
-    if step <= 0 or step % LATENT_STRIDE:
-        raise UserError(f"{where}: bucket_reso_steps = {step} must be a positive multiple of {LATENT_STRIDE}; use 64")
+    check_step(step, where)
+    if settings.max_reso > MAX_SIDE:
+        raise UserError(f"{where}: max_bucket_reso ({settings.max_reso}) must be at most {MAX_SIDE}; e.g. 1024")
     if settings.min_reso % step or settings.max_reso % step:
         raise UserError(
             f"{where}: min_bucket_reso ({settings.min_reso}) and max_bucket_reso ({settings.max_reso}) must be "

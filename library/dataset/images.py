@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from library.dataset.buckets import cover_size, crop_ltrb
 from library.dataset.scan import read_size
 from library.errors import UserError
+from library.losses import mask_from_conditioning_image
 
 INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
@@ -107,6 +108,18 @@ def open_mask(path: Path, size: tuple[int, int]) -> Image.Image:
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.BILINEAR)
     return mask
+
+
+def open_conditioning_mask(
+    path: Path, size: tuple[int, int], geometry: Geometry, interpolation: str | None
+) -> torch.Tensor:
+    """sd-scripts' ``--masked_loss`` mask from a conditioning image: the RGB image is sized to the training image,
+    given the same resize/crop/flip, scaled to [-1, 1] and its red channel mapped to [0, 1]; (1, H, W)."""
+    image = open_image(path)
+    if image.size != size:
+        image = image.resize(size, pick_resample(interpolation, image.size, size))
+    pixels = to_tensor(np.asarray(apply_geometry(image, geometry, interpolation)))
+    return mask_from_conditioning_image(pixels.unsqueeze(0))[0]
 
 
 def face_from_name(path: Path) -> tuple[int, int, int, int] | None:
@@ -222,13 +235,15 @@ def prepare_image(
     mask_path: Path | None = None,
     interpolation: str | None = None,
     face_crop: bool = False,
+    conditioning_path: Path | None = None,
 ) -> PreparedImage:
     """Load ``path`` and return its training crop at ``bucket`` with augmentations applied.
 
     ``resized`` is the cover size from bucket assignment (computed from the header size); when the decoded size
     differs (e.g. EXIF rotation the scan did not apply) the cover size is recomputed from the decoded image.
     ``face_crop`` enables sd-scripts' face crop (only used without bucketing, and only for names carrying a face
-    position). Masks: the alpha channel (``alpha_mask``) and/or ``mask_path``; both present -> their product.
+    position). Masks: the alpha channel (``alpha_mask``), ``mask_path`` and ``conditioning_path`` (sd-scripts'
+    ``--masked_loss`` mask: the red channel of the conditioning image); several present -> their product.
     """
     image = open_image(path, keep_alpha=alpha_mask)
     original = image.size
@@ -240,19 +255,21 @@ def prepare_image(
     else:
         geometry = plan_geometry(original, bucket, resized, rng, random_crop, flip)
 
-    masks: list[Image.Image] = []
+    masks: list[Image.Image | torch.Tensor] = []
     if alpha_mask:
         masks.append(image.getchannel("A"))
         image = image.convert("RGB")
     if mask_path is not None:
         masks.append(open_mask(mask_path, original))
+    if conditioning_path is not None:
+        masks.append(open_conditioning_mask(conditioning_path, original, geometry, interpolation))
 
     pixels = np.asarray(apply_geometry(image, geometry, interpolation))
     if color_aug:
         pixels = color_augment(pixels, rng)
     mask = None
     for m in masks:
-        t = mask_to_tensor(apply_geometry(m, geometry, interpolation))
+        t = m if isinstance(m, torch.Tensor) else mask_to_tensor(apply_geometry(m, geometry, interpolation))
         mask = t if mask is None else mask * t
     return PreparedImage(to_tensor(pixels), mask, original, crop_ltrb(bucket, original), geometry.flip)
 

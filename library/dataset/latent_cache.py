@@ -2,7 +2,8 @@
 
 File format (sd-scripts compatible): ``<stem>_<WWWW>x<HHHH>_sd.npz`` beside the image (original image size in the
 name) with ``latents`` (4, h, w) float32 unscaled (``vae.encode(x).latent_dist.sample()``), ``original_size``,
-``crop_ltrb``, optional ``latents_flipped`` and ``alpha_mask`` (H, W). We add ``cache_key``: a JSON string naming
+``crop_ltrb``, optional ``latents_flipped`` and ``alpha_mask`` (H, W; the product of the alpha, ``-masklabel`` and
+conditioning masks). We add ``cache_key``: a JSON string naming
 everything the latents depend on (image size + mtime, bucket, crop, flip, mask, interpolation, VAE weights). An
 entry is reused only when its key matches; a stale entry is recomputed, an unreadable one recomputed with a warning.
 
@@ -50,6 +51,7 @@ class CacheJob:
     alpha_mask: bool = False
     mask_path: Path | None = None
     interpolation: str | None = None
+    conditioning_path: Path | None = None  # --masked_loss mask image from conditioning_data_dir
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,10 @@ def job_key(job: CacheJob, vae_id: str) -> str:
         st = path.stat()
         return [st.st_size, st.st_mtime_ns]
 
+    conditioning = {"cond": [str(job.conditioning_path), *stat(job.conditioning_path)]} if job.conditioning_path else {}
     return json.dumps(
         {
+            **conditioning,
             "v": KEY_VERSION,
             "image": [job.path.name, *stat(job.path)],
             "size": list(job.original_size),
@@ -180,7 +184,8 @@ def _usable(path: Path, job: CacheJob, key: str, report: CacheReport) -> bool:
         stored == key
         and tuple(entry.latents.shape[1:]) == latent_hw
         and (entry.latents_flipped is not None) == job.flip_aug
-        and (entry.alpha_mask is not None) == (job.alpha_mask or job.mask_path is not None)
+        and (entry.alpha_mask is not None)
+        == (job.alpha_mask or job.mask_path is not None or job.conditioning_path is not None)
     )
     if not ok:
         report.stale += 1
@@ -262,6 +267,7 @@ def _load(job: CacheJob) -> PreparedImage | ImageLoadError:
             alpha_mask=job.alpha_mask,
             mask_path=job.mask_path,
             interpolation=job.interpolation,
+            conditioning_path=job.conditioning_path,
         )
     except ImageLoadError as e:
         return e

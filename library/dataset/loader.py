@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib
 import logging
+import os
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from library.config.dataset_schema import clip
 from library.dataset.buckets import BucketAssignment, BucketSettings, make_bucket_resolutions, select_bucket
 from library.dataset.buckets import validate_settings as validate_bucket_settings
 from library.dataset.captions import pick_caption, process_caption
@@ -33,6 +37,7 @@ from library.dataset.latent_cache import (
     refuse_incompatible,
 )
 from library.dataset.types import DatasetConfig, ImageRecord
+from library.errors import UserError
 from library.state import resolve_seed
 
 logger = logging.getLogger("sdtrain.dataset")
@@ -90,6 +95,42 @@ class TrainDataset:
         self._epoch_lengths: dict[int, int] = {}
         self._warned: set[Path] = set()
 
+    @classmethod
+    def from_args(
+        cls,
+        args: argparse.Namespace,
+        allowed_styles: set[str],
+        *,
+        seed: int | None = None,
+        max_train_steps: int | None = None,
+    ) -> TrainDataset:
+        """Flags/TOML -> dataset configs -> scanned records -> a dataset with buckets (no latents yet).
+
+        ``seed`` defaults to ``--seed``; without either a random seed is drawn and logged. A ``--dataset_class``
+        subclass may override this to find its images another way (it must still return an instance of itself).
+        """
+        from library.config.dataset_config import load_dataset_configs
+        from library.dataset.scan import scan_dataset
+
+        datasets = load_dataset_configs(args, allowed_styles)
+        scans = [scan_dataset(d) for d in datasets]
+        records = [s.records for s in scans]
+        if not getattr(args, "masked_loss", False):
+            records = _without_mask_files(records)
+        if seed is None:
+            seed = getattr(args, "seed", None)
+        if seed is None:
+            seed = resolve_seed(None)
+            logger.info("no --seed given; the dataset uses seed %d", seed)
+        return cls(
+            datasets,
+            records,
+            seed=seed,
+            prior_loss_weight=getattr(args, "prior_loss_weight", 1.0),
+            max_train_steps=max_train_steps,
+            skipped=[item for s in scans for item in s.skipped],
+        )
+
     def with_changes(self, **changes: Any) -> TrainDataset:
         """A copy with some constructor arguments replaced (e.g. ``max_train_steps`` once it is known)."""
         args = dict(
@@ -102,7 +143,7 @@ class TrainDataset:
         args.update(changes)
         datasets = args.pop("datasets", self.datasets)
         records = args.pop("records", self.records)
-        return TrainDataset(datasets, records, **args)
+        return type(self)(datasets, records, **args)
 
     def fingerprint(self) -> str:
         """Identifies what the plans are made from (configs, records, seed), for checking a resumed run."""
@@ -180,6 +221,7 @@ class TrainDataset:
                         mask_path=record.mask_path,
                         interpolation=dataset.resize_interpolation,
                         face_crop=not dataset.enable_bucket,
+                        conditioning_path=record.conditioning_path,
                     )
                 except ImageLoadError as e:
                     if e.path not in self._warned:
@@ -265,20 +307,6 @@ def _stack_masks(masks: list[torch.Tensor | None], bucket: tuple[int, int]) -> t
     return torch.stack([ones if m is None else m for m in masks])
 
 
-class PlannedBatches(torch.utils.data.Dataset):
-    """A torch Dataset over a list of plans, one batch per item: use ``DataLoader(ds, batch_size=None)``."""
-
-    def __init__(self, dataset: TrainDataset, plans: Sequence[BatchPlan]):
-        self.dataset = dataset
-        self.plans = list(plans)
-
-    def __len__(self) -> int:
-        return len(self.plans)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        return self.dataset.load_batch(self.plans[index])
-
-
 def attach_latent_cache(
     train: TrainDataset,
     vae: torch.nn.Module,
@@ -314,6 +342,7 @@ def attach_latent_cache(
                     subset.alpha_mask,
                     record.mask_path,
                     dataset.resize_interpolation,
+                    record.conditioning_path,
                 )
             )
             where.append((d, i))
@@ -349,11 +378,22 @@ def attach_latent_cache(
 
 
 def _without_mask_files(records: list[list[ImageRecord]]) -> list[list[ImageRecord]]:
-    """Mask files (``<stem>-masklabel.png``) weight the loss only with ``--masked_loss``; say so if some are there."""
+    """Mask files (``<stem>-masklabel.png``, conditioning_data_dir images) weight the loss only with
+    ``--masked_loss``; say so if some are there."""
     found = sum(r.mask_path is not None for rs in records for r in rs)
     if found:
         logger.info("%d mask file(s) <stem>-masklabel.png found; pass --masked_loss to weight the loss by them", found)
-    return [[dataclasses.replace(r, mask_path=None) if r.mask_path else r for r in rs] for rs in records]
+    if any(r.conditioning_path is not None for rs in records for r in rs):
+        logger.warning(
+            "conditioning_data_dir is set but --masked_loss is not: its images serve only as loss masks here "
+            "(ControlNet training is not part of this toolkit), so they are not used; pass --masked_loss to use them"
+        )
+    plain = [dataclasses.replace(r, mask_path=None, conditioning_path=None) for rs in records for r in rs]
+    out, start = [], 0
+    for rs in records:
+        out.append(plain[start : start + len(rs)])
+        start += len(rs)
+    return out
 
 
 def build_train_dataset(
@@ -374,29 +414,13 @@ def build_train_dataset(
     Latents are not cached with ``--debug_dataset`` (it shows the processed images). ``seed`` defaults to
     ``--seed``; without either a random seed is drawn and logged (keep ``.seed`` to resume exactly).
     ``process_index``/``num_processes``/``barrier``/``gather`` split latent caching across the processes of a
-    data-parallel run (see ``attach_latent_cache``).
+    data-parallel run (see ``attach_latent_cache``). ``--dataset_class`` swaps in a TrainDataset subclass.
     """
-    from library.config.dataset_config import load_dataset_configs
-    from library.dataset.scan import scan_dataset
-
-    datasets = load_dataset_configs(args, allowed_styles)
-    scans = [scan_dataset(d) for d in datasets]
-    records = [s.records for s in scans]
-    if not getattr(args, "masked_loss", False):
-        records = _without_mask_files(records)
-    if seed is None:
-        seed = getattr(args, "seed", None)
-    if seed is None:
-        seed = resolve_seed(None)
-        logger.info("no --seed given; the dataset uses seed %d", seed)
-    train = TrainDataset(
-        datasets,
-        records,
-        seed=seed,
-        prior_loss_weight=getattr(args, "prior_loss_weight", 1.0),
-        max_train_steps=max_train_steps,
-        skipped=[item for s in scans for item in s.skipped],
-    )
+    cls = load_dataset_class(args.dataset_class) if getattr(args, "dataset_class", None) else TrainDataset
+    train = cls.from_args(args, allowed_styles, seed=seed, max_train_steps=max_train_steps)
+    if not isinstance(train, TrainDataset):
+        raise UserError(f"--dataset_class {args.dataset_class}: from_args() must return an instance of the class")
+    datasets = train.datasets
     to_disk = bool(getattr(args, "cache_latents_to_disk", False))
     if (to_disk or getattr(args, "cache_latents", False)) and not getattr(args, "debug_dataset", False):
         flag = "--cache_latents_to_disk" if to_disk else "--cache_latents"
@@ -417,6 +441,45 @@ def build_train_dataset(
             gather=gather,
         )
     return train
+
+
+def load_dataset_class(spec: str) -> type[TrainDataset]:
+    """The class named by ``--dataset_class package.module.ClassName`` (sd-scripts' flag), imported from the
+    Python path or the current folder.
+
+    It must subclass ``library.dataset.loader.TrainDataset``: the loop calls its ``from_args`` (build from the
+    flags), ``batch_plan(epoch)`` and ``load_batch(plan)``, so a subclass overrides those it needs. sd-scripts'
+    ``MinimalDataset`` subclasses build on sd-scripts' own modules and cannot be loaded here.
+    """
+    interface = "a subclass of library.dataset.loader.TrainDataset (see its from_args/batch_plan/load_batch)"
+    module_name, _, class_name = spec.rpartition(".")
+    if not module_name or not class_name:
+        raise UserError(f"--dataset_class {clip(spec)}: expected package.module.ClassName naming {interface}")
+    try:
+        module = _import_module(module_name)
+    except Exception as e:  # the user's module may fail in any way while it is imported
+        hint = " (sd-scripts' own dataset classes cannot run here)" if "train_util" in str(e) else ""
+        raise UserError(
+            f"--dataset_class {clip(spec)}: cannot import {clip(module_name)} ({clip(f'{type(e).__name__}: {e}')})"
+            f"{hint}; it must name {interface}"
+        ) from e
+    found = getattr(module, class_name, None)
+    if found is None:
+        raise UserError(f"--dataset_class {clip(spec)}: module {clip(module_name)} has no {clip(class_name)}")
+    if not (isinstance(found, type) and issubclass(found, TrainDataset)):
+        raise UserError(f"--dataset_class {clip(spec)}: {clip(class_name)} is not {interface}")
+    return found
+
+
+def _import_module(name: str) -> Any:
+    """``importlib.import_module``, retried with the current folder on the path (where sd-scripts users keep it)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is None or not name.startswith(e.name) or os.getcwd() in sys.path:
+            raise
+    sys.path.insert(0, os.getcwd())
+    return importlib.import_module(name)
 
 
 def skipped_summary(skipped: Sequence[tuple[Path, str] | str]) -> str:

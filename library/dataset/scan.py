@@ -16,12 +16,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from library.config.dataset_schema import clip
 from library.dataset.types import DatasetConfig, ImageRecord, SubsetConfig
 from library.errors import UserError
 
 logger = logging.getLogger("sdtrain.dataset")
 
 MASK_SUFFIX = "-masklabel.png"
+DEFAULT_CAPTION_EXTENSION = ".caption"
+FOLDER_NAME_CAPTIONS = ".none-use-foldername"  # kohya_ss: no caption files, use the class tokens (folder name)
 INFO_CACHE_FILE = "metadata_cache.json"  # sd-scripts' cache_info file name
 _BASE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _HEADER_WORKERS = 8
@@ -78,12 +81,23 @@ def _read_sizes(paths: list[Path]) -> list[tuple[int, int] | str]:
         return list(pool.map(_try_size, paths))
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file (BOM allowed); unreadable or non-UTF-8 files become a one-line UserError naming ``what``."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{clip(path)}: cannot read {what} ({e.strerror or type(e).__name__})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{clip(path)}: {what} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); re-save it as UTF-8"
+        ) from None
+
+
 def read_caption_file(path: Path, all_lines: bool) -> tuple[str, ...]:
     """Caption candidates in a caption file: the first line, or every non-empty line (``enable_wildcard``)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: caption file is not UTF-8 text; re-save it as UTF-8") from None
+    text = read_text_file(path, "caption file")
     lines = [line.strip() for line in text.splitlines()]
     if all_lines:
         return tuple(line for line in lines if line)
@@ -91,9 +105,15 @@ def read_caption_file(path: Path, all_lines: bool) -> tuple[str, ...]:
 
 
 def _caption_extension(subset: SubsetConfig, names: set[str]) -> str:
-    """The subset's caption extension, or ``.txt`` when no file has that extension but .txt files exist."""
+    """The subset's caption extension; for the default ``.caption`` only, ``.txt`` when just .txt files exist.
+
+    An extension chosen on purpose is kept even when no file has it: kohya_ss writes ``.none-use-foldername`` so
+    that sd-scripts finds no caption file and trains every image with the class tokens (the folder name).
+    """
     ext = subset.caption_extension
-    if ext == ".txt" or any(n.endswith(ext) for n in names):
+    if ext != DEFAULT_CAPTION_EXTENSION or any(n.endswith(ext) for n in names):
+        if ext == FOLDER_NAME_CAPTIONS:
+            logger.info(f"{subset.name}: caption_extension {ext}: every image is captioned with its class tokens")
         return ext
     if any(n.endswith(".txt") for n in names):
         logger.info(f"{subset.name}: no '{ext}' caption files in {subset.image_dir}; using the .txt files found there")
@@ -117,32 +137,77 @@ def _load_info_cache(image_dir: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         logger.warning(f"{path}: unreadable image info cache; scanning the folder instead")
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _save_info_cache(image_dir: Path, records: list[ImageRecord]) -> None:
+def _save_info_cache(subset: SubsetConfig, image_dir: Path, records: list[ImageRecord]) -> None:
+    """Write sd-scripts' ``metadata_cache.json``; a missing caption is stored as the class tokens (as sd-scripts)."""
     from library.io import atomic_write_json
 
-    entries = {str(r.path): {"caption": "\n".join(r.captions), "resolution": list(r.size)} for r in records}
-    atomic_write_json(image_dir / INFO_CACHE_FILE, entries)
+    fallback = subset.class_tokens or ""
+    entries = {str(r.path): {"caption": "\n".join(r.captions) or fallback, "resolution": list(r.size)} for r in records}
+    try:
+        atomic_write_json(image_dir / INFO_CACHE_FILE, entries)
+    except OSError as e:
+        logger.warning(f"{subset.name}: cannot write {image_dir / INFO_CACHE_FILE} ({e.strerror}); not caching")
+
+
+def _list_files(folder: Path, where: str, key: str) -> set[str]:
+    """Names of the plain files in ``folder``; a folder that cannot be read is a UserError naming ``key``."""
+    try:
+        with os.scandir(folder) as it:
+            return {entry.name for entry in it if entry.is_file()}
+    except OSError as e:
+        raise UserError(f"{where}: {key} '{clip(folder)}' cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def match_conditioning(subset: SubsetConfig, images: list[Path]) -> dict[Path, Path]:
+    """sd-scripts' pairing of images with conditioning (mask) images: same file stem, any image extension.
+
+    An image without a conditioning image is a UserError (sd-scripts stops too); conditioning images without a
+    training image are listed in a warning (sd-scripts refuses them; they are harmless here).
+    """
+    folder = subset.conditioning_data_dir
+    assert folder is not None
+    extensions = image_extensions()
+    by_stem: dict[str, Path] = {}
+    for name in sorted(_list_files(folder, subset.name, "conditioning_data_dir")):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in extensions:
+            by_stem.setdefault(stem, folder / name)
+    missing = [p.name for p in images if p.stem not in by_stem]
+    if missing:
+        shown = ", ".join(clip(n, 40) for n in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise UserError(
+            f"{subset.name}: {len(missing)} image(s) have no conditioning image of the same name in "
+            f"conditioning_data_dir '{clip(folder)}' ({shown}); add them or remove conditioning_data_dir"
+        )
+    stems = {p.stem for p in images}
+    extra = sorted(stem for stem in by_stem if stem not in stems)
+    if extra:
+        logger.warning(
+            f"{subset.name}: {len(extra)} conditioning image(s) in '{clip(folder)}' match no training image and are "
+            f"not used (e.g. {clip(extra[0], 40)})"
+        )
+    return {p: by_stem[p.stem] for p in images}
 
 
 def _scan_folder(subset: SubsetConfig, subset_index: int) -> ScanResult:
     image_dir = subset.image_dir
     assert image_dir is not None
     if not image_dir.is_dir():
-        raise UserError(f"{subset.name}: image_dir '{image_dir}' does not exist or is not a folder")
-    with os.scandir(image_dir) as it:
-        names = {entry.name for entry in it if entry.is_file()}
+        raise UserError(f"{subset.name}: image_dir '{clip(image_dir)}' does not exist or is not a folder")
+    names = _list_files(image_dir, subset.name, "image_dir")
     extensions = image_extensions()
     images = sorted(
         image_dir / n for n in names if os.path.splitext(n)[1].lower() in extensions and not n.endswith(MASK_SUFFIX)
     )
     ext = _caption_extension(subset, names)
     cache = _load_info_cache(image_dir) if subset.cache_info else {}
+    conditioning = match_conditioning(subset, images) if subset.conditioning_data_dir is not None else {}
 
     result = ScanResult(caption_sources={subset_index: ext})
     uncached = [p for p in images if not _cache_entry_ok(cache.get(str(p)))]
@@ -162,9 +227,9 @@ def _scan_folder(subset: SubsetConfig, subset_index: int) -> ScanResult:
             caption_name = _caption_name(path.stem, ext, names)
             captions = read_caption_file(image_dir / caption_name, subset.enable_wildcard) if caption_name else ()
         mask = image_dir / (path.stem + MASK_SUFFIX) if path.stem + MASK_SUFFIX in names else None
-        result.records.append(ImageRecord(path, size, captions, subset_index, mask))
+        result.records.append(ImageRecord(path, size, captions, subset_index, mask, conditioning.get(path)))
     if subset.cache_info and (uncached or len(cache) != len(result.records)):
-        _save_info_cache(image_dir, result.records)
+        _save_info_cache(subset, image_dir, result.records)
     return result
 
 
@@ -177,10 +242,7 @@ def _cache_entry_ok(entry: object) -> bool:
 
 def read_metadata(path: Path) -> dict[str, dict]:
     """Fine-tuning metadata as ``{image_key: {"caption": ..., "tags": ...}}`` from a .json or .jsonl file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read metadata file: {e}") from None
+    text = read_text_file(path, "metadata file")
     if path.suffix.lower() == ".jsonl":
         out: dict[str, dict] = {}
         for number, line in enumerate(text.splitlines(), 1):
@@ -188,8 +250,8 @@ def read_metadata(path: Path) -> dict[str, dict]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:
+                raise UserError(f"{path}: line {number}: not valid JSON ({clip(getattr(e, 'msg', e))})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}: line {number}: expected a JSON object, got {line.strip()[:40]}")
             key = row.get("image_key") or row.get("file_name") or row.get("image_path")
@@ -201,6 +263,8 @@ def read_metadata(path: Path) -> dict[str, dict]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({clip(f'{type(e).__name__}: {e}')})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise UserError(f'{path}: metadata must be a JSON object {{image_key: {{"caption": ..., "tags": ...}}}}')
     return data
@@ -222,20 +286,30 @@ def metadata_captions(entry: dict, subset: SubsetConfig) -> tuple[str, ...]:
     return (caption,) if caption else ()
 
 
+def _is_file(path: Path, dir_ok: bool = False) -> bool:
+    """``is_file()`` (or ``is_dir()``) that says False for names the OS cannot look up (too long, NUL byte)."""
+    try:
+        return path.is_dir() if dir_ok else path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _find_image(key: str, image_dir: Path | None, names: set[str], extensions: tuple[str, ...]) -> Path | None:
     """sd-scripts' lookup: the key as a path, else ``image_dir/<key><ext>`` for each image extension."""
     as_path = Path(key)
-    if as_path.is_file() and as_path.suffix.lower() in extensions:
+    if _is_file(as_path) and as_path.suffix.lower() in extensions:
         return as_path
     for spelled in [""] + [e for ext in extensions for e in (ext, ext.upper())]:
         if key + spelled in names and (spelled or as_path.suffix.lower() in extensions):
             return image_dir / (key + spelled)  # type: ignore[operator]
     bases = [as_path] + ([image_dir / key] if image_dir is not None and "/" in key else [])
     for base in bases:
+        if not base.name:
+            continue
         for ext in extensions:
             for spelled in (ext, ext.upper()):
                 path = base.with_name(base.name + spelled)
-                if path.is_file():
+                if _is_file(path):
                     return path
     return None
 
@@ -244,7 +318,8 @@ def _scan_metadata(subset: SubsetConfig, subset_index: int) -> ScanResult:
     assert subset.metadata_file is not None
     metadata = read_metadata(subset.metadata_file)
     extensions = image_extensions()
-    names = set(os.listdir(subset.image_dir)) if subset.image_dir is not None and subset.image_dir.is_dir() else set()
+    has_dir = subset.image_dir is not None and _is_file(subset.image_dir, dir_ok=True)
+    names = _list_files(subset.image_dir, subset.name, "image_dir") if has_dir else set()
     result = ScanResult(caption_sources={subset_index: "metadata"})
     found: list[tuple[Path, tuple[str, ...]]] = []
     for key, entry in metadata.items():
@@ -264,7 +339,7 @@ def _scan_metadata(subset: SubsetConfig, subset_index: int) -> ScanResult:
             result.skipped.append((path, size))
             continue
         mask = path.with_name(path.stem + MASK_SUFFIX)
-        result.records.append(ImageRecord(path, size, captions, subset_index, mask if mask.is_file() else None))
+        result.records.append(ImageRecord(path, size, captions, subset_index, mask if _is_file(mask) else None))
     return result
 
 

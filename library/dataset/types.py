@@ -41,6 +41,7 @@ class SubsetConfig:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
     alpha_mask: bool = False
+    conditioning_data_dir: Path | None = None  # loss-mask images matched by file stem (used with --masked_loss)
     cache_info: bool = False
     custom_attributes: dict[str, Any] = field(default_factory=dict)
 
@@ -74,3 +75,4 @@ class ImageRecord:
     captions: tuple[str, ...]  # raw caption candidates (several only with enable_wildcard); () when none found
     subset_index: int  # index into DatasetConfig.subsets
     mask_path: Path | None = None  # "<stem>-masklabel.png" beside the image, when present
+    conditioning_path: Path | None = None  # "<conditioning_data_dir>/<stem>.<ext>": a mask from its red channel
