@@ -13,6 +13,7 @@ from library.cli import run_cli
 from library.config import engine_flags
 from library.config.config_file import parse_args_with_config
 from library.config.parsers import training_parser
+from library.config.values import Range
 from library.errors import UserError
 
 if TYPE_CHECKING:
@@ -24,7 +25,9 @@ logger = logging.getLogger("sdtrain")
 def add_textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     """sd-scripts' textual inversion flags."""
     parser.add_argument("--weights", type=str, default=None, help="embedding file to continue training from")
-    parser.add_argument("--num_vectors_per_token", type=int, default=1, help="vectors (tokens) of the embedding")
+    parser.add_argument(
+        "--num_vectors_per_token", type=Range(int, 1, 75).argtype(), default=1, help="vectors (tokens) of the embedding"
+    )
     parser.add_argument("--token_string", type=str, default=None, help="the new word; must not exist in the tokenizer")
     parser.add_argument("--init_word", type=str, default=None, help="word(s) whose embedding starts the vectors")
     parser.add_argument("--use_object_template", action="store_true", help="train on object templates, not captions")

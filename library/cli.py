@@ -48,6 +48,7 @@ def wants_debug(argv: Sequence[str]) -> bool:
 
 
 def setup_logging(debug: bool = False) -> None:
+    """Plain ``message`` lines on stderr for our logger; other libraries only show errors unless debugging."""
     level = logging.DEBUG if debug else logging.INFO
     root = logging.getLogger()
     if not any(getattr(h, "_sdtrain", False) for h in root.handlers):
@@ -61,8 +62,40 @@ def setup_logging(debug: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
+def apply_logging_flags(args: argparse.Namespace) -> None:
+    """``--console_log_level`` sets the lowest level shown; ``--console_log_file`` also writes the log to a file
+    (overwritten, as sd-scripts does). ``--console_log_simple`` needs nothing: our log lines are always plain."""
+    level = getattr(args, "console_log_level", None)
+    if getattr(args, "debug", False):
+        level = "DEBUG"
+    logger.setLevel(getattr(logging, level or "INFO"))
+    close_log_files()
+    path = getattr(args, "console_log_file", None)
+    if not path:
+        return
+    try:
+        handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"--console_log_file {path}: cannot write it ({e.strerror or e}); check the folder") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler._sdtrain_file = True  # type: ignore[attr-defined]
+    logging.getLogger().addHandler(handler)
+
+
+def _log_files() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers if getattr(h, "_sdtrain_file", False)]
+
+
+def close_log_files() -> None:
+    """Detach and close the --console_log_file handlers (run_cli does this when the script ends)."""
+    for handler in _log_files():
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
 def run_cli(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; a UserError becomes ``error: <message>`` on stderr and exit code 2."""
+    """Run ``main(argv)``; a UserError becomes ``error: <message>`` on stderr (and in the --console_log_file) and
+    exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = wants_debug(argv)
     setup_logging(debug)
@@ -72,8 +105,12 @@ def run_cli(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = 
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        for handler in _log_files():
+            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, f"error: {e}", None, None))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_log_files()
     return 0

@@ -7,9 +7,11 @@ tools that read those files (A1111's additional-networks, metadata editors, civi
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import hashlib
 import json
+import mimetypes
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +21,8 @@ from typing import Any
 
 import safetensors.torch
 import torch
+
+from library.errors import UserError
 
 SS_METADATA_MINIMUM_KEYS = (
     "ss_v2",
@@ -440,6 +444,10 @@ def build_modelspec(
     timesteps: tuple[int, int] | None = None,
     clip_skip: int | None = None,
     trigger_phrase: str | None = None,
+    usage_hint: str | None = None,
+    thumbnail: str | None = None,
+    preprocessor: str | None = None,
+    is_negative_embedding: str | None = None,
 ) -> dict[str, str]:
     """``modelspec.*`` keys (Stability AI's ModelSpec 1.0.0) as sd-scripts' sai_model_spec.build_metadata."""
     arch = ARCH_SD_V1 if not v2 else ARCH_SD_V2_768_V if v_parameterization else ARCH_SD_V2_512
@@ -466,6 +474,10 @@ def build_modelspec(
         ("tags", tags),
         ("merged_from", merged_from),
         ("trigger_phrase", trigger_phrase),
+        ("usage_hint", usage_hint),
+        ("thumbnail", thumbnail),
+        ("preprocessor", preprocessor),
+        ("is_negative_embedding", is_negative_embedding),
     ):
         if value is not None:
             md[f"modelspec.{key}"] = value
@@ -510,7 +522,33 @@ def modelspec_from_args(args: argparse.Namespace, lora: bool = True, textual_inv
         timesteps=timesteps,
         clip_skip=get("clip_skip"),
         trigger_phrase=get("metadata_trigger_phrase"),
+        usage_hint=get("metadata_usage_hint"),
+        thumbnail=thumbnail_data_url(get("metadata_thumbnail")),
+        merged_from=get("metadata_merged_from"),
+        preprocessor=get("metadata_preprocessor"),
+        is_negative_embedding=get("metadata_is_negative_embedding"),
     )
+
+
+def thumbnail_file(value: str) -> str:
+    """argparse ``type=`` of ``--metadata_thumbnail``: a ``data:`` URL, or an existing image file (checked at
+    start-up so a typo cannot fail the first save hours later)."""
+    if value.startswith("data:") or Path(value).is_file():
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither a data: URL nor an existing image file")
+
+
+def thumbnail_data_url(value: str | None) -> str | None:
+    """``modelspec.thumbnail``: a file's bytes as a base64 ``data:<mime type>;base64,...`` URL (as sd-scripts);
+    a value that already is a data URL is kept."""
+    if value is None or value.startswith("data:"):
+        return value
+    mime = mimetypes.guess_type(value)[0] or "application/octet-stream"
+    try:
+        data = Path(value).read_bytes()
+    except OSError as e:
+        raise UserError(f"--metadata_thumbnail {value}: cannot read the file ({e.strerror or e})") from None
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def metadata_for_save(
@@ -538,3 +576,20 @@ def add_metadata_arguments(parser: argparse.ArgumentParser, network: bool = True
     parser.add_argument("--metadata_license", type=str, default=None, help="modelspec.license")
     parser.add_argument("--metadata_tags", type=str, default=None, help="modelspec.tags, comma-separated")
     parser.add_argument("--metadata_trigger_phrase", type=str, default=None, help="modelspec.trigger_phrase")
+    parser.add_argument("--metadata_usage_hint", type=str, default=None, help="modelspec.usage_hint")
+    parser.add_argument(
+        "--metadata_thumbnail",
+        type=thumbnail_file,
+        default=None,
+        help="modelspec.thumbnail: an image file (stored as a data: URL) or a data: URL",
+    )
+    parser.add_argument(
+        "--metadata_merged_from", type=str, default=None, help="modelspec.merged_from: the models merged into this one"
+    )
+    parser.add_argument("--metadata_preprocessor", type=str, default=None, help="modelspec.preprocessor")
+    parser.add_argument(
+        "--metadata_is_negative_embedding",
+        type=str,
+        default=None,
+        help="modelspec.is_negative_embedding (e.g. true for a negative textual inversion embedding)",
+    )

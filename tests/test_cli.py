@@ -63,3 +63,49 @@ def test_missing_model_file_is_one_line_naming_it(script, tmp_path):
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr == f"error: {missing}: model file or folder not found; check --pretrained_model_name_or_path\n"
+
+
+def test_console_log_file_gets_start_up_warnings_and_the_error(tmp_path, capsys):
+    """--console_log_file writes the log (and the final error line) to a file as well as to stderr."""
+    import train_network
+
+    log, missing = tmp_path / "run.log", tmp_path / "missing.safetensors"
+    argv = ["--pretrained_model_name_or_path", str(missing), "--output_dir", str(tmp_path)]
+    argv += ["--train_data_dir", str(tmp_path), "--console_log_file", str(log), "--console_log_simple"]
+    argv += ["--huggingface_repo_id", "me/lora", "--async_upload", "--validate_every_n_steps", "5"]
+    assert run_cli(train_network.main, argv) == 2
+    warning = "--huggingface_repo_id, --async_upload, --validate_every_n_steps: not implemented yet in sd-trainer"
+    error = f"error: {missing}: model file or folder not found; check --pretrained_model_name_or_path"
+    lines = log.read_text().splitlines()
+    assert f" WARNING {warning}" in lines[0]
+    assert lines[-1].endswith(f" ERROR {error}")
+    err = capsys.readouterr().err
+    assert warning in err and err.endswith(error + "\n")
+
+
+def test_console_log_level_sets_the_level_and_unwritable_log_files_are_named(tmp_path):
+    import logging
+
+    import train_network
+    from library.config.config_file import parse_args_with_config
+
+    parse_args_with_config(train_network.setup_parser(), ["--console_log_level", "warning"])
+    assert logging.getLogger("sdtrain").level == logging.WARNING
+    parse_args_with_config(train_network.setup_parser(), [])
+    assert logging.getLogger("sdtrain").level == logging.INFO
+    bad = tmp_path / "no" / "such" / "dir" / "x.log"
+    with pytest.raises(UserError, match=rf"^--console_log_file {bad}: cannot write it \(No such file or directory\)"):
+        parse_args_with_config(train_network.setup_parser(), ["--console_log_file", str(bad)])
+
+
+def test_unimplemented_flags_at_their_defaults_give_no_warning(caplog):
+    import train_network
+    from library.config.config_file import parse_args_with_config
+
+    with caplog.at_level("WARNING", logger="sdtrain"):
+        parse_args_with_config(train_network.setup_parser(), ["--huggingface_repo_visibility", "public"])
+        parse_args_with_config(train_network.setup_parser(), [])
+    messages = [r.getMessage() for r in caplog.records if r.name == "sdtrain"]
+    assert messages == [
+        "--huggingface_repo_visibility: not implemented yet in sd-trainer; ignored, training goes on without it"
+    ]

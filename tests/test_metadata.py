@@ -290,3 +290,49 @@ def test_hashes_of_a_saved_lora_file(tmp_path):
 @pytest.mark.parametrize("small", [b"", b"x" * 100])
 def test_legacy_hash_of_short_data_is_hash_of_nothing(small):
     assert md.addnet_hash_legacy(small) == hashlib.sha256(b"").hexdigest()[:8]
+
+
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24
+
+
+def test_every_metadata_flag_fills_its_modelspec_key_in_the_written_file(tmp_path):
+    """sd-scripts' --metadata_* flags each fill modelspec.<name>; a thumbnail file is stored as a data: URL."""
+    import train_textual_inversion
+    from library.io import save_safetensors
+
+    thumb = tmp_path / "thumb.png"
+    thumb.write_bytes(PNG_BYTES)
+    args = train_textual_inversion.setup_parser().parse_args(
+        ["--metadata_usage_hint", "use <tok> at weight 0.8", "--metadata_thumbnail", str(thumb)]
+        + ["--metadata_merged_from", "a, b", "--metadata_preprocessor", "canny"]
+        + ["--metadata_is_negative_embedding", "true", "--metadata_description", "d", "--output_name", "tok"]
+    )
+    spec = md.modelspec_from_args(args, lora=False, textual_inversion=True)
+    path = tmp_path / "emb.safetensors"
+    save_safetensors({"emb_params": torch.zeros(1, 4)}, path, spec)
+    with safe_open(str(path), framework="pt") as f:
+        stored = f.metadata()
+    assert stored["modelspec.usage_hint"] == "use <tok> at weight 0.8"
+    assert stored["modelspec.thumbnail"] == "data:image/png;base64,iVBORw0KGgoAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    assert stored["modelspec.merged_from"] == "a, b"
+    assert stored["modelspec.preprocessor"] == "canny"
+    assert stored["modelspec.is_negative_embedding"] == "true"
+    assert stored["modelspec.description"] == "d" and stored["modelspec.title"] == "tok"
+    assert stored["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+    unset = md.modelspec_from_args(train_textual_inversion.setup_parser().parse_args([]))
+    assert not {"usage_hint", "thumbnail", "merged_from", "preprocessor", "is_negative_embedding"} & {
+        k.removeprefix("modelspec.") for k in unset
+    }
+
+
+def test_thumbnail_is_checked_at_start_up_and_data_urls_are_kept(tmp_path):
+    from library.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    md.add_metadata_arguments(parser)
+    url = "data:image/webp;base64,AAAA"
+    assert md.thumbnail_data_url(parser.parse_args(["--metadata_thumbnail", url]).metadata_thumbnail) == url
+    import train_network
+
+    with pytest.raises(UserError, match=r"argument --metadata_thumbnail: '.*nope.png' is neither a data: URL nor an"):
+        train_network.setup_parser().parse_args(["--metadata_thumbnail", str(tmp_path / "nope.png")])

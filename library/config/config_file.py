@@ -1,24 +1,61 @@
 """``--config_file``: every flag from a TOML file (sections flattened, as sd-scripts does); the command line wins.
 
-Unlike sd-scripts, keys are checked: an unknown key is an error with a did-you-mean suggestion, and values are
-converted and checked like command-line values (types, choices). ``--output_config`` writes the effective flags
-to the ``--config_file`` path instead of training.
+Unlike sd-scripts, keys are checked: an unknown key is an error with a did-you-mean suggestion (keys the kohya_ss
+GUI writes are skipped with a warning instead), and values are converted and checked like command-line values
+(types, ranges, choices). ``--output_config`` writes the effective flags to the ``--config_file`` path instead of
+training.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import toml
 
+from library.config.values import Range, range_of
 from library.errors import UserError
 from library.io import atomic_write_text
 
+logger = logging.getLogger("sdtrain")
+
 NOT_WRITTEN = ("config_file", "output_config", "wandb_api_key", "huggingface_token")
+
+# Keys the kohya_ss GUI (bmaltais/kohya_ss, kohya_gui/{lora,dreambooth,finetune,textual_inversion}_gui.py: the
+# ``config_toml_data`` dict each writes for ``--config_file``, over every version of those files up to 45088f04)
+# puts into config files, less the flags that all five SD 1.x/2.x sd-scripts training scripts define. Besides
+# GUI-only keys (``epoch``, ``noise_offset_type``, ``weigts`` [sic]) these are other scripts' or other model
+# families' flags (SDXL, SD3, FLUX, ...). sd-scripts ignores unknown keys; we skip these with a warning and
+# reject any other unknown key (a typo).
+KOHYA_SS_KEYS = frozenset(
+    (
+        "additional_parameters ae apply_t5_attn_mask attn_mode block_lr blocks_to_swap "
+        "blockwise_fused_optimizers byt5 cache_text_encoder_outputs cache_text_encoder_outputs_to_disk "
+        "caption_dropout_every_n_epochs caption_dropout_rate clip_g clip_g_dropout_rate clip_l "
+        "clip_l_dropout_rate compile compile_backend compile_cache_size_limit compile_dynamic "
+        "compile_fullgraph compile_mode cpu_offload_checkpointing dataset_repeats dim_from_weights "
+        "disable_mmap_load_safetensors discrete_flow_shift double_blocks_to_swap enable_scaled_pos_embed "
+        "epoch fp8_base_unet fp8_scaled fp8_vl fused_optimizer_groups gemma2 gemma2_max_token_length "
+        "guidance_scale in_json init_word learning_rate_te learning_rate_te1 learning_rate_te2 "
+        "llm_adapter_path logit_mean logit_std lora_network_weights loraplus_lr_ratio "
+        "loraplus_text_encoder_lr_ratio loraplus_unet_lr_ratio lowvram masked_loss mem_eff_save mode_scale "
+        "model_prediction_type model_type network_alpha network_args network_dim network_dropout "
+        "network_module network_train_text_encoder_only network_train_unet_only network_weights no_half_vae "
+        "no_token_padding noise_offset_type num_vectors_per_token pos_emb_random_crop_rate prior_loss_weight "
+        "qwen3 qwen3_max_token_length qwen_image_vae_2d reg_data_dir save_clip save_t5xxl scale_weight_norms "
+        "show_timesteps show_timesteps_resolution sigmoid_scale single_blocks_to_swap split_attn split_mode "
+        "stop_text_encoder_training system_prompt t5_dropout_rate t5_max_token_length t5_tokenizer_path "
+        "t5xxl t5xxl_device t5xxl_dtype t5xxl_max_token_length text_encoder text_encoder_batch_size "
+        "text_encoder_cpu text_encoder_lr timestep_sampling token_string train_blocks train_inpainting "
+        "train_text_encoder training_comment unet_lr unsloth_offload_checkpointing use_flash_attn "
+        "use_object_template use_sage_attn use_style_template use_wandb vae_chunk_size vae_disable_cache "
+        "weighted_captions weighting_scheme weights weigts "
+    ).split()
+)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,38 +83,41 @@ def flatten_sections(data: dict[str, Any], path: Path) -> dict[str, Any]:
         section = f"[{name}]" if isinstance(value, dict) else "the top level"
         for key, item in items:
             if key in flat:
-                raise UserError(f"{path}: key '{key}' is set both in {where[key]} and in {section}; keep one")
+                raise UserError(f"{_shown(path)}: key '{key}' is set both in {where[key]} and in {section}; keep one")
             flat[key], where[key] = item, section
     return flat
 
 
 def _convert_one(value: Any, action: argparse.Action, where: str) -> Any:
+    """One TOML scalar converted as argparse converts the flag's text; numbers range-checked as on the command line."""
     kind = action.type
     if isinstance(value, (dict, list)):
-        raise UserError(f"{where}: expected a single value, got {type(value).__name__} {value!r}")
-    if isinstance(value, bool) and kind in (int, float):
-        raise UserError(f"{where}: expected a number, got {str(value).lower()}")
+        shape = "a table" if isinstance(value, dict) else "a list"
+        raise UserError(f"{where}: expected a single value, got {shape} {_short(value)}")
+    checked = Range(kind) if kind in (int, float) else range_of(kind)
+    if checked is not None:
+        try:
+            return checked.check(value.strip() if isinstance(value, str) else value)
+        except ValueError as e:
+            raise UserError(f"{where} {e}") from None
+    if isinstance(value, bool):
+        wanted = "text" if kind in (str, None) else "a value of this flag's kind"
+        raise UserError(f"{where}: expected {wanted}, got {str(value).lower()}")
     try:
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{value} is not a whole number")
-            return int(value)
-        if kind is float:
-            return float(value)
         if kind is str or kind is None:
             return str(value) if not isinstance(value, str) else value
         return kind(value if isinstance(value, str) else str(value))
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-        raise UserError(f"{where}: invalid value {value!r} ({e})") from None
+        raise UserError(f"{where}: invalid value {_short(value)} ({e})") from None
 
 
 def convert_value(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
     """Convert a TOML value the way argparse converts the same flag on the command line, then check choices."""
-    where = f"{path}: {key}"
+    where = f"{_shown(path)}: {key}"
     if action.nargs == 0:
-        if not isinstance(value, bool):
-            raise UserError(f"{where}: expected true or false, got {value!r}")
-        return value
+        if isinstance(value, int) and value in (0, 1):  # kohya_ss writes some switches as 1 (a bool is an int too)
+            return bool(value)
+        raise UserError(f"{where}: expected true or false, got {_short(value)}")
     if action.nargs in ("*", "+") or isinstance(action.nargs, int):
         items = value if isinstance(value, list) else [value]
         converted: Any = [_convert_one(v, action, where) for v in items]
@@ -90,29 +130,82 @@ def convert_value(key: str, value: Any, action: argparse.Action, path: Path) -> 
             if item not in action.choices:
                 options = ", ".join(str(c) for c in action.choices if c is not None)
                 raise UserError(f"{where}: {item!r} is not one of: {options}")
+    collapse = getattr(action, "collapse", None)
+    if collapse is not None:
+        try:
+            converted = collapse(converted)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
     return converted
 
 
-def read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The flags set in a config file, converted and checked against ``parser``."""
-    if not path.is_file():
-        raise UserError(f"--config_file {path}: file not found")
+def _load_toml(path: Path) -> dict[str, Any]:
+    """The parsed file; every way reading or parsing can fail is one UserError naming the file."""
+    shown = _shown(path)
     try:
-        data = toml.loads(path.read_text(encoding="utf-8"))
-    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from e
+        if not path.is_file():
+            raise UserError(f"--config_file {shown}: file not found")
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"--config_file {shown}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{shown}: not a UTF-8 text file; save it as UTF-8 TOML") from None
+    try:
+        return toml.loads(text)
+    except toml.TomlDecodeError as e:
+        raise UserError(f"{shown}: not valid TOML ({_one_line(e)})") from None
+    except Exception as e:  # the toml package raises assorted types (AttributeError, IndexError) on some bad input
+        raise UserError(f"{shown}: not valid TOML ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The flags set in a config file, converted and checked against ``parser``.
+
+    An empty string means unset (older kohya_ss GUIs write "" for every empty field). Keys the kohya_ss GUI writes
+    that this script has no flag for are skipped with one warning line; any other unknown key is an error.
+    """
+    data = _load_toml(path)
     actions = _actions(parser)
     values: dict[str, Any] = {}
+    ignored: list[str] = []
     for key, value in flatten_sections(data, path).items():
         if key in NOT_WRITTEN[:2]:
-            raise UserError(f"{path}: '{key}' cannot be set inside a config file; pass it on the command line")
+            raise UserError(f"{_shown(path)}: '{key}' cannot be set inside a config file; pass it on the command line")
         action = actions.get(key)
-        if action is None:
+        if action is None and key == "datasets":
+            raise UserError(f"{_shown(path)}: [[datasets]] is dataset config; pass this file with --dataset_config")
+        if action is None and key not in KOHYA_SS_KEYS:
             close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"{path}: unknown key '{key}'{hint}; remove it or check the flag name")
+            raise UserError(f"{_shown(path)}: unknown key '{key}'{hint}; remove it or check the flag name")
+        if isinstance(value, str) and value == "":
+            continue
+        if action is None:
+            ignored.append(key)
+            continue
         values[key] = convert_value(key, value, action, path)
+    if ignored:
+        logger.warning(
+            f"{_shown(path)}: ignoring kohya_ss GUI setting(s) that {parser.prog} has no flag for: {', '.join(ignored)}"
+        )
     return values
+
+
+def _shown(path: Path) -> str:
+    """A path for a one-line message: very long ones keep their end."""
+    text = str(path)
+    return text if len(text) <= 160 else "..." + text[-150:]
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a value, cut to keep the message on one short line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _one_line(error: Exception) -> str:
+    """An exception's message on one line, at most 200 characters."""
+    return " ".join(str(error).split())[:200]
 
 
 def parse_args_with_config(
@@ -123,13 +216,23 @@ def parse_args_with_config(
     if not getattr(first, "config_file", None):
         if getattr(first, "output_config", False):
             raise UserError("--output_config needs --config_file: the path to write the flags to")
-        return first
+        return _started(parser, first)
     path = config_path(first.config_file)
     if first.output_config:
         write_config_file(first, path)
         return None
     values = read_config_file(path, parser)
-    return parser.parse_args(argv, namespace=argparse.Namespace(**values))
+    return _started(parser, parser.parse_args(argv, namespace=argparse.Namespace(**values)))
+
+
+def _started(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Apply the logging flags, then warn about set flags that are accepted but not implemented yet."""
+    from library.cli import apply_logging_flags
+    from library.config.engine_flags import warn_not_implemented
+
+    apply_logging_flags(args)
+    warn_not_implemented(parser, args)
+    return args
 
 
 def config_text(args: argparse.Namespace) -> str:

@@ -8,16 +8,83 @@ existing command lines and config files keep working; ``--nan_policy`` is ours. 
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from library.config.values import ANY_NUMBER, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, Range
+
+logger = logging.getLogger("sdtrain")
+
+NOT_IMPLEMENTED_FLAGS = (
+    "huggingface_repo_id",
+    "huggingface_repo_type",
+    "huggingface_path_in_repo",
+    "huggingface_token",
+    "huggingface_repo_visibility",
+    "save_state_to_huggingface",
+    "resume_from_huggingface",
+    "async_upload",
+    "validate_every_n_steps",
+    "validate_every_n_epochs",
+    "max_validation_steps",
+)
+"""Flags accepted for sd-scripts compatibility whose behaviour is not built yet: set, they get a start-up warning."""
+
+
+def warn_not_implemented(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One start-up warning line naming every set flag of :data:`NOT_IMPLEMENTED_FLAGS` (never ignored silently)."""
+    set_flags = [
+        f"--{name}"
+        for name in NOT_IMPLEMENTED_FLAGS
+        if hasattr(args, name) and getattr(args, name) != parser.get_default(name)
+    ]
+    if set_flags:
+        logger.warning(
+            f"{', '.join(set_flags)}: not implemented yet in sd-trainer; ignored, training goes on without "
+            + ("it" if len(set_flags) == 1 else "them")
+        )
+
+
+class OneTextEncoderValue(argparse.Action):
+    """sd-scripts takes one value per text encoder (``nargs="*"``); SD 1.x/2.x have one, so the list collapses to
+    one number: no values means unset (None), equal values mean that value, different values are an error."""
+
+    @staticmethod
+    def collapse(values: Sequence[Any] | Any) -> Any:
+        """One value from sd-scripts' per-encoder list; ValueError when the values differ."""
+        if not isinstance(values, (list, tuple)):
+            return values
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) > 1:
+            raise ValueError(
+                f"got different values {list(values)}, but SD 1.x/2.x models have one text encoder; give one value"
+            )
+        return distinct[0] if distinct else None
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            setattr(namespace, self.dest, self.collapse(values))
+        except ValueError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """How long to train, with what precision and memory savings."""
-    parser.add_argument("--max_train_steps", type=int, default=1600, help="number of optimizer steps to train")
     parser.add_argument(
-        "--max_train_epochs", type=int, default=None, help="number of epochs to train (overrides --max_train_steps)"
+        "--max_train_steps", type=POSITIVE_INT.argtype(), default=1600, help="number of optimizer steps to train"
     )
     parser.add_argument(
-        "--gradient_accumulation_steps", type=int, default=1, help="batches to accumulate before an optimizer step"
+        "--max_train_epochs",
+        type=POSITIVE_INT.argtype(),
+        default=None,
+        help="number of epochs to train (overrides --max_train_steps)",
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps",
+        type=POSITIVE_INT.argtype(),
+        default=1,
+        help="batches to accumulate before an optimizer step",
     )
     parser.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
@@ -50,17 +117,41 @@ def add_saving_arguments(
     parser.add_argument("--output_name", type=str, default=None, help="base file name of trained models")
     parser.add_argument("--save_model_as", type=str, default=default_format, choices=list(model_formats))
     parser.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
-    parser.add_argument("--save_every_n_epochs", type=int, default=None, help="save a model every N epochs")
-    parser.add_argument("--save_every_n_steps", type=int, default=None, help="save a model every N steps")
     parser.add_argument(
-        "--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch models (and states)"
-    )
-    parser.add_argument("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
-    parser.add_argument(
-        "--save_last_n_steps", type=int, default=None, help="keep step models from the last N steps only"
+        "--save_every_n_epochs", type=POSITIVE_INT.argtype(), default=None, help="save a model every N epochs"
     )
     parser.add_argument(
-        "--save_last_n_steps_state", type=int, default=None, help="keep step states from the last N steps only"
+        "--save_every_n_steps", type=POSITIVE_INT.argtype(), default=None, help="save a model every N steps"
+    )
+    parser.add_argument(
+        "--save_n_epoch_ratio",
+        type=POSITIVE_INT.argtype(),
+        default=None,
+        help="save about N epoch models over the run (every max(1, epochs // N) epochs)",
+    )
+    parser.add_argument(
+        "--save_last_n_epochs",
+        type=POSITIVE_INT.argtype(),
+        default=None,
+        help="keep only the last N epoch models (and states)",
+    )
+    parser.add_argument(
+        "--save_last_n_epochs_state",
+        type=POSITIVE_INT.argtype(),
+        default=None,
+        help="keep only the last N epoch states",
+    )
+    parser.add_argument(
+        "--save_last_n_steps",
+        type=POSITIVE_INT.argtype(),
+        default=None,
+        help="keep step models from the last N steps only",
+    )
+    parser.add_argument(
+        "--save_last_n_steps_state",
+        type=POSITIVE_INT.argtype(),
+        default=None,
+        help="keep step states from the last N steps only",
     )
     parser.add_argument(
         "--save_state", action="store_true", help="write a resumable training state with every saved model"
@@ -69,13 +160,46 @@ def add_saving_arguments(
         "--save_state_on_train_end", action="store_true", help="write a resumable training state at the end"
     )
     parser.add_argument("--resume", type=str, default=None, help="state folder to resume training from")
-    parser.add_argument("--initial_step", type=int, default=None, help="start counting steps from this step")
-    parser.add_argument("--initial_epoch", type=int, default=None, help="start counting from this epoch (1-based)")
+    parser.add_argument(
+        "--initial_step", type=NON_NEGATIVE_INT.argtype(), default=None, help="start counting steps from this step"
+    )
+    parser.add_argument(
+        "--initial_epoch", type=POSITIVE_INT.argtype(), default=None, help="start counting from this epoch (1-based)"
+    )
     parser.add_argument(
         "--skip_until_initial_step",
         action="store_true",
         help="with --initial_step/--initial_epoch: skip the batches before that point too",
     )
+    add_hub_arguments(parser)
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """sd-scripts' Hugging Face Hub upload/resume flags: accepted, not implemented yet (a start-up warning says so)."""
+    for name, what in (
+        ("huggingface_repo_id", "Hub repository to upload to"),
+        ("huggingface_repo_type", "Hub repository type"),
+        ("huggingface_path_in_repo", "path inside the Hub repository"),
+        ("huggingface_token", "Hub token (never written by --output_config)"),
+        ("huggingface_repo_visibility", "'public' or 'private' (default private)"),
+    ):
+        parser.add_argument(f"--{name}", type=str, default=None, help=f"{what}; not implemented yet")
+    for name, what in (
+        ("save_state_to_huggingface", "upload training states to the Hub"),
+        ("resume_from_huggingface", "resume from a state on the Hub"),
+        ("async_upload", "upload in the background"),
+    ):
+        parser.add_argument(f"--{name}", action="store_true", help=f"{what}; not implemented yet")
+
+
+def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
+    """train_network.py's validation-loss schedule flags: accepted, not implemented yet (a start-up warning says so)."""
+    for name, what in (
+        ("validate_every_n_steps", "compute the validation loss every N steps"),
+        ("validate_every_n_epochs", "compute the validation loss every N epochs"),
+        ("max_validation_steps", "validation batches per validation run"),
+    ):
+        parser.add_argument(f"--{name}", type=POSITIVE_INT.argtype(), default=None, help=f"{what}; not implemented yet")
 
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,13 +216,29 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     """The LoRA network to train (sd-scripts' train_network.py flags)."""
-    parser.add_argument("--unet_lr", type=float, default=None, help="learning rate of the UNet part")
-    parser.add_argument("--text_encoder_lr", type=float, default=None, help="learning rate of the text encoder part")
+    parser.add_argument("--unet_lr", type=NON_NEGATIVE.argtype(), default=None, help="learning rate of the UNet part")
+    parser.add_argument(
+        "--text_encoder_lr",
+        type=NON_NEGATIVE.argtype(),
+        default=None,
+        nargs="*",
+        action=OneTextEncoderValue,
+        help="learning rate of the text encoder part (sd-scripts' list form is accepted: SD1/2 have one encoder)",
+    )
     parser.add_argument("--network_weights", type=str, default=None, help="start from these network weights")
     parser.add_argument("--network_module", type=str, default="networks.lora", help="module that builds the network")
-    parser.add_argument("--network_dim", type=int, default=None, help="network rank (the module's default if unset)")
-    parser.add_argument("--network_alpha", type=float, default=1, help="LoRA alpha; scale = alpha / dim")
-    parser.add_argument("--network_dropout", type=float, default=None, help="dropout on the network's neurons")
+    parser.add_argument(
+        "--network_dim", type=POSITIVE_INT.argtype(), default=None, help="network rank (the module's default if unset)"
+    )
+    parser.add_argument(
+        "--network_alpha", type=NON_NEGATIVE.argtype(), default=1, help="LoRA alpha; scale = alpha / dim"
+    )
+    parser.add_argument(
+        "--network_dropout",
+        type=Range(float, 0.0, 1.0, high_open=True).argtype(),
+        default=None,
+        help="dropout on the network's neurons (0 to below 1)",
+    )
     parser.add_argument("--network_args", type=str, default=None, nargs="*", help="extra key=value network options")
     parser.add_argument("--network_train_unet_only", action="store_true")
     parser.add_argument("--network_train_text_encoder_only", action="store_true")
@@ -106,7 +246,11 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
         "--dim_from_weights", action="store_true", help="take the network's shape from --network_weights"
     )
     parser.add_argument(
-        "--scale_weight_norms", type=float, default=None, help="max-norm regularisation of the network's weights"
+        "--scale_weight_norms",
+        type=NON_NEGATIVE.argtype(),
+        default=None,
+        help="max-norm regularisation of the network's weights",
     )
     parser.add_argument("--base_weights", type=str, default=None, nargs="*", help="networks merged before training")
-    parser.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*")
+    parser.add_argument("--base_weights_multiplier", type=ANY_NUMBER.argtype(), default=None, nargs="*")
+    add_validation_arguments(parser)

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import argparse
 
+from library.config.values import DATASET_RANGES, NON_NEGATIVE_INT, POSITIVE_INT, SEED
+
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """Console logging flags (sd-scripts' add_logging_arguments, plus ``--debug``); applied by library.cli."""
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument(
-        "--console_log_level", type=str.upper, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+        "--console_log_level",
+        type=str.upper,
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="lowest level of log messages shown (default INFO)",
+    )
+    parser.add_argument(
+        "--console_log_file", type=str, default=None, help="also write the log to this file (overwritten each run)"
+    )
+    parser.add_argument(
+        "--console_log_simple",
+        action="store_true",
+        help="plain log lines without rich formatting (sd-trainer's log lines are always plain)",
     )
 
 
@@ -40,6 +55,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_save_model_arguments(parser: argparse.ArgumentParser, default_format: str = "safetensors") -> None:
+    """Output format and precision of saved models."""
     parser.add_argument(
         "--save_model_as",
         type=str,
@@ -50,7 +66,10 @@ def add_save_model_arguments(parser: argparse.ArgumentParser, default_format: st
 
 
 def add_text_encoding_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clip_skip", type=int, default=None, help="use the output of the N-th layer from the end")
+    """How captions become text-encoder outputs: CLIP skip, long prompts, (tag:1.2) weights."""
+    parser.add_argument(
+        "--clip_skip", type=POSITIVE_INT.argtype(), default=None, help="use the output of the N-th layer from the end"
+    )
     parser.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225])
     parser.add_argument("--weighted_captions", action="store_true", help="A1111-style (tag:1.2) weights in captions")
 
@@ -61,13 +80,20 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train_data_dir", type=str, default=None)
     parser.add_argument("--reg_data_dir", type=str, default=None)
     parser.add_argument("--in_json", type=str, default=None, help="fine-tuning metadata file")
-    parser.add_argument("--dataset_repeats", type=float, default=1)
-    parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument(
+        "--conditioning_data_dir", type=str, default=None, help="folder of conditioning images (ControlNet-style data)"
+    )
+    parser.add_argument("--dataset_class", type=str, default=None, help="custom dataset class as package.module.Class")
+    parser.add_argument(
+        "--cache_info", action="store_true", help="cache captions and image sizes for faster DreamBooth dataset loading"
+    )
+    parser.add_argument("--dataset_repeats", type=DATASET_RANGES["dataset_repeats"].argtype(), default=1)
+    parser.add_argument("--train_batch_size", type=DATASET_RANGES["batch_size"].argtype(), default=1)
     parser.add_argument("--shuffle_caption", action="store_true")
     parser.add_argument("--caption_separator", type=str, default=",")
     parser.add_argument("--caption_extension", type=str, default=".caption")
     parser.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--keep_tokens", type=int, default=0)
+    parser.add_argument("--keep_tokens", type=DATASET_RANGES["keep_tokens"].argtype(), default=0)
     parser.add_argument("--keep_tokens_separator", type=str, default="")
     parser.add_argument("--secondary_separator", type=str, default=None)
     parser.add_argument("--enable_wildcard", action="store_true")
@@ -82,25 +108,32 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=str, default=None, help="'512' or '512,768'")
     parser.add_argument("--cache_latents", action="store_true")
     parser.add_argument(
-        "--vae_batch_size", type=int, default=None, help="images per VAE call when caching (default: the batch size)"
+        "--vae_batch_size",
+        type=POSITIVE_INT.argtype(),
+        default=None,
+        help="images per VAE call when caching (default: the batch size)",
     )
     parser.add_argument("--cache_latents_to_disk", action="store_true")
     parser.add_argument("--skip_cache_check", action="store_true")
     parser.add_argument("--enable_bucket", action="store_true")
-    parser.add_argument("--min_bucket_reso", type=int, default=256)
-    parser.add_argument("--max_bucket_reso", type=int, default=1024)
-    parser.add_argument("--bucket_reso_steps", type=int, default=64)
+    parser.add_argument("--min_bucket_reso", type=DATASET_RANGES["min_bucket_reso"].argtype(), default=256)
+    parser.add_argument("--max_bucket_reso", type=DATASET_RANGES["max_bucket_reso"].argtype(), default=1024)
+    parser.add_argument("--bucket_reso_steps", type=DATASET_RANGES["bucket_reso_steps"].argtype(), default=64)
     parser.add_argument("--bucket_no_upscale", action="store_true")
-    parser.add_argument("--token_warmup_min", type=int, default=1)
-    parser.add_argument("--token_warmup_step", type=float, default=0)
+    parser.add_argument("--token_warmup_min", type=DATASET_RANGES["token_warmup_min"].argtype(), default=1)
+    parser.add_argument("--token_warmup_step", type=DATASET_RANGES["token_warmup_step"].argtype(), default=0)
     parser.add_argument("--alpha_mask", action="store_true")
-    parser.add_argument("--caption_dropout_rate", type=float, default=0.0)
-    parser.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
-    parser.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
-    parser.add_argument("--prior_loss_weight", type=float, default=1.0)
-    parser.add_argument("--max_data_loader_n_workers", type=int, default=None)
+    parser.add_argument("--caption_dropout_rate", type=DATASET_RANGES["caption_dropout_rate"].argtype(), default=0.0)
+    parser.add_argument(
+        "--caption_dropout_every_n_epochs", type=DATASET_RANGES["caption_dropout_every_n_epochs"].argtype(), default=0
+    )
+    parser.add_argument(
+        "--caption_tag_dropout_rate", type=DATASET_RANGES["caption_tag_dropout_rate"].argtype(), default=0.0
+    )
+    parser.add_argument("--prior_loss_weight", type=DATASET_RANGES["prior_loss_weight"].argtype(), default=1.0)
+    parser.add_argument("--max_data_loader_n_workers", type=NON_NEGATIVE_INT.argtype(), default=None)
     parser.add_argument("--persistent_data_loader_workers", action="store_true")
     parser.add_argument("--resize_interpolation", type=str, default=None)
-    parser.add_argument("--validation_seed", type=int, default=None)
-    parser.add_argument("--validation_split", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--validation_seed", type=DATASET_RANGES["validation_seed"].argtype(), default=None)
+    parser.add_argument("--validation_split", type=DATASET_RANGES["validation_split"].argtype(), default=0.0)
+    parser.add_argument("--seed", type=SEED.argtype(), default=None, help="random seed, 0 to 4294967295")

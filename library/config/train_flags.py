@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+from library.config.values import ANY_NUMBER, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, Range
 
 
 def int_or_ratio(value: str) -> int | float:
     """Parse a step count flag: ``"10"`` is 10 steps, ``"0.1"`` or ``"10%"`` is a ratio of the training steps."""
     text = value.strip()
     try:
-        if text.endswith("%"):
-            return float(text[:-1]) / 100.0
-        number = float(text)
+        number = float(text[:-1] if text.endswith("%") else text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a step count, a ratio below 1 or a percentage") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a step count, a ratio below 1 or a percentage")
+    if text.endswith("%"):
+        if not 0 <= number <= 100:
+            raise argparse.ArgumentTypeError(f"{value!r}: a percentage must be from 0% to 100%")
+        return number / 100.0
     if number < 0:
         raise argparse.ArgumentTypeError(f"{value!r} is negative: use a step count, a ratio below 1 or a percentage")
     if number < 1:
@@ -25,32 +32,50 @@ def int_or_ratio(value: str) -> int | float:
 
 def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     """Noise and timestep flags (part of sd-scripts' add_training_arguments)."""
-    parser.add_argument("--noise_offset", type=float, default=None, help="offset noise strength (about 0.1)")
+    parser.add_argument(
+        "--noise_offset", type=NON_NEGATIVE.argtype(), default=None, help="offset noise strength (about 0.1)"
+    )
     parser.add_argument(
         "--noise_offset_random_strength", action="store_true", help="draw the offset strength from [0, noise_offset)"
     )
     parser.add_argument(
-        "--multires_noise_iterations", type=int, default=None, help="multi-resolution noise levels (about 6-10)"
+        "--multires_noise_iterations",
+        type=NON_NEGATIVE_INT.argtype(),
+        default=None,
+        help="multi-resolution noise levels (about 6-10)",
     )
     parser.add_argument(
-        "--multires_noise_discount", type=float, default=0.3, help="weight decay per multi-resolution level"
+        "--multires_noise_discount",
+        type=PROBABILITY.argtype(),
+        default=0.3,
+        help="weight decay per multi-resolution level",
     )
     parser.add_argument(
         "--adaptive_noise_scale",
-        type=float,
+        type=ANY_NUMBER.argtype(),
         default=None,
         help="add |latent channel mean| times this to noise_offset (needs --noise_offset)",
     )
-    parser.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (about 0.1)")
+    parser.add_argument(
+        "--ip_noise_gamma", type=NON_NEGATIVE.argtype(), default=None, help="input perturbation noise (about 0.1)"
+    )
     parser.add_argument(
         "--ip_noise_gamma_random_strength", action="store_true", help="draw the strength from [0, ip_noise_gamma)"
     )
     parser.add_argument(
         "--zero_terminal_snr", action="store_true", help="rescale the betas so the last timestep has zero SNR"
     )
-    parser.add_argument("--min_timestep", type=int, default=None, help="lowest timestep trained (0-999, default 0)")
     parser.add_argument(
-        "--max_timestep", type=int, default=None, help="timesteps are drawn below this (1-1000, default 1000)"
+        "--min_timestep",
+        type=Range(int, 0, 999).argtype(),
+        default=None,
+        help="lowest timestep trained (0-999, default 0)",
+    )
+    parser.add_argument(
+        "--max_timestep",
+        type=Range(int, 1, 1000).argtype(),
+        default=None,
+        help="timesteps are drawn below this (1-1000, default 1000)",
     )
 
 
@@ -64,11 +89,14 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["constant", "exponential", "snr"],
         help="how the Huber threshold varies with the timestep (huber and smooth_l1 only)",
     )
-    parser.add_argument("--huber_c", type=float, default=0.1, help="Huber threshold parameter")
-    parser.add_argument("--huber_scale", type=float, default=1.0, help="Huber threshold scale")
+    parser.add_argument("--huber_c", type=POSITIVE.argtype(), default=0.1, help="Huber threshold parameter")
+    parser.add_argument("--huber_scale", type=POSITIVE.argtype(), default=1.0, help="Huber threshold scale")
     parser.add_argument("--masked_loss", action="store_true", help="weight the loss by the dataset's masks")
     parser.add_argument(
-        "--min_snr_gamma", type=float, default=None, help="min-SNR weighting gamma (5 is recommended by the paper)"
+        "--min_snr_gamma",
+        type=POSITIVE.argtype(),
+        default=None,
+        help="min-SNR weighting gamma (5 is recommended by the paper)",
     )
     parser.add_argument(
         "--scale_v_pred_loss_like_noise_pred",
@@ -76,7 +104,10 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
         help="scale the v-prediction loss like a noise-prediction loss",
     )
     parser.add_argument(
-        "--v_pred_like_loss", type=float, default=None, help="add a v-prediction-like loss times this value"
+        "--v_pred_like_loss",
+        type=NON_NEGATIVE.argtype(),
+        default=None,
+        help="add a v-prediction-like loss times this value",
     )
     parser.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation loss weighting")
 
@@ -94,8 +125,10 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer_type AdamW8bit")
     parser.add_argument("--use_lion_optimizer", action="store_true", help="same as --optimizer_type Lion")
-    parser.add_argument("--learning_rate", type=float, default=2.0e-6, help="learning rate")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm, 0 for none")
+    parser.add_argument("--learning_rate", type=NON_NEGATIVE.argtype(), default=2.0e-6, help="learning rate")
+    parser.add_argument(
+        "--max_grad_norm", type=NON_NEGATIVE.argtype(), default=1.0, help="gradient clipping norm, 0 for none"
+    )
     parser.add_argument(
         "--optimizer_args",
         type=str,
@@ -128,14 +161,21 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="decay steps (warmup_stable_decay): a count, a ratio below 1, or a percentage",
     )
-    parser.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")
-    parser.add_argument("--lr_scheduler_power", type=float, default=1, help="power for the polynomial scheduler")
     parser.add_argument(
-        "--lr_scheduler_timescale", type=int, default=None, help="timescale for inverse_sqrt (default: warmup steps)"
+        "--lr_scheduler_num_cycles", type=POSITIVE_INT.argtype(), default=1, help="restarts for cosine_with_restarts"
+    )
+    parser.add_argument(
+        "--lr_scheduler_power", type=NON_NEGATIVE.argtype(), default=1, help="power for the polynomial scheduler"
+    )
+    parser.add_argument(
+        "--lr_scheduler_timescale",
+        type=POSITIVE_INT.argtype(),
+        default=None,
+        help="timescale for inverse_sqrt (default: warmup steps)",
     )
     parser.add_argument(
         "--lr_scheduler_min_lr_ratio",
-        type=float,
+        type=PROBABILITY.argtype(),
         default=None,
         help="minimum LR as a ratio of the initial LR (cosine_with_min_lr, warmup_stable_decay)",
     )

@@ -26,13 +26,16 @@ class Range:
         """The rule in words, e.g. 'a number from 0 to 1' or 'a whole number of at least 1'."""
         what = "a whole number" if self.kind is int else "a number"
         if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
-            return f"{what} from {self.low:g} to {self.high:g}"
+            return f"{what} from {_text(self.low)} to {_text(self.high)}"
         parts = []
         if self.low is not None:
-            parts.append(f"{'above' if self.low_open else 'at least'} {self.low:g}")
+            parts.append(f"{'above' if self.low_open else 'at least'} {_text(self.low)}")
         if self.high is not None:
-            parts.append(f"{'below' if self.high_open else 'at most'} {self.high:g}")
-        return f"{what} {' and '.join(parts)}" if parts else what
+            parts.append(f"{'below' if self.high_open else 'at most'} {_text(self.high)}")
+        if not parts:
+            return f"{what} (not NaN or infinity)"
+        rule = " and ".join(parts)
+        return f"{what} {'of ' if rule.startswith('at') else ''}{rule}"
 
     def check(self, value: Any) -> int | float:
         """``value`` converted to ``kind``; ValueError (with :meth:`describe`) when it is not allowed."""
@@ -64,13 +67,28 @@ class Range:
                 raise argparse.ArgumentTypeError(str(e)) from None
 
         parse.__name__ = self.kind.__name__
+        parse.range = self  # type: ignore[attr-defined]  # config files check TOML values with it directly
         return parse
+
+
+def range_of(kind: Any) -> Range | None:
+    """The :class:`Range` behind an argparse ``type=`` made by :meth:`Range.argtype`, else None."""
+    found = getattr(kind, "range", None)
+    return found if isinstance(found, Range) else None
+
+
+def _text(bound: float) -> str:
+    """A bound as people write it: 4294967295, not 4.29497e+09; 0.5 stays 0.5."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 PROBABILITY = Range(float, 0.0, 1.0)
 NON_NEGATIVE_INT = Range(int, 0)
 POSITIVE_INT = Range(int, 1)
 NON_NEGATIVE = Range(float, 0.0)
+POSITIVE = Range(float, 0.0, low_open=True)
+ANY_NUMBER = Range(float)
+SEED = Range(int, 0, 2**32 - 1)
 
 # Settings that are both a flag and a dataset TOML key: one range each.
 DATASET_RANGES: dict[str, Range] = {

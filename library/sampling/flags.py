@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from library.config.values import POSITIVE_INT
 from library.sampling.samplers import SAMPLER_NAMES
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """When and how sample images are made during training."""
     parser.add_argument(
-        "--sample_every_n_steps", type=_positive_int, default=None, help="generate sample images every N steps"
+        "--sample_every_n_steps", type=POSITIVE_INT.argtype(), default=None, help="generate sample images every N steps"
     )
     parser.add_argument("--sample_at_first", action="store_true", help="generate sample images before training")
     parser.add_argument(
         "--sample_every_n_epochs",
-        type=_positive_int,
+        type=POSITIVE_INT.argtype(),
         default=None,
         help="generate sample images every N epochs (overrides --sample_every_n_steps)",
     )
