@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from library.cli import run_cli
 from library.config.config_file import parse_args_with_config
 from library.config.parsers import full_model_parser
+from library.config.values import Range
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_token_padding", action="store_true", help="pad captions to the batch's longest only")
     parser.add_argument(
         "--stop_text_encoder_training",
-        type=int,
+        type=Range(int, -1).argtype(),
         default=None,
         help="steps to train the text encoder for (default: all), -1 to never train it",
     )
