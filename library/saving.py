@@ -8,7 +8,7 @@ names are ``epoch``, ``at`` and ``last`` as in sd-scripts.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 DEFAULT_EPOCH_NAME = "epoch"
@@ -64,10 +64,30 @@ class SavePlan:
     last_n_steps_state: int | None = None
     save_state: bool = False
     save_state_on_train_end: bool = False
+    n_epoch_ratio: int | None = None
+    num_epochs: int | None = None
+
+    def epoch_interval(self, num_epochs: int | None = None) -> int | None:
+        """Epochs between epoch saves: sd-scripts' --save_n_epoch_ratio N saves every ``floor(epochs / N)`` epochs
+        (at least 1), about N models over the run, and wins over --save_every_n_epochs."""
+        epochs = num_epochs if num_epochs is not None else self.num_epochs
+        if self.n_epoch_ratio and epochs is not None:
+            return max(1, epochs // self.n_epoch_ratio)
+        return self.every_n_epochs
+
+    def for_epochs(self, num_epochs: int) -> SavePlan:
+        """This plan for a run of ``num_epochs`` epochs, with --save_n_epoch_ratio turned into its interval."""
+        return replace(self, num_epochs=num_epochs, every_n_epochs=self.epoch_interval(num_epochs))
 
     def saves_at_epoch_end(self, epoch_no: int, num_epochs: int) -> bool:
-        """sd-scripts skips the epoch save of the final epoch: the final model is written under the last name."""
-        return bool(self.every_n_epochs) and epoch_no % self.every_n_epochs == 0 and epoch_no < num_epochs
+        """sd-scripts skips the epoch save of the final epoch: the final model is written under the last name.
+
+        With --save_n_epoch_ratio the plan keeps ``num_epochs`` (the loop asks this at every epoch end, before the
+        stale-file questions), so the files to remove are counted in the same interval."""
+        if self.n_epoch_ratio and self.num_epochs != num_epochs:
+            object.__setattr__(self, "num_epochs", num_epochs)
+        every = self.epoch_interval(num_epochs)
+        return bool(every) and epoch_no % every == 0 and epoch_no < num_epochs
 
     def saves_at_step(self, step: int) -> bool:
         return bool(self.every_n_steps) and step % self.every_n_steps == 0
@@ -91,7 +111,7 @@ class SavePlan:
         return self.output_dir / (last_stem(self.output_name) + "-state")
 
     def stale_epoch_model(self, epoch_no: int) -> Path | None:
-        old = epoch_to_remove(epoch_no, self.every_n_epochs or 1, self.last_n_epochs)
+        old = epoch_to_remove(epoch_no, self.epoch_interval() or 1, self.last_n_epochs)
         return None if old is None else self.epoch_model(old)
 
     def stale_step_model(self, step: int) -> Path | None:
@@ -100,7 +120,7 @@ class SavePlan:
 
     def stale_epoch_state(self, epoch_no: int) -> Path | None:
         keep = self.last_n_epochs_state or self.last_n_epochs
-        old = epoch_to_remove(epoch_no, self.every_n_epochs or 1, keep)
+        old = epoch_to_remove(epoch_no, self.epoch_interval() or 1, keep)
         return None if old is None else self.epoch_state(old)
 
     def stale_step_state(self, step: int) -> Path | None:

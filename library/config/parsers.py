@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from library.cli import ArgumentParser
-from library.config import engine_flags, flags, train_flags
+from library.config import engine_flags, flags, runtime_flags, train_flags
 from library.config.config_file import add_config_arguments
+from library.config.values import NON_NEGATIVE
 
 
 def training_parser(description: str | None) -> ArgumentParser:
@@ -19,6 +20,7 @@ def training_parser(description: str | None) -> ArgumentParser:
         flags.add_dataset_arguments,
         engine_flags.add_training_arguments,
         engine_flags.add_tracking_arguments,
+        runtime_flags.add_runtime_arguments,
         train_flags.add_noise_arguments,
         train_flags.add_loss_arguments,
         train_flags.add_optimizer_arguments,
@@ -38,5 +40,7 @@ def full_model_parser(description: str | None) -> ArgumentParser:
     engine_flags.add_saving_arguments(parser, model_formats=SAVE_FORMATS, default_format=None)
     add_metadata_arguments(parser, network=False)
     parser.add_argument("--use_safetensors", action="store_true", help="without --save_model_as: save safetensors")
-    parser.add_argument("--learning_rate_te", type=float, default=None, help="text encoder LR (default: as UNet)")
+    parser.add_argument(
+        "--learning_rate_te", type=NON_NEGATIVE.argtype(), default=None, help="text encoder LR (default: as UNet)"
+    )
     return parser

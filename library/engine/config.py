@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from library.config.runtime_flags import check_deepspeed
 from library.errors import UserError
 from library.saving import SavePlan
 
@@ -21,6 +22,7 @@ class EngineConfig:
     save_precision: str | None = None
     save_every_n_epochs: int | None = None
     save_every_n_steps: int | None = None
+    save_n_epoch_ratio: int | None = None
     save_last_n_epochs: int | None = None
     save_last_n_steps: int | None = None
     save_last_n_epochs_state: int | None = None
@@ -54,6 +56,19 @@ class EngineConfig:
     sample_at_first: bool = False
     max_data_loader_n_workers: int | None = None
     persistent_data_loader_workers: bool = False
+    train_batch_size: int = 1
+    ddp_timeout: int | None = None
+    ddp_gradient_as_bucket_view: bool = False
+    ddp_static_graph: bool = False
+    deepspeed: bool = False
+    zero_stage: int = 2
+    offload_optimizer_device: str | None = None
+    offload_optimizer_nvme_path: str | None = None
+    offload_param_device: str | None = None
+    offload_param_nvme_path: str | None = None
+    zero3_init_flag: bool = False
+    zero3_save_16bit_model: bool = False
+    fp16_master_weights_and_gradients: bool = False
     latents_cached: bool = False  # every batch brings cached latents: the VAE can leave the accelerator
     tracker_config: dict[str, Any] = field(default_factory=dict)  # flags logged as hyperparameters (--log_config)
 
@@ -71,6 +86,8 @@ class EngineConfig:
                 values[name] = Path(values[name])
         if values.get("max_grad_norm") is None:
             values["max_grad_norm"] = 0.0
+        if values.get("deepspeed"):
+            values["max_data_loader_n_workers"] = 1  # sd-scripts' rule: more workers die under DeepSpeed
         values["latents_cached"] = bool(
             getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)
         )
@@ -96,6 +113,15 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"--{name} {value}: must be 0 or more")
+        if self.save_n_epoch_ratio is not None and self.save_n_epoch_ratio < 0:
+            raise UserError(f"--save_n_epoch_ratio {self.save_n_epoch_ratio}: must be 0 (off) or more")
+        if self.deepspeed and self.gradient_accumulation_steps > 1:
+            raise UserError(
+                f"--deepspeed with --gradient_accumulation_steps {self.gradient_accumulation_steps}: DeepSpeed "
+                "accumulates inside its engine, which this trainer's loop does not drive; use 1 (raise "
+                "--train_batch_size instead) or drop --deepspeed"
+            )
+        check_deepspeed(self)
         if self.save_last_n_steps is not None and not self.save_every_n_steps:
             raise UserError("--save_last_n_steps needs --save_every_n_steps (it keeps only recent step saves)")
         if self.full_fp16 and self.mixed_precision != "fp16":
@@ -120,6 +146,7 @@ class EngineConfig:
             extension="" if self.save_model_as.startswith("diffusers") else "." + self.save_model_as,
             every_n_epochs=self.save_every_n_epochs,
             every_n_steps=self.save_every_n_steps,
+            n_epoch_ratio=self.save_n_epoch_ratio or None,
             last_n_epochs=self.save_last_n_epochs,
             last_n_steps=self.save_last_n_steps,
             last_n_epochs_state=self.save_last_n_epochs_state,

@@ -175,6 +175,12 @@ def train_full_model(
     from library.engine.launch import prepare_training_data
     from library.engine.wiring import choose_seed, parts_from_args
 
+    for flag in ("fp8_base", "fp8_base_unet"):
+        if getattr(args, flag, False):
+            raise UserError(
+                f"--{flag} stores a frozen base model in fp8 (train_network.py); this script trains the UNet's own "
+                f"weights, which stay in full precision: drop --{flag}"
+            )
     if args.learning_rate_te is not None and args.learning_rate_te < 0:
         raise UserError(f"--learning_rate_te {args.learning_rate_te}: must be 0 or more")
     seed = choose_seed(args)

@@ -6,6 +6,15 @@ import argparse
 import logging
 import math
 
+import torch
+
+from library.config.runtime_flags import (
+    apply_fp8_base,
+    check_fp8,
+    compile_unet,
+    process_group_kwargs,
+    runtime_notes,
+)
 from library.dataset.loader import TrainDataset, build_train_dataset
 from library.engine.attention import attention_from_args
 from library.engine.tracking import launch_device, launched_processes
@@ -19,6 +28,7 @@ def load_base_model(args: argparse.Namespace) -> Components:
     """``--pretrained_model_name_or_path`` with ``--v2`` / ``--v_parameterization`` / ``--vae``."""
     from library.models.load import load_model
 
+    check_fp8(args)
     if not args.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required: a diffusers folder, repo id or model file")
     return load_model(
@@ -34,7 +44,8 @@ def load_base_model(args: argparse.Namespace) -> Components:
 def prepare_training_data(
     args: argparse.Namespace, styles: set[str], components: Components, seed: int
 ) -> TrainDataset | None:
-    """Choose attention, build the dataset (latents cached with the work split across processes) and fix its steps.
+    """Choose attention, store the base model in fp8 and compile the UNet when asked, build the dataset (latents
+    cached with the work split across processes) and fix its steps.
 
     Returns None after ``--debug_dataset`` has printed the batches: sd-scripts then exits without training.
     """
@@ -43,8 +54,12 @@ def prepare_training_data(
 
     device = launch_device()
     attention_from_args(args, components.unet, device)
+    text_encoder = None if trains_text_embedding(args) else components.text_encoder
+    apply_fp8_base(args, components.unet, text_encoder)
+    compile_unet(components.unet, args)
     components.vae.to(device)
-    processes = PartialState(cpu=device.type == "cpu" and launched_processes() > 1)
+    processes = PartialState(cpu=device.type == "cpu" and launched_processes() > 1, **process_group_kwargs(args))
+    log_process_group_timeout(args, processes.num_processes)
     dataset = build_train_dataset(
         args,
         styles,
@@ -55,7 +70,7 @@ def prepare_training_data(
         barrier=processes.wait_for_everyone,
         gather=lambda obj: gather_object([obj]),
     )
-    _warn_unused_settings(args, dataset)
+    _warn_unused_settings(args, dataset, processes.num_processes)
     if args.debug_dataset:
         from library.dataset.debug import debug_dataset
 
@@ -68,8 +83,31 @@ def prepare_training_data(
     return dataset.with_changes(max_train_steps=steps)
 
 
-def _warn_unused_settings(args: argparse.Namespace, dataset: TrainDataset) -> None:
+def trains_text_embedding(args: argparse.Namespace) -> bool:
+    """Textual inversion (its parser has --token_string) trains the text encoder's embedding through the whole
+    encoder, which therefore keeps full precision under --fp8_base (sd-scripts ignores --fp8_base there)."""
+    return hasattr(args, "token_string")
+
+
+def log_process_group_timeout(args: argparse.Namespace, num_processes: int) -> None:
+    """With --ddp_timeout in a multi-process run: log the timeout torch's default process group really has."""
+    if not getattr(args, "ddp_timeout", None) or num_processes < 2:
+        return
+    import torch.distributed as dist
+
+    try:  # torch keeps the timeout on the group's backend object (private API): report what it holds
+        group = dist.distributed_c10d._get_default_group()
+        backend = group._get_backend(torch.device("cuda" if dist.get_backend() == "nccl" else "cpu"))
+        timeout = backend.options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        timeout = process_group_kwargs(args)["timeout"]
+    logger.info(f"--ddp_timeout {args.ddp_timeout}: process group timeout {timeout}")
+
+
+def _warn_unused_settings(args: argparse.Namespace, dataset: TrainDataset, num_processes: int = 1) -> None:
     """Settings this toolkit accepts from sd-scripts users but does not act on yet: say so, never ignore silently."""
+    for note in runtime_notes(args, num_processes):
+        logger.warning(note)
     if getattr(args, "lowram", False):
         logger.warning("--lowram has no effect here: models are loaded on the CPU, then moved to the device once")
     split = [d.name for d in dataset.datasets if d.validation_split > 0]

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
+from library.config.runtime_flags import accelerate_kwargs_handlers, deepspeed_plugin
 from library.engine.config import EngineConfig
 from library.errors import UserError
 
@@ -53,6 +54,8 @@ def make_accelerator(config: EngineConfig, now: float | None = None) -> Accelera
 
     Several launched processes without a GPU are joined over gloo (accelerate's MULTI_CPU), so
     ``accelerate launch --multi_gpu --num_processes N`` trains data-parallel on a CPU-only machine too.
+    --ddp_* flags become accelerate kwargs handlers and --deepspeed a DeepSpeed plugin, as in sd-scripts; dynamo is
+    off here (``accelerate launch --dynamo_backend`` included) because --torch_compile compiles the UNet itself.
     """
     kinds = tracker_kinds(config)
     if kinds in ("wandb", ["tensorboard", "wandb"]):
@@ -69,6 +72,9 @@ def make_accelerator(config: EngineConfig, now: float | None = None) -> Accelera
         gradient_accumulation_steps=1,
         log_with=kinds,
         project_dir=None if logging_dir is None else str(logging_dir),
+        kwargs_handlers=accelerate_kwargs_handlers(config),
+        dynamo_backend="no",
+        deepspeed_plugin=deepspeed_plugin(config, launched_processes()),
     )
 
 
