@@ -47,15 +47,28 @@ def wants_debug(argv: Sequence[str]) -> bool:
     return False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record, so runs sharing a process (tests, notebooks) that
+    replace stderr between them never write to a closed stream."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        """StreamHandler assigns a stream in __init__ and setStream; the current sys.stderr is always used."""
+
+
 def setup_logging(debug: bool = False) -> None:
     """Plain ``message`` lines on stderr for our logger; other libraries only show errors unless debugging."""
     level = logging.DEBUG if debug else logging.INFO
     root = logging.getLogger()
-    if not any(getattr(h, "_sdtrain", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if debug else "%(message)s"))
-        handler._sdtrain = True  # type: ignore[attr-defined]
+    handler = next((h for h in root.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
         root.addHandler(handler)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if debug else "%(message)s"))
     root.setLevel(logging.WARNING)
     logger.setLevel(level)
     for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
