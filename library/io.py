@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
+import secrets
+import shutil
+import socket
 import struct
-import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,55 +25,329 @@ from safetensors.torch import save_file
 
 from library.errors import UserError
 
+logger = logging.getLogger("sdtrain.io")
+
+
+TEMP_STALE_AFTER_S = 15 * 60
+"""A temporary written from another host or container (whose writer's pid cannot be checked here) counts as
+abandoned after this long without any write to it."""
+
+_TEMP_NAME = re.compile(
+    r"^\.(?P<name>.+)\.(?P<pid>[1-9][0-9]{0,9})-(?P<origin>[0-9a-f]{8})-[0-9a-f]{8}(?P<ext>\.[A-Za-z0-9]{1,16})?\.tmp$"
+)
+_EXT = re.compile(r"^(\.[A-Za-z0-9]{1,16})?$")
+_OLD = ".old"
+
+_REASONS = {
+    errno.ENOSPC: ("no space left on device", "free space and rerun"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota and rerun"),
+    errno.EROFS: ("read-only file system", "write to another folder (e.g. another --output_dir) and rerun"),
+    errno.EACCES: ("permission denied", "make the folder writable or write to another one and rerun"),
+    errno.EPERM: ("operation not permitted", "make the folder writable or write to another one and rerun"),
+    errno.EFBIG: ("file too large for this file system", "write to another file system and rerun"),
+    errno.EIO: ("input/output error", "check the disk and rerun"),
+    errno.ENAMETOOLONG: ("file name too long", "use a shorter name (e.g. --output_name) and rerun"),
+    errno.EISDIR: ("a folder is in the way", "remove or rename it and rerun"),
+    errno.ENOTDIR: ("a file is in the way of a folder", "remove or rename it and rerun"),
+    errno.EEXIST: ("a file is in the way of a folder", "remove or rename it and rerun"),
+}
+# what torch's and safetensors' writers say when the OS refuses a write (they do not pass the OSError on)
+_WRITE_FAILURE_TEXT = (
+    "iostream error",
+    "PytorchStreamWriter failed",
+    "file write failed",
+    "unexpected pos",
+    "I/O error",
+)
+
+
+class DiskWriteError(UserError, OSError):
+    """Writing a file or folder failed in the OS (full disk, quota, read-only, …); a one-line UserError naming
+    the final path. It is also an OSError (with ``errno`` and ``strerror``) for callers that treat a failed
+    optional write as a warning."""
+
+    def __init__(self, message: str, code: int | None, reason: str):
+        super().__init__(message)
+        self.errno = code
+        self.strerror = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _origin() -> str:
+    """This host and pid namespace, so a pid in a temporary's name is only checked where it means something."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.blake2b(f"{socket.gethostname()}\0{namespace}".encode(), digest_size=4).hexdigest()
+
+
+_ORIGIN = _origin()
+
+
+def _temp_path(final: Path, ext: str) -> Path:
+    """``.<name>.<pid>-<origin>-<random><ext>.tmp`` beside ``final`` (the pattern remove_stale_temporaries knows)."""
+    if not _EXT.match(ext):
+        raise ValueError(f"temporary file suffix must be like '.png', got {ext!r}")
+    return final.with_name(f".{final.name}.{os.getpid()}-{_ORIGIN}-{secrets.token_hex(4)}{ext}.tmp")
+
+
+def _write_failure(exc: BaseException, folder: Path) -> tuple[int | None, str] | None:
+    """(errno or None, detail) when ``exc`` (or what caused it) is the OS refusing a write; None for other errors."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for error in chain:
+        if isinstance(error, OSError):
+            detail = error.strerror or str(error) or type(error).__name__
+            if error.filename and not isinstance(error, DiskWriteError):
+                detail = f"{detail}: {error.filename}"
+            return error.errno, detail
+    text = " | ".join(str(error) for error in chain)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        return int(found[1]), os.strerror(int(found[1]))
+    if any(marker in text for marker in _WRITE_FAILURE_TEXT):
+        try:
+            stat = os.statvfs(folder)
+            nearly_full = stat.f_bavail * stat.f_frsize < 1 << 20
+        except OSError:
+            nearly_full = False
+        return (errno.ENOSPC if nearly_full else None), ""
+    return None
+
+
+def _error(final: Path, kind: str, existed: bool, code: int | None, detail: str) -> DiskWriteError:
+    """The one-line error for a failed write of ``final`` (``detail``: the OS's words when ``code`` is unusual)."""
+    if code in _REASONS:
+        reason, advice = _REASONS[code]
+        reason += " while writing"
+    else:
+        reason = f"cannot write ({detail})" if detail else "the file system refused a write"
+        advice = "check free space, quota and permissions and rerun"
+    before = f"the previous {kind} is intact" if existed else f"no partial {kind} was left"
+    return DiskWriteError(f"{final}: {reason}; {before}; {advice}", code, reason)
+
+
+def _make_temp(final: Path, kind: str, existed: bool, make: Callable[[Path], None], ext: str) -> Path:
+    """Create the parent folder and a fresh temporary beside ``final`` with ``make``; OS errors become UserErrors."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            tmp = _temp_path(final, ext)
+            try:
+                make(tmp)
+                return tmp
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, "no unused temporary name")
+    except OSError as e:
+        raise _error(final, kind, existed, e.errno, e.strerror or str(e)) from e
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` is a set-and-restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the modes ``open``/``mkdir`` would: 0666/0777 & ~umask.
+
+    Writers such as safetensors create their files 0600 whatever the umask; sd-scripts' outputs follow the umask.
+    Best effort: file systems without Unix modes (FAT, some network mounts) refuse chmod, which is not an error.
+    """
+    mask = _umask()
+
+    def chmod(target: str | Path, mode: int) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(target, mode & ~mask)
+
+    if not path.is_dir() or path.is_symlink():
+        chmod(path, 0o666)
+        return
+    chmod(path, 0o777)
+    for root, dirs, files in os.walk(path):
+        for names, mode in ((dirs, 0o777), (files, 0o666)):
+            for name in names:
+                if not os.path.islink(os.path.join(root, name)):
+                    chmod(os.path.join(root, name), mode)
+
+
+def _new_file(tmp: Path) -> None:
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))  # mode & ~umask
+
+
+def _new_folder(tmp: Path) -> None:
+    os.mkdir(tmp, 0o777)  # mode & ~umask
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the same folder as ``final``; rename it onto ``final`` only if the block succeeds.
 
-    A crash or Ctrl-C inside the block leaves at most a ``.tmp`` file behind, never a half-written final file.
-    ``suffix`` keeps the extension for writers that look at it (e.g. ``.png``).
+    A crash or Ctrl-C inside the block leaves at most a temporary behind (see ``remove_stale_temporaries``), never
+    a half-written final file. The file gets mode ``0666 & ~umask``, like ``open(path, "w")``, whatever mode the
+    writer created it with. An OS error while writing (full disk, quota, read-only file system, also as reported
+    by torch and safetensors) becomes a one-line ``DiskWriteError`` naming ``final``; a folder in the way of
+    ``final`` is one too. ``suffix`` keeps the extension for writers that look at it (e.g. ``.png``).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    if final.is_dir():
+        raise DiskWriteError(
+            f"{final}: a folder is where this file should be written; remove or rename it and rerun",
+            errno.EISDIR,
+            "a folder is in the way",
+        )
+    existed = final.exists()
+    tmp = _make_temp(final, "file", existed, _new_file, suffix)
     try:
         yield tmp
+        _follow_umask(tmp)
         os.replace(tmp, final)
+    except Exception as e:
+        failure = _write_failure(e, final.parent)
+        if failure is None:
+            raise
+        raise _error(final, "file", existed, *failure) from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _discard(tmp)
 
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``final`` and swap it into place when the block succeeds.
 
-    An existing ``final`` folder is replaced only after the new one is complete.
+    An existing ``final`` folder is replaced only after the new one is complete. The folder and what is written in
+    it get modes ``0777``/``0666 & ~umask``, like ``mkdir``/``open``. OS errors while filling it (whoever writes:
+    torch, safetensors, accelerate) become a one-line ``DiskWriteError`` naming ``final``, as in ``atomic_path``.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    if final.exists() and not final.is_dir():
+        raise DiskWriteError(
+            f"{final}: a file is where this folder should be written; remove or rename it and rerun",
+            errno.ENOTDIR,
+            "a file is in the way",
+        )
+    existed = final.exists()
+    tmp = _make_temp(final, "folder", existed, _new_folder, "")
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            _rmtree(old)
+        _follow_umask(tmp)
+        if os.path.lexists(final):
+            old = _temp_path(final, _OLD)
             os.replace(final, old)
-            os.replace(tmp, final)
-            _rmtree(old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
+            _discard(old)
         else:
             os.replace(tmp, final)
+    except Exception as e:
+        failure = _write_failure(e, final.parent)
+        if failure is None:
+            raise
+        raise _error(final, "folder", existed, *failure) from e
     finally:
-        _rmtree(tmp)
+        _discard(tmp)
 
 
-def _rmtree(path: Path) -> None:
-    import shutil
+def _discard(path: Path) -> None:
+    """Remove a temporary file or folder if it is there; a failure is logged (remove_stale_temporaries retries)."""
+    for _ in range(3):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                path.unlink()
+            return
+        except FileNotFoundError:
+            continue  # another process removed part of it at the same time: look again
+        except OSError as e:
+            logger.warning("%s: cannot remove this temporary (%s)", path, e.strerror or e)
+            return
 
-    if path.exists():
-        shutil.rmtree(path)
+
+def remove_stale_temporaries(folder: str | os.PathLike, stale_after_s: float = TEMP_STALE_AFTER_S) -> list[Path]:
+    """Remove the temporaries that interrupted atomic writes left in ``folder``; return the removed paths.
+
+    Only entries named exactly as ``atomic_path``/``atomic_dir`` name them (``.<name>.<pid>-<origin>-<random>
+    [<ext>].tmp``) are considered, and only abandoned ones: written on this host and pid namespace by a process
+    that is no longer running, or written elsewhere and untouched for ``stale_after_s``. A complete previous
+    folder that a kill between ``atomic_dir``'s two renames left as ``….old.tmp`` is renamed back when its final
+    folder is missing, instead of being removed. Not recursive; unreadable folders are skipped with a warning.
+    """
+    folder = Path(folder)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        logger.warning("%s: cannot list this folder to remove stale temporaries (%s)", folder, e.strerror or e)
+        return []
+    removed = []
+    for entry in entries:
+        found = _TEMP_NAME.match(entry.name)
+        if not found or not _abandoned(Path(entry.path), int(found["pid"]), found["origin"], stale_after_s):
+            continue
+        path = Path(entry.path)
+        final = folder / found["name"]
+        if found["ext"] == _OLD and entry.is_dir(follow_symlinks=False) and not os.path.lexists(final):
+            try:
+                os.replace(path, final)
+                logger.warning("%s: restored the previous folder that an interrupted save left as %s", final, path)
+            except OSError as e:
+                logger.warning("%s: cannot rename it back to %s (%s); rename it by hand", path, final, e)
+            continue
+        _discard(path)
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed
+
+
+def _abandoned(path: Path, pid: int, origin: str, stale_after_s: float) -> bool:
+    if origin == _ORIGIN:
+        return not _pid_alive(pid)
+    return time.time() - _last_change(path) > stale_after_s
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _last_change(path: Path) -> float:
+    """The newest mtime/ctime of ``path`` and everything under it (a live writer keeps touching its files)."""
+    newest = 0.0
+    for root, dirs, files in os.walk(path) if path.is_dir() and not path.is_symlink() else [(str(path), [], [])]:
+        for name in [None, *dirs, *files]:
+            try:
+                st = os.lstat(root if name is None else os.path.join(root, name))
+            except OSError:
+                continue
+            newest = max(newest, st.st_mtime, st.st_ctime)
+    return newest
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

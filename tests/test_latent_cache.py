@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,15 @@ from diffusers import AutoencoderKL
 
 from library.dataset.buckets import crop_ltrb
 from library.dataset.images import prepare_image
-from library.dataset.latent_cache import CacheJob, cache_latents, npz_path_for, read_npz, refuse_incompatible
+from library.dataset.latent_cache import (
+    CacheJob,
+    cache_latents,
+    content_hash,
+    job_key,
+    npz_path_for,
+    read_npz,
+    refuse_incompatible,
+)
 from library.dataset.types import DatasetConfig, SubsetConfig
 from library.errors import UserError
 from library.models.tiny import make_tiny_model, tiny_vae_config
@@ -58,7 +68,7 @@ def test_disk_cache_format_and_values(tmp_path, vae):
     path = tmp_path / "img2_0080x0064_sd.npz"
     assert npz_path_for(jobs[2].path, (80, 64)) == path and report.entries[2] == path
     with np.load(path) as z:
-        assert set(z.files) == {"latents", "latents_flipped", "original_size", "crop_ltrb", "cache_key"}
+        assert set(z.files) == {"latents", "latents_flipped", "original_size", "crop_ltrb", "cache_key", "content_hash"}
         assert z["latents"].shape == (4, 8, 8) and z["latents"].dtype == np.float32
         assert z["original_size"].tolist() == [80, 64]
         assert z["crop_ltrb"].tolist() == list(crop_ltrb((64, 64), (80, 64)))
@@ -165,3 +175,69 @@ def test_refused_with_random_augmentation(tmp_path, key):
     with pytest.raises(UserError, match=rf"datasets\[0\]\.subsets\[1\]: {key} cannot be combined with --cache"):
         refuse_incompatible([dataset], "--cache_latents_to_disk")
     refuse_incompatible([DatasetConfig("d", "dreambooth", (SubsetConfig("s0", tmp_path, flip_aug=True),))])
+
+
+def test_edit_in_place_with_size_and_mtime_restored_is_noticed(tmp_path, vae):
+    jobs = [
+        CacheJob(write_image(tmp_path / f"img{n}.bmp", (64, 64), seed=n), (64, 64), (64, 64), (64, 64)) for n in (0, 1)
+    ]
+    cache_latents(jobs, vae, to_disk=True, progress=False)
+    before = read_npz(npz_path_for(jobs[1].path, (64, 64)))
+    st = jobs[1].path.stat()
+    write_image(jobs[1].path, (64, 64), seed=99)  # BMP: same size in bytes
+    os.utime(jobs[1].path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert jobs[1].path.stat().st_size == st.st_size and jobs[1].path.stat().st_mtime_ns == st.st_mtime_ns
+    assert job_key(jobs[1], "v") == job_key(CacheJob(jobs[1].path, (64, 64), (64, 64), (64, 64)), "v")
+    counting = CountingVAE(vae)
+    report = cache_latents(jobs, counting, to_disk=True, progress=False)
+    assert report.stale == 1 and report.reused == 1 and counting.images == 1
+    after = read_npz(npz_path_for(jobs[1].path, (64, 64)))
+    assert after[1] == before[1]  # same settings key (and seed); the content hash differs
+    assert not torch.allclose(before[0].latents, after[0].latents)
+
+
+def test_content_hash_covers_image_mask_and_conditioning_bytes(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"image bytes")
+    mask = tmp_path / "m.png"
+    mask.write_bytes(b"mask bytes")
+    plain = content_hash(CacheJob(image, (64, 64), (64, 64), (64, 64)))
+    with_mask = content_hash(CacheJob(image, (64, 64), (64, 64), (64, 64), mask_path=mask))
+    as_condition = content_hash(CacheJob(image, (64, 64), (64, 64), (64, 64), conditioning_path=mask))
+    assert len({plain, with_mask, as_condition}) == 3
+    crc_image, crc_mask = zlib.crc32(b"image bytes"), zlib.crc32(b"mask bytes")
+    assert plain == f"crc32:{crc_image:08x}/11,-,-"
+    assert with_mask == f"crc32:{crc_image:08x}/11,{crc_mask:08x}/10,-"
+    mask.write_bytes(b"mask bytez")
+    assert content_hash(CacheJob(image, (64, 64), (64, 64), (64, 64), mask_path=mask)) != with_mask
+    assert content_hash(CacheJob(image, (64, 64), (64, 64), (64, 64))) == plain
+
+
+def test_cache_file_without_content_hash_is_recomputed_once(tmp_path, vae):
+    jobs = _jobs(tmp_path)
+    cache_latents(jobs, vae, to_disk=True, progress=False)
+    path = npz_path_for(jobs[0].path, (64, 64))
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "content_hash"}
+    np.savez(path, **arrays)  # as written before content hashes existed
+    counting = CountingVAE(vae)
+    first = cache_latents(jobs, counting, to_disk=True, progress=False)
+    second = cache_latents(jobs, counting, to_disk=True, progress=False)
+    assert (first.stale, first.encoded, first.reused) == (1, 1, 2)
+    assert (second.stale, second.encoded, second.reused) == (0, 0, 3) and counting.images == 1
+    with np.load(path) as z:
+        assert "content_hash" in z.files
+
+
+@pytest.mark.parametrize("skip_check", [False, True])
+def test_folder_where_the_cache_file_should_be_is_named(tmp_path, vae, skip_check):
+    jobs = _jobs(tmp_path)
+    blocker = npz_path_for(jobs[1].path, (64, 64))
+    blocker.mkdir()
+    counting = CountingVAE(vae)
+    with pytest.raises(UserError) as caught:
+        cache_latents(jobs, counting, to_disk=True, skip_check=skip_check, progress=False)
+    assert str(caught.value) == (
+        f"{blocker}: a folder is where this latent cache file should be written; remove or rename it and rerun"
+    )
+    assert counting.calls == 0 and blocker.is_dir()
