@@ -7,13 +7,19 @@ names are ``epoch``, ``at`` and ``last`` as in sd-scripts.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from library.errors import UserError
+
 DEFAULT_EPOCH_NAME = "epoch"
 DEFAULT_STEP_NAME = "at"
 DEFAULT_LAST_NAME = "last"
+NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, NTFS, APFS)
+# what an atomic write's temporary adds to a name: "." + name + ".<pid up to 10>-<8 hex>-<8 hex>" + ext + ".tmp"
+TEMP_NAME_OVERHEAD = 1 + 1 + 10 + 1 + 8 + 1 + 8 + 4
 
 
 def epoch_stem(output_name: str | None, epoch: int) -> str:
@@ -109,6 +115,26 @@ class SavePlan:
 
     def last_state(self) -> Path:
         return self.output_dir / (last_stem(self.output_name) + "-state")
+
+    def check_location(self) -> None:
+        """Refuse, before step 1, an output folder that cannot be made and names too long for the file system, so a
+        run never trains to the end and then fails to save."""
+        folder = self.output_dir
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--output_dir {folder}: is a file, not a folder; choose a folder for the outputs")
+        ancestor = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if ancestor is not None and not ancestor.is_dir():
+            raise UserError(f"--output_dir {folder}: {ancestor} is not a folder, so nothing can be created under it")
+        if ancestor is not None and not os.access(ancestor, os.W_OK | os.X_OK):
+            raise UserError(f"--output_dir {folder}: {ancestor} is not writable; choose a folder you can write to")
+        longest = step_stem(self.output_name, 99_999_999) + max(self.extension, "-state", key=len)
+        size = len(os.fsencode(longest)) + len(os.fsencode(self.extension)) + TEMP_NAME_OVERHEAD
+        if size > NAME_MAX:
+            allowed = NAME_MAX - (size - len(os.fsencode(self.output_name or "")))
+            raise UserError(
+                f"--output_name: {len(os.fsencode(self.output_name or ''))} bytes is too long for the saved file "
+                f"names ({longest[:40]}…); use at most {allowed} bytes"
+            )
 
     def stale_epoch_model(self, epoch_no: int) -> Path | None:
         old = epoch_to_remove(epoch_no, self.epoch_interval() or 1, self.last_n_epochs)

@@ -94,6 +94,7 @@ class EngineConfig:
         tracker_config = _loggable(vars(args)) if getattr(args, "log_config", False) else {}
         config = cls(**values, tracker_config=tracker_config)
         config.validate()
+        config.save_plan.check_location()
         return config
 
     def validate(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from library.engine import lycoris_compat
 from library.engine.recipe import ParamGroups, Recipe
 from library.errors import UserError
 from library.metadata import (
@@ -54,18 +55,19 @@ def import_network_module(name: str):
 
 
 def explain_network_error(module: str, network_args: dict[str, str], error: AssertionError) -> UserError | None:
-    """A one-line UserError for LyCORIS's known failure on diffusers UNets (None for any other assertion).
+    """A one-line UserError for LyCORIS's duplicate-module failure (None for any other assertion).
 
-    LyCORIS 4.1's default (``full``) preset targets ``time_embedding.linear_1/2``, which it matches twice on a
-    diffusers UNet, so it builds two modules with one name and stops at its own duplicate-name assertion."""
+    Built-in presets are made to target each module once (``library.engine.lycoris_compat``); a preset file can
+    still reach one module twice, through two nested target classes or through a class and a name with different
+    settings, and LyCORIS then stops at its own duplicate-name assertion."""
     message = str(error)
     if not message.startswith("duplicated lora name"):
         return None
     preset = network_args.get("preset", "full (the default)")
     return UserError(
-        f"--network_module {module}: LyCORIS failed with '{message}' (a known LyCORIS 4.1 bug: preset {preset} "
-        "matches the UNet's time embedding twice); add preset=attn-mlp (or another preset that leaves out "
-        "time_embedding) to --network_args"
+        f"--network_module {module}: LyCORIS failed with '{message}': preset {preset} targets that module twice "
+        "(two nested target classes, or a class and a name); remove one of them from the preset, or use a "
+        "built-in preset such as preset=full or preset=attn-mlp in --network_args"
     )
 
 
@@ -191,8 +193,8 @@ class NetworkRecipe(Recipe):
         if args.base_weights:
             self._merge_base_weights(c, device, weight_dtype)
         if args.dim_from_weights:
-            network, _ = self.module.create_network_from_weights(
-                1, args.network_weights, c.vae, c.text_encoder, c.unet, **self.network_args
+            network, _ = lycoris_compat.create_network_from_weights(
+                self.module, 1, args.network_weights, c.vae, c.text_encoder, c.unet, **self.network_args
             )
         else:
             network = self._create_network(c)
@@ -212,7 +214,8 @@ class NetworkRecipe(Recipe):
     def _create_network(self, c: Components) -> nn.Module:
         args = self.args
         try:
-            return self.module.create_network(
+            return lycoris_compat.create_network(
+                self.module,
                 1.0,
                 args.network_dim,
                 args.network_alpha,
@@ -239,8 +242,8 @@ class NetworkRecipe(Recipe):
     def _merge_one(self, c: Components, path: str, multiplier: float, device: torch.device, dtype: torch.dtype) -> None:
         if not Path(path).is_file():
             raise UserError(f"--base_weights {path}: no such file; give a saved network file")
-        module, weights = self.module.create_network_from_weights(
-            multiplier, path, c.vae, c.text_encoder, c.unet, for_inference=True
+        module, weights = lycoris_compat.create_network_from_weights(
+            self.module, multiplier, path, c.vae, c.text_encoder, c.unet, for_inference=True
         )
         module.merge_to(c.text_encoder, c.unet, weights, dtype, device)
         logger.info(f"merged --base_weights {path} (multiplier {multiplier})")
@@ -333,5 +336,6 @@ class NetworkRecipe(Recipe):
     def save(self, path: Path, *, epoch: int, step: int, final: bool) -> None:
         args = self.args
         metadata = metadata_for_save(self.metadata, step, epoch, args.no_metadata, modelspec_from_args(args))
+        path.parent.mkdir(parents=True, exist_ok=True)  # network modules such as LyCORIS write the file directly
         self.network.save_weights(str(path), self.save_dtype, metadata)
         logger.info(f"saved {path}")
