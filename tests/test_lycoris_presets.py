@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,11 @@ def test_preset_targeting_a_module_twice_is_one_line(model_dir, data_dir, tmp_pa
     assert code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("error: --network_module lycoris.kohya: LyCORIS failed with 'duplicated lora name: ")
     assert "targets that module twice" in err[-1]
+
+
+def test_missing_lycoris_package_names_the_extra_to_install(monkeypatch):
+    from library.engine.network_recipe import import_network_module
+
+    monkeypatch.setitem(sys.modules, "lycoris", None)
+    with pytest.raises(UserError, match=r"pip install 'sd-trainer\[lycoris\]'"):
+        import_network_module("lycoris.kohya")

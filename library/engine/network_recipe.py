@@ -51,6 +51,10 @@ def import_network_module(name: str):
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
+        if name.split(".")[0] == "lycoris" and e.name and e.name.split(".")[0] == "lycoris":
+            raise UserError(
+                f"--network_module {name}: the LyCORIS package is not installed; pip install 'sd-trainer[lycoris]'"
+            ) from e
         raise UserError(f"--network_module {name}: cannot import it ({e}); install it or check the name") from e
 
 
