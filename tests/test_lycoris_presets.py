@@ -235,6 +235,7 @@ def test_preset_targeting_a_module_twice_is_one_line(model_dir, data_dir, tmp_pa
 def test_missing_lycoris_package_names_the_extra_to_install(monkeypatch):
     from library.engine.network_recipe import import_network_module
 
-    monkeypatch.setitem(sys.modules, "lycoris", None)
+    for name in ("lycoris", "lycoris.kohya"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed (lycoris.kohya may be imported already)
     with pytest.raises(UserError, match=r"pip install 'sd-trainer\[lycoris\]'"):
         import_network_module("lycoris.kohya")
