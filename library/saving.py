@@ -34,6 +34,26 @@ def last_stem(output_name: str | None) -> str:
     return output_name or DEFAULT_LAST_NAME
 
 
+def check_output_location(output_dir: Path, output_name: str | None) -> None:
+    """Refuse, before step 1, an output folder that cannot be made and names too long for the file system, so a
+    run never trains to the end and then fails to save."""
+    ancestor = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if ancestor == output_dir and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file, not a folder; choose a folder for the outputs")
+    if ancestor is not None and not ancestor.is_dir():
+        raise UserError(f"--output_dir {output_dir}: {ancestor} is not a folder, so nothing can be created under it")
+    if ancestor is not None and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir}: {ancestor} is not writable; choose a folder you can write to")
+    name = os.fsencode(output_name or "")
+    extension = len(".safetensors")  # the longest name suffix a save uses ("-state" is shorter)
+    longest = len(os.fsencode(step_stem(output_name, 0))) + 2 * extension + TEMP_NAME_OVERHEAD
+    if longest > NAME_MAX:
+        raise UserError(
+            f"--output_name: {len(name)} bytes is too long for the saved files' names (with step number, extension "
+            f"and temporary suffix); use at most {NAME_MAX - (longest - len(name))} bytes"
+        )
+
+
 def epoch_to_remove(epoch: int, every_n_epochs: int, keep_last_n: int | None) -> int | None:
     """The epoch whose file falls out of the kept window when ``epoch`` is saved (None: nothing to remove)."""
     if keep_last_n is None:
@@ -115,26 +135,6 @@ class SavePlan:
 
     def last_state(self) -> Path:
         return self.output_dir / (last_stem(self.output_name) + "-state")
-
-    def check_location(self) -> None:
-        """Refuse, before step 1, an output folder that cannot be made and names too long for the file system, so a
-        run never trains to the end and then fails to save."""
-        folder = self.output_dir
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--output_dir {folder}: is a file, not a folder; choose a folder for the outputs")
-        ancestor = next((p for p in (folder, *folder.parents) if p.exists()), None)
-        if ancestor is not None and not ancestor.is_dir():
-            raise UserError(f"--output_dir {folder}: {ancestor} is not a folder, so nothing can be created under it")
-        if ancestor is not None and not os.access(ancestor, os.W_OK | os.X_OK):
-            raise UserError(f"--output_dir {folder}: {ancestor} is not writable; choose a folder you can write to")
-        longest = step_stem(self.output_name, 99_999_999) + max(self.extension, "-state", key=len)
-        size = len(os.fsencode(longest)) + len(os.fsencode(self.extension)) + TEMP_NAME_OVERHEAD
-        if size > NAME_MAX:
-            allowed = NAME_MAX - (size - len(os.fsencode(self.output_name or "")))
-            raise UserError(
-                f"--output_name: {len(os.fsencode(self.output_name or ''))} bytes is too long for the saved file "
-                f"names ({longest[:40]}…); use at most {allowed} bytes"
-            )
 
     def stale_epoch_model(self, epoch_no: int) -> Path | None:
         old = epoch_to_remove(epoch_no, self.epoch_interval() or 1, self.last_n_epochs)

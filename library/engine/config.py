@@ -9,7 +9,7 @@ from typing import Any
 
 from library.config.runtime_flags import check_deepspeed
 from library.errors import UserError
-from library.saving import SavePlan
+from library.saving import SavePlan, check_output_location
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class EngineConfig:
         tracker_config = _loggable(vars(args)) if getattr(args, "log_config", False) else {}
         config = cls(**values, tracker_config=tracker_config)
         config.validate()
-        config.save_plan.check_location()
+        check_output_location(config.output_dir, config.output_name)
         return config
 
     def validate(self) -> None:

@@ -53,6 +53,11 @@ def prepare_training_data(
     from accelerate.utils import gather_object
 
     device = launch_device()
+    if args.mixed_precision == "fp16" and device.type == "cpu":
+        raise UserError(
+            "--mixed_precision fp16: accelerate has no fp16 autocast on the CPU, so layers would meet float16 and "
+            "float32 weights; use --mixed_precision bf16 or no on the CPU (fp16 needs a GPU)"
+        )
     attention_from_args(args, components.unet, device)
     text_encoder = None if trains_text_embedding(args) else components.text_encoder
     apply_fp8_base(args, components.unet, text_encoder)
