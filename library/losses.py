@@ -26,7 +26,7 @@ SNR_CAP = 1000.0  # sd-scripts caps SNR here (it is ~1175 at t=0 for SD) in the 
 class LossSettings:
     """How the loss is computed; built once from the command line with :meth:`from_args`.
 
-    ``masked_loss`` tells the dataset to provide masks; :func:`training_loss` applies any mask it is given.
+    ``masked_loss`` tells the dataset to provide masks; :func:`per_sample_loss` applies any mask it is given.
     """
 
     loss_type: str = "l2"
@@ -201,16 +201,3 @@ def per_sample_loss(
     if loss_weights is not None:
         loss = loss * loss_weights.to(device=loss.device, dtype=loss.dtype)
     return reweight_per_sample(loss, timesteps, scheduler, settings)
-
-
-def training_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    timesteps: torch.Tensor,
-    scheduler: DDPMScheduler,
-    settings: LossSettings,
-    loss_weights: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The scalar loss to back-propagate: :func:`per_sample_loss` averaged over the batch."""
-    return per_sample_loss(pred, target, timesteps, scheduler, settings, loss_weights, mask).mean()

@@ -12,6 +12,7 @@ import pytest
 import schedulefree
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
 
 import train_network
@@ -338,12 +339,34 @@ def test_persistent_workers_train_the_same_weights(tmp_path):
         assert torch.equal(workers[key], plain[key])
 
 
-def test_cached_latents_keep_the_vae_off_the_accelerator_and_images_still_train(tmp_path):
-    """``latents_cached`` comes from either caching flag; a batch with images is then encoded where the VAE is."""
+def test_latents_cached_comes_from_either_caching_flag(tmp_path):
     args = argparse.Namespace(output_dir=str(tmp_path), cache_latents=False, cache_latents_to_disk=True)
     assert EngineConfig.from_args(args).latents_cached
     args.cache_latents_to_disk = False
     assert not EngineConfig.from_args(args).latents_cached
+    args.cache_latents = True
+    assert EngineConfig.from_args(args).latents_cached
+
+
+def _record_moves(module: torch.nn.Module, moves: list, monkeypatch) -> None:
+    """Record the device of every ``module.to(...)`` call (the call itself still happens)."""
+    real = module.to
+
+    def to(*args, **kwargs):
+        moves.append(args[0] if args else kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "to", to)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_cached_latents_keep_the_vae_off_the_accelerator_and_images_still_train(tmp_path, monkeypatch, cached):
+    """On a CPU-only machine the accelerator is the CPU, so which device the loop asks for is what is observed: the
+    accelerator reports ``cpu:0`` here, a device that compares unequal to the plain ``cpu`` the VAE is parked on.
+    A batch with images is then encoded where the VAE is."""
+    accelerator_device = torch.device("cpu", 0)
+    assert accelerator_device != CPU
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: accelerator_device))
 
     class Images(RandomLatents):
         def load_batch(self, plan):
@@ -352,14 +375,17 @@ def test_cached_latents_keep_the_vae_off_the_accelerator_and_images_still_train(
             return {**batch, "latents": None, "images": torch.rand(len(plan), 3, 64, 64, generator=gen) * 2 - 1}
 
     components = make_tiny_model()
-    result = train(
-        EngineConfig(output_dir=tmp_path / "out", output_name="x", max_train_steps=2, seed=7, latents_cached=True),
-        components,
-        Images(),
-        UNetTensorsRecipe(),
-        make_parts(components.scheduler),
+    vae_moves: list = []
+    unet_moves: list = []
+    _record_moves(components.vae, vae_moves, monkeypatch)
+    _record_moves(components.unet, unet_moves, monkeypatch)
+    config = EngineConfig(
+        output_dir=tmp_path / "out", output_name="x", max_train_steps=2, seed=7, latents_cached=cached
     )
-    assert result.global_step == 2 and components.vae.device == CPU
+    result = train(config, components, Images(), UNetTensorsRecipe(), make_parts(components.scheduler))
+    assert vae_moves == [CPU if cached else accelerator_device]
+    assert unet_moves == [accelerator_device]
+    assert result.global_step == 2
     assert all(torch.isfinite(v).all() for v in trained(components).values())
 
 

@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import fine_tune
+import library.engine.launch as launch
 from library.cli import run_cli
 from library.errors import UserError
+from library.models.components import Components
 from library.models.load import load_model
 from library.models.scratch import scratch_model
 from library.models.tiny import make_tiny_model
@@ -36,28 +39,49 @@ def in_json(data: Path) -> list[str]:
     return ["--in_json", str(data / "meta.json"), "--train_data_dir", str(data / "images")]
 
 
-def test_in_json_with_text_encoder_saved_as_ckpt(model_dir, data, tmp_path):
+def loaded_models(monkeypatch) -> list[Components]:
+    """The models the entry script loads, collected as it loads them: after the run they hold the trained weights
+    in memory."""
+    loaded: list[Components] = []
+    real = launch.load_base_model
+
+    def load(args):
+        loaded.append(real(args))
+        return loaded[-1]
+
+    monkeypatch.setattr(launch, "load_base_model", load)
+    return loaded
+
+
+def check_saved_weights(saved: dict, base: dict, in_memory: Components, trained: set[str]) -> None:
+    """The saved file holds exactly the trained in-memory weights; every tensor of a trained model moved from the
+    base, every tensor of the others is bit-identical to it."""
+    for name in ("unet", "text_encoder", "vae"):
+        memory = getattr(in_memory, name).state_dict()
+        assert same_tensors(saved[name], dict(memory)), name
+        unchanged = [k for k in memory if torch.equal(memory[k], base[name][k])]
+        assert unchanged == ([] if name in trained else list(memory)), name
+
+
+def test_in_json_with_text_encoder_saved_as_ckpt(model_dir, data, tmp_path, monkeypatch):
     out = tmp_path / "out"
+    loaded = loaded_models(monkeypatch)
     argv = ft_args(out, "--pretrained_model_name_or_path", str(model_dir), *in_json(data), "--max_train_steps", "2")
     fine_tune.main([*argv, "--train_text_encoder", "--learning_rate_te", "5e-4", "--save_model_as", "ckpt"])
     assert sorted(p.name for p in out.iterdir()) == ["ft.ckpt"]
-    base, trained = model_weights(model_dir), model_weights(out / "ft.ckpt")
-    assert not same_tensors(base["unet"], trained["unet"])
-    assert not same_tensors(base["text_encoder"], trained["text_encoder"])
-    assert same_tensors(base["vae"], trained["vae"])
+    check_saved_weights(model_weights(out / "ft.ckpt"), model_weights(model_dir), loaded[0], {"unet", "text_encoder"})
 
 
-def test_toml_metadata_subset_trains_unet_only_by_default(model_dir, data, tmp_path):
+def test_toml_metadata_subset_trains_unet_only_by_default(model_dir, data, tmp_path, monkeypatch):
     subset = {"image_dir": (data / "images").as_posix(), "metadata_file": (data / "meta.json").as_posix()}
     datasets = [{"resolution": 64, "batch_size": 3, "subsets": [subset]}]
     config = write_dataset_toml(tmp_path / "dataset.toml", datasets)
     out = tmp_path / "out"
+    loaded = loaded_models(monkeypatch)
     argv = ft_args(out, "--pretrained_model_name_or_path", str(model_dir), "--dataset_config", str(config))
     fine_tune.main([*argv, "--max_train_steps", "1", "--save_model_as", "diffusers_safetensors"])
     assert sorted(p.name for p in out.iterdir()) == ["ft"]
-    base, trained = model_weights(model_dir), model_weights(out / "ft")
-    assert not same_tensors(base["unet"], trained["unet"])
-    assert same_tensors(base["text_encoder"], trained["text_encoder"])
+    check_saved_weights(model_weights(out / "ft"), model_weights(model_dir), loaded[0], {"unet"})
 
 
 @pytest.mark.parametrize(
@@ -136,5 +160,8 @@ def test_scratch_model_names_the_missing_config(tmp_path):
 
 def test_docs_example_runs(tmp_path):
     out = run_docs_example("fine_tune.md", tmp_path)
-    assert (out / "frog-ft.safetensors").is_file()
-    assert load_model(out / "frog-ft.safetensors").unet is not None
+    assert sorted(p.name for p in out.iterdir()) == ["frog-ft.safetensors", "meta.json"]
+    base, trained = model_weights("tiny-sd1"), model_weights(out / "frog-ft.safetensors")
+    for name in ("unet", "text_encoder"):  # the example trains both (--train_text_encoder)
+        assert all(not torch.equal(trained[name][k], base[name][k]) for k in base[name]), name
+    assert same_tensors(trained["vae"], base["vae"])

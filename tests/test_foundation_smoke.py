@@ -23,9 +23,10 @@ def test_sd2_tokenizer_pads_with_exclamation_mark():
 
 
 def test_tiny_model_builds_fast_and_reproducibly():
-    start = time.perf_counter()
+    start = time.process_time()
     a = make_tiny_model(seed=3)
-    assert time.perf_counter() - start < 1.0
+    # CPU time, not wall time, so a busy machine cannot fail it: about 0.2 s here; the whole suite builds it often
+    assert time.process_time() - start < 1.0
     b = make_tiny_model(seed=3)
     for (ka, va), (kb, vb) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)

@@ -160,7 +160,7 @@ def test_schedule_free_starts_in_train_mode():
 def test_missing_optional_package_names_the_extra(monkeypatch, name, root):
     monkeypatch.setitem(sys.modules, root, None)  # makes "import root" fail as if it were not installed
     extra = OPTIONAL_PACKAGES[root][1]
-    with pytest.raises(UserError, match=rf"--optimizer_type {name} needs .*pip install sd-trainer\[{extra}\]"):
+    with pytest.raises(UserError, match=rf"--optimizer_type {name} needs .*pip install \"?sd-trainer\[{extra}\]\"?"):
         make_optimizer(name, [torch.nn.Parameter(torch.ones(2))], 0.1)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import library.engine.launch as launch
 import train_network
 from library.cli import run_cli
 from library.io import load_safetensors
@@ -132,18 +133,6 @@ def test_lycoris_loha_trains_and_saves_hada_keys(model_dir, data_dir, tmp_path):
     assert json.loads(metadata["ss_network_args"]) == {"algo": "loha", "preset": "attn-mlp"}
 
 
-def test_lycoris_default_preset_bug_is_one_line_with_the_workaround(model_dir, data_dir, tmp_path, capsys):
-    pytest.importorskip("lycoris")
-    argv = base_args(model_dir, data_dir, tmp_path, "--max_train_steps", "1", "--network_module", "lycoris.kohya")
-    code = run_cli(train_network.main, [*argv, "--network_args", "algo=loha"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert "Traceback" not in "\n".join(err)
-    assert err[-1].startswith("error: --network_module lycoris.kohya: ")
-    assert "duplicated lora name: lora_unet_time_embedding_linear_1" in err[-1]
-    assert "preset=attn-mlp" in err[-1]
-
-
 def lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{module: up @ down * alpha / dim}`` for every LoRA module in a file (computed here, independently)."""
     out = {}
@@ -181,16 +170,45 @@ def test_network_weights_and_dim_from_weights_continue_from_a_file(model_dir, da
     assert fresh[up].abs().max() > 1e-4  # the started-from file is trained, so the check above is not vacuous
 
 
-def test_base_weights_are_merged_with_their_multiplier(model_dir, data_dir, trained, tmp_path):
+def lora_targets(components) -> dict[str, torch.nn.Module]:
+    """Every UNet and text-encoder module under its kohya LoRA name (text encoder in the transformers 4 spelling)."""
+    targets = {"lora_unet_" + path.replace(".", "_"): m for path, m in components.unet.named_modules() if path}
+    for path, module in components.text_encoder.named_modules():
+        if path:
+            targets["lora_te_text_model_" + path.removeprefix("text_model.").replace(".", "_")] = module
+    return targets
+
+
+def test_base_weights_are_merged_with_their_multiplier(model_dir, data_dir, trained, tmp_path, monkeypatch):
+    """With multiplier 0.5 the base model trained on holds W + 0.5 * (alpha / dim) * up @ down for every module of
+    the merged file (computed here from the file), and every other weight is untouched; with 0 the LoRA trained on
+    top is the one trained without --base_weights."""
+    loaded = []
+    real = launch.load_base_model
+    monkeypatch.setattr(launch, "load_base_model", lambda args: loaded.append(real(args)) or loaded[-1])
     common = ["--max_train_steps", "1", "--network_train_unet_only"]
     train_network.main(base_args(model_dir, data_dir, tmp_path / "plain", *common))
     for name, multiplier in (("zero", "0"), ("half", "0.5")):
         extra = ["--base_weights", str(trained), "--base_weights_multiplier", multiplier]
         train_network.main(base_args(model_dir, data_dir, tmp_path / name, *common, *extra))
-    plain, zero, half = (load_safetensors(tmp_path / n / "net.safetensors")[0] for n in ("plain", "zero", "half"))
+    plain, zero = (load_safetensors(tmp_path / n / "net.safetensors")[0] for n in ("plain", "zero"))
     for key in plain:
         torch.testing.assert_close(zero[key], plain[key], rtol=0, atol=1e-7)
-    assert any(not torch.allclose(half[k], plain[k], rtol=0, atol=1e-7) for k in plain if "lora_up" in k)
+
+    base, merged = lora_targets(loaded[0]), lora_targets(loaded[2])
+    deltas = lora_pairs(load_safetensors(trained)[0])
+    assert any(n.startswith("lora_te_") for n in deltas) and any(n.startswith("lora_unet_") for n in deltas)
+    assert max(float(d.abs().max()) for d in deltas.values()) > 1e-3  # 0.5 and 1.0 differ far beyond atol
+    for name, module in merged.items():
+        weight, original = getattr(module, "weight", None), getattr(base[name], "weight", None)
+        if not isinstance(weight, torch.Tensor) or name.endswith(("_lora_down", "_lora_up")):
+            continue
+        if name in deltas:
+            expected = original + 0.5 * deltas[name].reshape(original.shape)
+            torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(weight, original), name
+    assert set(deltas) <= set(merged)
 
 
 def test_scale_weight_norms_caps_every_module(model_dir, data_dir, tmp_path):

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from library.sampling.generate import Sample, SampleSettings, sample_images
+from library.sampling.generate import Sample, SampleSettings, check_prompts, sample_images
 from library.sampling.trackers import log_images_to_trackers
 
 
@@ -15,8 +15,10 @@ def make_sample_hook(settings: SampleSettings, accelerator: Any = None) -> Calla
 
     The request (``library.engine.SampleRequest``: components, step, epoch, output_dir, device) decides where and
     when; ``settings`` says what. With an ``accelerator`` the model runs under its autocast and the images go to its
-    trackers.
+    trackers. The prompt file is read and checked here, so a bad file fails when the hook is made (at start-up),
+    not at the first sample hours into training.
     """
+    check_prompts(settings)
 
     def sample(request: Any) -> list[Sample]:
         samples = sample_images(
