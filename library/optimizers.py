@@ -104,6 +104,12 @@ def resolve_optimizer_type(optimizer_type: str | None, use_8bit_adam: bool = Fal
     return chosen or "AdamW"
 
 
+def _first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line, so the error the user sees stays one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def import_optional(module_name: str, optimizer_type: str) -> Any:
     """Import a module an optimizer needs; a missing optional package becomes a UserError naming the extra."""
     root = module_name.split(".")[0]
@@ -114,11 +120,11 @@ def import_optional(module_name: str, optimizer_type: str) -> Any:
         if root in OPTIONAL_PACKAGES:
             package, extra = OPTIONAL_PACKAGES[root]
             raise UserError(
-                f"--optimizer_type {optimizer_type} needs the {package} package, which cannot be imported ({error}): "
-                f"pip install sd-trainer[{extra}]"
+                f"--optimizer_type {optimizer_type} needs the {package} package, which cannot be imported "
+                f'({_first_line(error)}): pip install "sd-trainer[{extra}]"'
             ) from error
         raise UserError(
-            f"--optimizer_type {optimizer_type}: module {module_name!r} cannot be imported ({error}): "
+            f"--optimizer_type {optimizer_type}: module {module_name!r} cannot be imported ({_first_line(error)}): "
             "install the package that provides it or fix the name"
         ) from error
 
@@ -178,6 +184,42 @@ def _adafactor_relative_step(params: Any, lr: float, kwargs: dict[str, Any]) -> 
     return params, None, f"adafactor:{lr}"
 
 
+def _listed(params: Any) -> Any:
+    """``params`` with every iterable made a list (groups are copied, never modified), so it can be read twice."""
+    if isinstance(params, torch.Tensor):
+        return params  # torch refuses a bare tensor with its own message
+    items = list(params)
+    if not (items and isinstance(items[0], dict)):
+        return items
+    return [{**group, "params": _as_list(group["params"])} for group in items]
+
+
+def _as_list(params: Any) -> list[Any]:
+    """A group's ``params`` as a list (torch accepts one tensor there)."""
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def adamw_kernel(params: Any) -> str:
+    """``"fused"`` when torch has a fused AdamW kernel for every parameter's device and dtype, else ``"foreach"``.
+
+    torch itself picks neither on CPU (its per-tensor loop is the slowest); the fused kernel is about twice as fast as
+    ``foreach`` there. Its results differ from the other two in the last bits, as on CUDA. ``params`` is a list of
+    tensors or of param-group dicts (see :func:`_listed`).
+    """
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+    except ImportError:  # a torch without it: foreach is available everywhere the trainer runs
+        return "foreach"
+    if isinstance(params, torch.Tensor):
+        return "foreach"
+    groups = params if _has_groups(params) else [{"params": params}]
+    tensors = [p for group in groups for p in _as_list(group["params"])]
+    if not tensors:
+        return "foreach"
+    fused, _ = _default_to_fused_or_foreach(tensors, differentiable=False, use_fused=True)
+    return "fused" if fused else "foreach"
+
+
 def make_optimizer(
     optimizer_type: str | None,
     params: Any,
@@ -206,8 +248,9 @@ def make_optimizer(
         _warn_adaptive_lr(params, lr)
     elif key == "adafactor":
         params, lr_arg, override = _adafactor_relative_step(params, lr, kwargs)
-    elif key == "adamw" and "foreach" not in kwargs and "fused" not in kwargs:
-        fixed["foreach"] = True  # torch picks the batched update only on CUDA; on CPU it is ~4% faster per step too
+    elif key == "adamw" and not {"foreach", "fused", "differentiable"} & kwargs.keys():
+        params = _listed(params)
+        fixed[adamw_kernel(params)] = True
 
     try:
         optimizer = cls(params, lr=lr_arg, **fixed, **kwargs)

@@ -85,10 +85,17 @@ class LoRAModule(torch.nn.Module):
             self.org_module.forward = self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output plus ``up(down(x)) * (multiplier * scale)``, in the base output's dtype.
+
+        The two factors are one multiply, skipped when it is 1 (x * 1.0 is exact), and dtype casts happen only when
+        the base model runs in another precision than the LoRA weights, so the common fp32 case costs no extra op.
+        """
         org_out = self._org_forward(x)
         if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
             return org_out
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))  # base model may be in a lower precision
+        lora_down = self.lora_down
+        dtype = lora_down.weight.dtype
+        lx = lora_down(x if x.dtype == dtype else x.to(dtype))  # base model may be in a lower precision
         if self.dropout is not None and self.training:
             lx = torch.nn.functional.dropout(lx, p=self.dropout)
         scale = self.scale
@@ -100,7 +107,11 @@ class LoRAModule(torch.nn.Module):
                 mask = mask.unsqueeze(-1).unsqueeze(-1)
             lx = lx * mask
             scale = self.scale / (1.0 - self.rank_dropout)
-        return org_out + (self.lora_up(lx) * self.multiplier * scale).to(org_out.dtype)
+        out = self.lora_up(lx)
+        factor = self.multiplier * scale
+        if factor != 1.0:
+            out = out * factor
+        return org_out + (out if out.dtype == org_out.dtype else out.to(org_out.dtype))
 
     def merge_to(self, sd: dict[str, torch.Tensor], dtype: torch.dtype | None, device) -> None:
         """Add this LoRA's weights (``lora_up.weight``/``lora_down.weight`` in ``sd``) into the base layer."""
@@ -570,21 +581,3 @@ def create_network_from_weights(
     if any(r is not None for r in ratios):
         network.set_loraplus_lr_ratio(*ratios)
     return network, weights_sd
-
-
-def merge_base_weights(
-    files: Sequence[str],
-    multipliers: Sequence[float] | None,
-    text_encoder,
-    unet,
-    dtype: torch.dtype | None = None,
-    device="cpu",
-) -> None:
-    """``--base_weights`` / ``--base_weights_multiplier``: merge LoRA files into the models before training."""
-    for i, file in enumerate(files):
-        multiplier = multipliers[i] if multipliers is not None and i < len(multipliers) else 1.0
-        network, weights_sd = create_network_from_weights(
-            multiplier, file, None, text_encoder, unet, for_inference=True
-        )
-        network.merge_to(text_encoder, unet, weights_sd, dtype, device)
-        logger.info(f"merged {file} into the base model (multiplier {multiplier})")

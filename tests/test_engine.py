@@ -6,17 +6,25 @@ out here so a hand-written training step can serve as the reference.
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import torch.nn.functional as F
 
+import library.engine.loop as loop_module
 from library.engine import EngineConfig, LossInputs, ParamGroups, Recipe, TrainingDiverged, TrainingParts, train
 from library.engine.schedule import step_generator
+from library.engine.wiring import optimizer_factory
+from library.errors import UserError
 from library.io import save_safetensors
 from library.models.tiny import make_tiny_model
+from library.optimizers import BUILTIN_OPTIMIZERS, OPTIONAL_PACKAGES
 
 TRAINED = ("conv_out.weight", "conv_out.bias")
 
@@ -365,3 +373,140 @@ def test_full_recipe_stops_the_text_encoder_at_global_step_n_when_a_nan_step_was
 
     assert [moved("text_encoder", s) for s in (1, 2, 3, 4)] == [False, True, True, False]
     assert [moved("unet", s) for s in (1, 2, 3, 4)] == [False, True, True, True]
+
+
+# --- loop hygiene: fused-backward hooks, zero_grad, progress bar ---------------------------------------------------
+
+
+class HookRecordingRecipe(UNetTensorsRecipe):
+    """Records, at each step start, how many post-accumulate-grad hooks the trained parameters carry."""
+
+    def __init__(self):
+        super().__init__()
+        self.hooks_seen: list[int] = []
+
+    def on_step_start(self, global_step: int) -> None:
+        self.hooks_seen.append(post_accumulate_hooks(self.unet.conv_out))
+
+
+def post_accumulate_hooks(module: torch.nn.Module) -> int:
+    return sum(len(p._post_accumulate_grad_hooks or {}) for p in module.parameters())
+
+
+def adamw_parts(scheduler) -> TrainingParts:
+    parts = make_parts(scheduler)
+
+    def make_optimizer(groups, total_steps):
+        optimizer = torch.optim.AdamW(groups, lr=0.01)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    return TrainingParts(parts.encode_text, parts.add_noise, parts.loss, make_optimizer, None)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_fused_backward_hooks_are_removed_when_training_ends_or_fails(tmp_path, fails):
+    components, recipe = make_tiny_model(), HookRecordingRecipe()
+    source = RandomLatents(n=4, batch_size=1, nan_items=(0, 1, 2, 3) if fails else ())
+    config = EngineConfig(output_dir=tmp_path, output_name="x", max_train_steps=2, seed=7, fused_backward_pass=True)
+    if fails:
+        with pytest.raises(TrainingDiverged):
+            train(config, components, source, recipe, adamw_parts(components.scheduler))
+    else:
+        train(config, components, source, recipe, adamw_parts(components.scheduler))
+    assert recipe.hooks_seen and all(n == 2 for n in recipe.hooks_seen)  # one per trained tensor while training
+    assert post_accumulate_hooks(components.unet.conv_out) == 0
+
+
+def test_zero_grad_inspects_the_optimizer_once_per_run_not_per_step(tmp_path, monkeypatch):
+    """accelerate's zero_grad calls inspect.signature on the optimizer's zero_grad at every step; the loop does not
+    (the weights are pinned against a hand-written loop, with gradient accumulation, above)."""
+    inspected: list[str] = []
+    signature = inspect.signature
+
+    def counting_signature(obj, *args, **kwargs):
+        inspected.append(getattr(obj, "__name__", ""))
+        return signature(obj, *args, **kwargs)
+
+    monkeypatch.setattr(inspect, "signature", counting_signature)
+    result, _ = run(tmp_path, max_train_steps=4, gradient_accumulation_steps=2)
+    assert result.global_step == 4
+    assert inspected.count("zero_grad") == 1
+
+
+def test_progress_bar_shows_the_final_average_without_redrawing_every_step(tmp_path, monkeypatch, capsys):
+    averages: list[float] = []
+
+    class Recorder(loop_module.LossRecorder):
+        def add(self, loss: float) -> None:
+            super().add(loss)
+            averages.append(self.average)
+
+    class SlowBar(loop_module.tqdm):
+        """A bar whose timed redraws never come, so only the loop's own refreshes draw it."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, mininterval=3600, **kwargs)
+
+    monkeypatch.setattr(loop_module, "LossRecorder", Recorder)
+    monkeypatch.setattr(loop_module, "tqdm", SlowBar)
+    run(tmp_path, max_train_steps=6)
+    draws = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("steps")]
+    assert len(averages) == 6
+    assert "6/6" in draws[-1] and f"avr_loss={averages[-1]:.4f}" in draws[-1]
+    assert len(draws) <= 3  # the first draw, the last step's refresh and the close
+
+
+# --- the optimizer the flags build ---------------------------------------------------------------------------------
+
+
+def build_optimizer(params, optimizer_type: str = "AdamW", optimizer_args: list[str] | None = None):
+    args = argparse.Namespace(
+        optimizer_type=optimizer_type, optimizer_args=optimizer_args, learning_rate=0.1, lr_scheduler="constant"
+    )
+    return optimizer_factory(args)(params, 10)[0]
+
+
+def test_adamw_uses_torch_fused_kernel_where_it_exists_and_foreach_elsewhere():
+    cpu = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]
+    defaults = build_optimizer(iter(cpu)).defaults  # an iterator of tensors is read once, as torch reads it
+    assert (defaults["fused"], defaults["foreach"]) == (True, None)
+    groups = [{"params": iter(cpu), "lr": 0.5}]
+    optimizer = build_optimizer(groups)
+    assert optimizer.defaults["fused"] and optimizer.param_groups[0]["params"] == cpu and groups[0]["lr"] == 0.5
+    meta = build_optimizer([torch.nn.Parameter(torch.ones(3, device="meta"))]).defaults
+    assert (meta["fused"], meta["foreach"]) == (None, True)
+    for given in ("foreach=False", "fused=False", "differentiable=True"):
+        chosen = build_optimizer(cpu, optimizer_args=[given]).defaults
+        assert chosen["fused"] in (None, False) and chosen["foreach"] in (None, False)
+
+
+def test_fused_adamw_trains_like_torch_default_adamw_to_rounding():
+    torch.manual_seed(0)
+    start = torch.randn(64, 8)
+    ours, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizers = build_optimizer([ours]), torch.optim.AdamW([plain], lr=0.1)
+    for step in range(20):
+        grad = torch.randn(64, 8, generator=torch.Generator().manual_seed(step))
+        for param, optimizer in zip((ours, plain), optimizers):
+            param.grad = grad.clone()
+            optimizer.step()
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+OPTIONAL_OPTIMIZERS = sorted(
+    name for name, (module, _) in BUILTIN_OPTIMIZERS.items() if module.split(".")[0] in OPTIONAL_PACKAGES
+)
+
+
+@pytest.mark.parametrize("name", OPTIONAL_OPTIMIZERS)
+def test_missing_optional_package_is_a_one_line_error_naming_the_pip_extra(monkeypatch, name):
+    root = BUILTIN_OPTIMIZERS[name][0].split(".")[0]
+    extra = OPTIONAL_PACKAGES[root][1]
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert extra in project["optional-dependencies"]
+    monkeypatch.setitem(sys.modules, root, None)  # "import root" now fails as if the package were not installed
+    with pytest.raises(UserError) as info:
+        build_optimizer([torch.nn.Parameter(torch.ones(2))], optimizer_type=name)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(f'pip install "sd-trainer[{extra}]"')
+    assert message.startswith(f"--optimizer_type {name} needs the {OPTIONAL_PACKAGES[root][0]} package")

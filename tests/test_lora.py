@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 
 from library.engine.network_recipe import parse_network_args
 from library.errors import UserError
@@ -93,6 +95,39 @@ def test_output_delta_is_up_down_times_alpha_over_dim_times_multiplier(tiny_sd1)
     net.set_multiplier(0.0)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), base, rtol=0, atol=0)
+
+
+class OpCounter(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called while it is active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.counts[getattr(func, "__name__", str(func))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("multiplier", "alpha", "multiplies"), [(1.0, 4.0, 0), (1.0, 2.0, 1), (0.7, 4.0, 1)])
+def test_forward_is_one_multiply_and_no_casts_in_float32(multiplier, alpha, multiplies):
+    """The default fp32 step: no dtype casts, the two factors folded into one multiply (none when it is 1), and
+    the same bits as multiplying by the multiplier and the scale one after the other whenever one of them is 1."""
+    base = torch.nn.Linear(8, 6)
+    m = lora.LoRAModule("lora_unet_x", base, multiplier=multiplier, lora_dim=4, alpha=alpha)
+    with torch.no_grad():
+        m.lora_up.weight.normal_()
+    m.apply_to()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, base.weight, base.bias) + m.lora_up(m.lora_down(x)) * multiplier * (
+            alpha / 4
+        )
+        with OpCounter() as counter:
+            out = base(x)
+    assert torch.equal(out, expected)
+    assert counter.counts["to"] == 0
+    assert counter.counts["mul"] + counter.counts["__mul__"] == multiplies
 
 
 def test_alpha_zero_or_none_means_no_scaling(tiny_sd1):
@@ -312,7 +347,8 @@ def test_merge_to_equals_applying(tmp_path):
     net.set_multiplier(0.5)
     net.apply_to(applied.text_encoder, applied.unet)
     net.eval()
-    lora.merge_base_weights([str(path)], [0.5], merged.text_encoder, merged.unet)
+    file_net, weights = lora.create_network_from_weights(0.5, path, None, merged.text_encoder, merged.unet)
+    file_net.merge_to(merged.text_encoder, merged.unet, weights)
     x, t, ctx = unet_inputs()
     ids = torch.randint(0, 49407, (2, 77), generator=torch.Generator().manual_seed(4))
     plain = make_tiny_model()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.text.encode import encode_prompts, encode_token_ids, tokenize_prompts
+from library.text.encode import TokenCache, encode_prompts, encode_token_ids, tokenize_prompts
 from library.text.tokenizer import load_packaged_tokenizer, packaged_tokenizer_dir
 
 BOS, EOS, SD2_PAD = 49406, 49407, 0
@@ -177,3 +177,55 @@ def test_gradients_reach_the_text_encoder(tiny_sd1):
     assert te.embeddings.token_embedding.weight.grad.abs().sum() > 0
     assert te.final_layer_norm.weight.grad.abs().sum() > 0
     assert te.encoder.layers[-1].mlp.fc1.weight.grad is None  # clip skip 2 never uses the last layer's output
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records the prompts of every call (for the cache tests)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts, *args, **kwargs):
+        self.calls.append(list(texts))
+        return self.tokenizer(texts, *args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize(
+    ("v2", "max_token_length", "weighted"), [(False, None, False), (True, 150, False), (False, 225, True)]
+)
+def test_token_cache_gives_the_same_states_and_tokenizes_each_prompt_once(v2, max_token_length, weighted, sd1, sd2):
+    model = sd2 if v2 else sd1
+    tokenizer = CountingTokenizer(model.tokenizer)
+    cache = TokenCache()
+    long_prompt = letters_prompt(160)[0]
+    batches = [["(a) photo", long_prompt, "b c"], ["b c", "(a) photo", "b c"], [long_prompt, "new [one]"]]
+    options = dict(max_token_length=max_token_length, v2=v2, weighted=weighted)
+    with torch.no_grad():
+        for prompts in batches:
+            cached = encode_prompts(model.text_encoder, tokenizer, prompts, cache=cache, **options)
+            plain = encode_prompts(model.text_encoder, model.tokenizer, prompts, **options)
+            assert torch.equal(cached, plain)
+    if not weighted:  # weighted prompts are tokenized run by run; plain ones in one call per batch
+        assert tokenizer.calls == [["(a) photo", long_prompt, "b c"], ["new [one]"]]
+    assert len(cache) == 4
+
+
+def test_token_cache_is_bounded_and_starts_afresh_for_another_tokenizer_or_options(sd1, sd2):
+    cache = TokenCache(max_prompts=2)
+    ids, weights = cache.tokens(sd1.tokenizer, ["a", "b", "c"], None, False, False)
+    assert weights is None and torch.equal(ids, tokenize_prompts(sd1.tokenizer, ["a", "b", "c"]))
+    assert len(cache) == 2  # the least recently used prompt ("a") went
+    counting = CountingTokenizer(sd1.tokenizer)
+    cache.tokens(counting, ["c"], None, False, False)
+    assert counting.calls == [["c"]]  # another tokenizer object: nothing cached is reused
+    cache.tokens(counting, ["c"], 150, False, False)
+    assert counting.calls == [["c"], ["c"]]  # another --max_token_length
+    ids, _ = cache.tokens(sd2.tokenizer, ["c"], 150, True, False)
+    assert torch.equal(ids, tokenize_prompts(sd2.tokenizer, ["c"], 150, v2=True))

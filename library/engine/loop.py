@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +80,11 @@ def train(
 ) -> TrainResult:
     """Train ``recipe``'s weights on ``dataset``; writes models and states under ``config.output_dir``."""
     accelerator = make_accelerator(config)
+    run = _Run(config, accelerator, components, dataset, recipe, parts, tracker_name, summary)
     try:
-        return _Run(config, accelerator, components, dataset, recipe, parts, tracker_name, summary).run()
+        return run.run()
     finally:
+        run.remove_hooks()
         release_accelerator(accelerator)
 
 
@@ -95,6 +99,13 @@ class _Run:
         self.tracker_name = tracker_name
         self.summary = summary
         self.saves = config.save_plan
+        self.hook_handles: list[Any] = []
+
+    def remove_hooks(self) -> None:
+        """Take the fused backward pass's hooks off the parameters (after training, and when it fails)."""
+        for handle in self.hook_handles:
+            handle.remove()
+        self.hook_handles = []
 
     def run(self) -> TrainResult:
         config, acc = self.config, self.acc
@@ -120,6 +131,7 @@ class _Run:
         self.recipe.begin(self.plan, self.seed, optimizer)
         prepared = acc.prepare(*modules, optimizer)
         self.optimizer = prepared[-1]
+        self.zero_grad = grad_zeroer(self.optimizer)
         if config.full_fp16 and acc.scaler is not None:
             _allow_fp16_unscaling(acc.scaler)
         self.trained_params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -155,7 +167,9 @@ class _Run:
                 "--fused_backward_pass cannot use fp16 loss scaling (--mixed_precision fp16): "
                 "use --mixed_precision bf16 or no, or drop --fused_backward_pass"
             )
-        register_fused_backward(optimizer, self.config.max_grad_norm, self.config.gradient_accumulation_steps)
+        self.hook_handles = register_fused_backward(
+            optimizer, self.config.max_grad_norm, self.config.gradient_accumulation_steps
+        )
 
     def _place_models(self) -> None:
         """Freeze the base model in the working precision; the recipe then attaches what is trained.
@@ -278,8 +292,11 @@ class _Run:
                 continue
             self._optimizer_step(epoch, index, progress)
             progress.epoch, progress.batches_done = epoch, index + 1
+            # the postfix is drawn with the bar, which tqdm redraws at most every mininterval; the last step always
+            bar.set_postfix(avr_loss=f"{self.recorder.average:.4f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(avr_loss=f"{self.recorder.average:.4f}")
+            if progress.global_step >= plan.max_train_steps:
+                bar.refresh()
             self._after_step(epoch, index + 1, progress)
             if progress.global_step >= plan.max_train_steps and index + 1 < len(batches):
                 return False
@@ -339,7 +356,7 @@ class _Run:
             if not fused:
                 self.optimizer.step()
             self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         extra = {} if bad else self.recipe.after_optimizer_step(acc.device)
         progress.global_step = step
         losses = progress.group_losses
@@ -474,6 +491,21 @@ class _Run:
             finally:
                 for module, mode in zip(modules, modes):
                     module.train(mode)
+
+
+def grad_zeroer(optimizer: Any) -> Callable[[], None]:
+    """``optimizer.zero_grad(set_to_none=True)`` for the loop, as accelerate's AcceleratedOptimizer does it but
+    without the ``inspect.signature`` it calls every step: its check of the wrapped optimizer is made once here."""
+    inner = getattr(optimizer, "optimizer", None)
+    gradient_state = getattr(optimizer, "gradient_state", None)
+    if inner is None or gradient_state is None or "set_to_none" not in inspect.signature(inner.zero_grad).parameters:
+        return partial(optimizer.zero_grad, set_to_none=True)
+
+    def zero_grad() -> None:
+        if gradient_state.sync_gradients:
+            inner.zero_grad(set_to_none=True)
+
+    return zero_grad
 
 
 def _allow_fp16_unscaling(scaler) -> None:

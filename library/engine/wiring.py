@@ -16,7 +16,7 @@ from library.models.components import Components
 from library.noise import NoiseSettings, noise_and_timesteps, training_scheduler
 from library.optimizers import make_optimizer
 from library.schedulers import make_lr_scheduler
-from library.text.encode import encode_prompts
+from library.text.encode import TokenCache, encode_prompts
 
 
 def choose_seed(args: argparse.Namespace) -> int:
@@ -28,7 +28,10 @@ def choose_seed(args: argparse.Namespace) -> int:
 
 
 def text_encoding(args: argparse.Namespace, v2: bool):
-    """``encode_text(text_encoder, tokenizer, captions)`` with --max_token_length, --clip_skip, --weighted_captions."""
+    """``encode_text(text_encoder, tokenizer, captions)`` with --max_token_length, --clip_skip, --weighted_captions.
+
+    Token ids are cached per caption (captions repeat every epoch), so each is tokenized once per run."""
+    cache = TokenCache()
 
     def encode(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
         return encode_prompts(
@@ -39,6 +42,7 @@ def text_encoding(args: argparse.Namespace, v2: bool):
             clip_skip=getattr(args, "clip_skip", None),
             weighted=bool(getattr(args, "weighted_captions", False)),
             v2=v2,
+            cache=cache,
         )
 
     return encode

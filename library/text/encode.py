@@ -9,6 +9,8 @@ cut in the middle of the prompt ends with EOS, and a chunk holding only padding 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -100,6 +102,54 @@ def tokenize_weighted_prompts(
     return split_into_chunks(full_ids, tokenizer), _split_weights(full_weights)
 
 
+class TokenCache:
+    """Chunked token ids (and weights) per prompt for one call site, so captions seen before are not re-tokenized.
+
+    A bounded LRU of ``max_prompts`` prompts. It holds results for one tokenizer and one set of options: a call with
+    another tokenizer object, another vocabulary size (tokens added) or other options starts it afresh. Each prompt
+    is tokenized on its own row, so the ids are exactly those of tokenizing the whole batch at once.
+    """
+
+    def __init__(self, max_prompts: int = 4096) -> None:
+        self.max_prompts = max_prompts
+        self._entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._tokenizer: CLIPTokenizer | None = None
+        self._options: tuple = ()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def tokens(
+        self,
+        tokenizer: CLIPTokenizer,
+        prompts: list[str],
+        max_token_length: int | None,
+        v2: bool,
+        weighted: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, n, 77)`` ids and, when ``weighted``, weights of ``prompts``, tokenizing only the ones not cached."""
+        options = (len(tokenizer), max_token_length, v2, weighted)
+        if tokenizer is not self._tokenizer or options != self._options:
+            self._entries.clear()
+            self._tokenizer, self._options = tokenizer, options
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._entries]
+        if missing:
+            if weighted:
+                ids, weights = tokenize_weighted_prompts(tokenizer, missing, max_token_length, v2)
+            else:
+                ids, weights = tokenize_prompts(tokenizer, missing, max_token_length, v2), None
+            for row, prompt in enumerate(missing):
+                self._entries[prompt] = (ids[row].clone(), None if weights is None else weights[row].clone())
+        rows = []
+        for prompt in prompts:
+            self._entries.move_to_end(prompt)
+            rows.append(self._entries[prompt])
+        while len(self._entries) > self.max_prompts:
+            self._entries.popitem(last=False)
+        ids = torch.stack([row[0] for row in rows])
+        return ids, torch.stack([row[1] for row in rows]) if weighted else None
+
+
 def merge_chunks(chunked: torch.Tensor) -> torch.Tensor:
     """``(B, n, 77, …)`` per-chunk values to ``(B, n*75 + 2, …)``: first BOS, each chunk's middle 75, last end."""
     batch, n_chunks = chunked.shape[:2]
@@ -173,14 +223,20 @@ def encode_prompts(
     weighted: bool = False,
     v2: bool = False,
     device: torch.device | str | None = None,
+    cache: TokenCache | None = None,
 ) -> torch.Tensor:
     """Prompts to ``(B, 77 | 152 | 227, width)`` conditioning, the one call for training and sampling.
 
     ``weighted`` reads A1111's attention syntax (``--weighted_captions``); otherwise the text goes to the tokenizer
-    as it is, as in sd-scripts. ``device`` defaults to the text encoder's.
+    as it is, as in sd-scripts. ``device`` defaults to the text encoder's. ``cache`` keeps the token ids of prompts
+    seen before (the training loop's captions repeat every epoch); the result is the same with or without it.
     """
     if device is None:
         device = next(text_encoder.parameters()).device
+    if cache is not None:
+        ids, weights = cache.tokens(tokenizer, prompts, max_token_length, v2, weighted)
+        weights = None if weights is None else weights.to(device)
+        return encode_token_ids(text_encoder, ids.to(device), clip_skip=clip_skip, v2=v2, weights=weights)
     if weighted:
         ids, weights = tokenize_weighted_prompts(tokenizer, prompts, max_token_length, v2)
         return encode_token_ids(text_encoder, ids.to(device), clip_skip=clip_skip, v2=v2, weights=weights.to(device))
