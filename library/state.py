@@ -3,24 +3,40 @@
 ``train_state.json`` keeps sd-scripts' ``current_epoch`` / ``current_step`` and adds what a step-exact resume
 needs: the position inside the epoch (batches already trained), the seed, every global RNG state, and a
 fingerprint of the trained network and of the dataset so a resume with changed settings is refused.
+
+States are written by accelerate's ``save_state`` (the layout sd-scripts and earlier versions of this toolkit
+share) but read back here, file by file, with ``torch.load(weights_only=True)`` or safetensors: nothing in a state
+folder can run code, and a tampered, damaged or missing file is a one-line error naming it.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
+import logging
+import pickle
+import pickletools
 import random
+import re
+import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from library.errors import UserError
 from library.io import atomic_dir, atomic_write_json
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 FORMAT = "sdtrain-state-1"
@@ -158,7 +174,7 @@ def _short(value: Any) -> str:
 
 
 @contextlib.contextmanager
-def _shared_tmp_dir(accelerator, final: Path) -> Iterator[Path | None]:
+def _shared_tmp_dir(accelerator: Accelerator, final: Path) -> Iterator[Path | None]:
     """A temporary folder beside ``final`` that every process writes into; the main process swaps it in."""
     from accelerate.utils import broadcast_object_list
 
@@ -178,7 +194,7 @@ def _shared_tmp_dir(accelerator, final: Path) -> Iterator[Path | None]:
         accelerator.wait_for_everyone()
 
 
-def save_training_state(accelerator, final_dir: Path, record: dict[str, Any]) -> None:
+def save_training_state(accelerator: Accelerator, final_dir: Path, record: dict[str, Any]) -> None:
     """Write accelerate's state files and ``train_state.json`` into ``final_dir`` atomically (all processes call)."""
     with _shared_tmp_dir(accelerator, final_dir) as tmp:
         accelerator.save_state(str(tmp))
@@ -186,10 +202,251 @@ def save_training_state(accelerator, final_dir: Path, record: dict[str, Any]) ->
             atomic_write_json(tmp / STATE_FILE, record)
 
 
-def load_training_state(accelerator, state_dir: str | Path) -> None:
-    """Load weights, optimizer, scheduler and per-process RNG states saved by accelerate."""
+def load_training_state(accelerator: Accelerator, state_dir: str | Path) -> None:
+    """Load the weights, optimizer, scheduler, scaler, per-process RNG and registered objects of a state folder.
+
+    Reads the files accelerate's ``save_state`` writes, in its order and onto its devices, so a resume gives what
+    ``accelerator.load_state`` would, but every pickled file goes through ``torch.load(weights_only=True)`` (accelerate
+    unpickles ``custom_checkpoint_N.pkl`` with ``weights_only=False``): a file that would run code is refused and
+    nothing in it runs. A state from sd-scripts (its scheduler in ``scheduler.bin``) loads too.
+    """
+    from accelerate.utils import DistributedType
+
+    folder = Path(state_dir)
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM, DistributedType.XLA):
+        raise UserError(
+            f"--resume {folder}: resuming under {kind.value} is not supported (its checkpoint loader unpickles files "
+            "in a way that can run code); resume in plain or DDP data-parallel mode"
+        )
+    if accelerator._dataloaders:
+        raise ValueError("load_training_state: prepared dataloaders are not restored; the loop keeps the data position")
+    map_location = _map_location(accelerator)
+    models = list(accelerator._models)
+    for hook in accelerator._load_model_state_pre_hook.values():
+        hook(models, str(folder))
+    for index, model in enumerate(models):
+        _load_model(model, folder, "" if index == 0 else f"_{index}", map_location)
+    for index, optimizer in enumerate(accelerator._optimizers):
+        name = "optimizer.bin" if index == 0 else f"optimizer_{index}.bin"
+        _apply(optimizer, folder / name, _load_pickled(folder / name, map_location))
+    for index, scheduler in enumerate(accelerator._schedulers):
+        name = "scheduler.bin" if index == 0 else f"scheduler_{index}.bin"
+        _apply(scheduler, folder / name, _load_pickled(folder / name))
+    if accelerator.scaler is not None:
+        _apply(accelerator.scaler, folder / "scaler.pt", _load_pickled(folder / "scaler.pt"))
+    _load_rng_file(accelerator, folder / f"random_states_{accelerator.process_index}.pkl")
+    _load_custom_objects(accelerator, folder)
+
+
+def _map_location(accelerator: Accelerator) -> Any:
+    """Where accelerate's ``load_state`` puts optimizer states: the process's device when data-parallel on devices."""
+    from accelerate.utils import DistributedType
+
+    if (
+        accelerator.num_processes > 1
+        and accelerator.multi_device
+        and accelerator.distributed_type != DistributedType.MULTI_XPU
+    ):
+        return accelerator.device
+    return "cpu"
+
+
+def _load_model(model: torch.nn.Module, folder: Path, suffix: str, map_location: Any) -> None:
+    """``model{suffix}.safetensors`` (accelerate's default) or else ``pytorch_model{suffix}.bin``, loaded strictly."""
+    from safetensors.torch import load_model
+
+    path = folder / f"model{suffix}.safetensors"
+    if path.is_file():
+        try:
+            load_model(model, str(path), strict=True, device=str(map_location))
+        except RuntimeError as e:
+            raise UserError(
+                f"--resume: {path} does not fit the network being trained ({_first_line(e)}); resume with the "
+                "settings the state was trained with"
+            ) from e
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise UserError(f"--resume: {path} is damaged ({_first_line(e)}); resume from another state folder") from e
+        return
+    path = folder / f"pytorch_model{suffix}.bin"
+    _apply(model, path, _load_pickled(path, map_location))
+
+
+def _apply(target: Any, path: Path, state: Any) -> None:
+    """``target.load_state_dict(state)`` with a one-line error when the file's content does not fit."""
     try:
-        accelerator.load_state(str(state_dir))
-    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"--resume {state_dir}: cannot load this training state ({first})") from e
+        target.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise UserError(
+            f"--resume: {path} does not fit this training ({_first_line(e)}); resume with the settings the state "
+            "was trained with, or from another state folder"
+        ) from e
+
+
+def _load_custom_objects(accelerator: Accelerator, folder: Path) -> None:
+    """``custom_checkpoint_N.pkl`` for each object given to ``register_for_checkpointing`` (here the LR scheduler).
+
+    sd-scripts prepares its scheduler instead of registering it, so its states hold ``scheduler.bin``: with no
+    prepared scheduler, one registered object and no custom checkpoint, that file is the registered object's."""
+    objects = list(accelerator._custom_objects)
+    found = [p.name for p in folder.iterdir() if re.fullmatch(r"custom_checkpoint_\d+\.pkl", p.name)]
+    sd_scripts = folder / "scheduler.bin"
+    if not found and len(objects) == 1 and not accelerator._schedulers and sd_scripts.is_file():
+        _apply(objects[0], sd_scripts, _load_pickled(sd_scripts))
+        return
+    if len(found) != len(objects):
+        raise UserError(
+            f"--resume {folder}: the state holds {len(found)} custom checkpoint file(s) but this training keeps "
+            f"{len(objects)}; resume from a state written by the same script"
+        )
+    for index, obj in enumerate(objects):
+        path = folder / f"custom_checkpoint_{index}.pkl"
+        _apply(obj, path, _load_pickled(path, "cpu"))
+
+
+# The device RNG states accelerate writes: (key in random_states_N.pkl, torch module that restores them).
+_DEVICE_RNG = (
+    ("torch_cuda_manual_seed", "cuda"),
+    ("torch_xpu_manual_seed", "xpu"),
+    ("torch_mlu_manual_seed", "mlu"),
+    ("torch_sdaa_manual_seed", "sdaa"),
+    ("torch_musa_manual_seed", "musa"),
+    ("torch_hpu_manual_seed", "hpu"),
+    ("torch_neuron_manual_seed", "neuron"),
+)
+
+
+def _load_rng_file(accelerator: Accelerator, path: Path) -> None:
+    """This process's ``random_states_N.pkl``: step counter, python, numpy, torch and device RNG states.
+
+    As with accelerate, a missing file (a state written by fewer processes) leaves the RNGs alone."""
+    if not path.is_file():
+        logger.warning(f"{path} is missing: this process's random generators are not restored")
+        return
+    states = _load_pickled(path)
+    try:
+        if "step" in states:
+            accelerator.step = int(states["step"])
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        for key, name in _DEVICE_RNG:
+            device = getattr(torch, name, None)
+            if key in states and device is not None and device.is_available():
+                device.set_rng_state_all(states[key])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise UserError(f"--resume: {path} is damaged ({_first_line(e)}); resume from another state folder") from e
+
+
+def _numpy_globals() -> list[Any]:
+    """The numpy types a pickled ``np.random.get_state()`` needs (names of numpy 1.x and 2.x); none of them runs
+    code: they rebuild an array and its dtype."""
+    reconstruct = np.ndarray((0,)).__reduce__()[0]
+    names: list[Any] = [
+        np.ndarray,
+        np.dtype,
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+    ]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        names.append(dtypes.UInt32DType)
+    return names
+
+
+def _load_pickled(path: Path, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` of a state file, allowing the numpy RNG types; one-line errors naming
+    the file when it is missing, damaged, or would run code."""
+    if not path.is_file():
+        raise UserError(f"--resume: {path} is missing, so the state folder is incomplete; resume from another one")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols it did not write
+            with torch.serialization.safe_globals(_numpy_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for bad files; each becomes one line naming the file
+        called = _code_globals(path)
+        if called:
+            raise UserError(
+                f"--resume refuses to load {path}: it would run code (it calls {', '.join(called[:3])}); the state "
+                "folder may have been tampered with, so resume only from a state folder you trust"
+            ) from None
+        detail = "not a pickle torch can read" if isinstance(e, pickle.UnpicklingError) else _first_line(e)
+        raise UserError(f"--resume: {path} is damaged ({detail}); resume from another state folder") from e
+
+
+def _code_globals(path: Path) -> list[str]:
+    """The functions and classes a pickle file names that ``weights_only`` loading does not allow (so loading it
+    fully would call them). Only complete pickles count, so garbage is not mistaken for code. Nothing is run."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                blobs = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+        else:
+            blobs = [path.read_bytes()]
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError):
+        return []
+    allowed = _allowed_global_names()
+    called: list[str] = []
+    for blob in blobs:
+        for name in _complete_pickle_globals(blob):
+            if name not in allowed and name not in called:
+                called.append(name)
+    return called
+
+
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _complete_pickle_globals(blob: bytes) -> list[str]:
+    """Names given to GLOBAL / STACK_GLOBAL / INST in each complete pickle of ``blob`` (several follow each other in
+    torch's legacy format), read with ``pickletools`` without running anything. STACK_GLOBAL takes its names from
+    the strings pushed before it (directly or from the memo)."""
+    stream, names = io.BytesIO(blob), []
+    while stream.tell() < len(blob):
+        found: list[str] = []
+        strings: list[str] = []
+        memo: dict[Any, str] = {}
+        memo_count, last = 0, None
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                pushed = None
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(".".join(strings[-2:]))
+                elif op.name in _STRING_OPS:
+                    pushed = str(arg)
+                elif op.name == "MEMOIZE":
+                    if last is not None:
+                        memo[memo_count] = last
+                    memo_count += 1
+                elif op.name in _PUT_OPS and last is not None:
+                    memo[arg] = last
+                elif op.name in _GET_OPS and arg in memo:
+                    pushed = memo[arg]
+                if pushed is not None:
+                    strings.append(pushed)
+                last = pushed if pushed is not None else (last if op.name in _PUT_OPS | {"MEMOIZE"} else None)
+        except Exception:  # the rest is not a pickle (garbage, or a legacy file's raw tensor data)
+            break
+        names += found
+    return names
+
+
+def _allowed_global_names() -> set[str]:
+    """``module.name`` of every global ``torch.load(weights_only=True)`` accepts here (torch's own and ours)."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    names = set(_get_allowed_globals())
+    for entry in _numpy_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, None)
+        names.add(name or f"{obj.__module__}.{obj.__qualname__}")
+    return names
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import importlib
 import logging
+import math
 import os
 import random
 import sys
@@ -52,7 +53,7 @@ def derive_seed(*parts: object) -> int:
 @dataclass(frozen=True)
 class BatchPlan:
     """One batch: images ``items`` (indices into the dataset's records) of one bucket, and where it sits in the
-    run. ``global_step`` = batches in earlier epochs + ``index`` (used for token warm-up)."""
+    run. ``global_step`` is the optimizer step the batch is trained in, as sd-scripts counts it for token warm-up."""
 
     epoch: int
     index: int
@@ -75,6 +76,8 @@ class TrainDataset:
         latents: dict[tuple[int, int], LatentEntry | Path] | None = None,
         max_train_steps: int | None = None,
         skipped: Sequence[tuple[Path, str]] = (),
+        num_processes: int = 1,
+        gradient_accumulation_steps: int = 1,
     ):
         if len(datasets) != len(records):
             raise ValueError("one records list per dataset is needed")
@@ -85,6 +88,8 @@ class TrainDataset:
         self.latents = latents
         self.max_train_steps = max_train_steps
         self.skipped: list[tuple[Path, str]] = list(skipped)
+        self.num_processes = num_processes  # batches are shared out over processes and accumulated into steps
+        self.gradient_accumulation_steps = gradient_accumulation_steps
         self.assignments: list[list[BucketAssignment]] = []
         for dataset, recs in zip(self.datasets, self.records):
             settings = BucketSettings.from_dataset(dataset)
@@ -139,6 +144,8 @@ class TrainDataset:
             latents=self.latents,
             max_train_steps=self.max_train_steps,
             skipped=self.skipped,
+            num_processes=self.num_processes,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
         )
         args.update(changes)
         datasets = args.pop("datasets", self.datasets)
@@ -157,7 +164,10 @@ class TrainDataset:
             raise ValueError(f"epochs are counted from 1, got {epoch}")
         start = self.epoch_start_step(epoch)
         batches = self._epoch_batches(epoch)
-        return [BatchPlan(epoch, i, d, bucket, items, start + i) for i, (d, bucket, items) in enumerate(batches)]
+        per_step = self.num_processes * self.gradient_accumulation_steps
+        return [
+            BatchPlan(epoch, i, d, bucket, items, start + i // per_step) for i, (d, bucket, items) in enumerate(batches)
+        ]
 
     def batches_in_epoch(self, epoch: int) -> int:
         if epoch not in self._epoch_lengths:
@@ -165,7 +175,10 @@ class TrainDataset:
         return self._epoch_lengths[epoch]
 
     def epoch_start_step(self, epoch: int) -> int:
-        return sum(self.batches_in_epoch(e) for e in range(1, epoch))
+        """Optimizer steps in the epochs before ``epoch``: each process takes every N-th batch and accumulates
+        ``gradient_accumulation_steps`` of them into one step, a short group at the epoch's end included."""
+        per_process = (math.ceil(self.batches_in_epoch(e) / self.num_processes) for e in range(1, epoch))
+        return sum(math.ceil(batches / self.gradient_accumulation_steps) for batches in per_process)
 
     def _epoch_batches(self, epoch: int) -> list[tuple[int, tuple[int, int], tuple[int, ...]]]:
         batches: list[tuple[int, tuple[int, int], tuple[int, ...]]] = []

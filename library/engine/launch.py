@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 
 import torch
 
@@ -81,10 +80,12 @@ def prepare_training_data(
 
         debug_dataset(dataset, out_dir=args.debug_dataset_dir)
         return None
+    dataset = dataset.with_changes(
+        num_processes=launched_processes(), gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
     steps = args.max_train_steps
     if args.max_train_epochs is not None:
-        per_process = math.ceil(len(dataset.batch_plan(1)) / launched_processes())
-        steps = args.max_train_epochs * math.ceil(per_process / args.gradient_accumulation_steps)
+        steps = args.max_train_epochs * dataset.epoch_start_step(2)  # optimizer steps of one epoch, times epochs
     return dataset.with_changes(max_train_steps=steps)
 
 
