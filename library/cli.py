@@ -106,6 +106,18 @@ def close_log_files() -> None:
         handler.close()
 
 
+MAX_ERROR_CHARS = 600
+
+
+def error_line(error: UserError) -> str:
+    """``error: <message>`` as exactly one line: line breaks shown as ``\\n`` and an over-long message (say, one
+    echoing a whole table) cut, so a log reader always sees one line per error."""
+    text = str(error).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 1] + "…"
+    return f"error: {text}"
+
+
 def run_cli(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; a UserError becomes ``error: <message>`` on stderr (and in the --console_log_file) and
     exit code 2."""
@@ -117,9 +129,10 @@ def run_cli(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = 
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        line = error_line(e)
+        print(line, file=sys.stderr)
         for handler in _log_files():
-            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, f"error: {e}", None, None))
+            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, line, None, None))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -109,3 +109,16 @@ def test_unimplemented_flags_at_their_defaults_give_no_warning(caplog):
     assert messages == [
         "--huggingface_repo_visibility: not implemented yet in sd-trainer; ignored, training goes on without it"
     ]
+
+
+def test_an_error_message_is_always_one_capped_line(capsys):
+    """A message that embeds line breaks or echoes a huge value still prints as one line of bounded length."""
+    from library.cli import MAX_ERROR_CHARS
+
+    def fails(argv):
+        raise UserError("data.toml: bad value 'first\nsecond\r\nthird' " + "x" * 5000)
+
+    assert run_cli(fails, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: data.toml: bad value 'first\\nsecond\\nthird' xxx")
+    assert len(err.rstrip("\n")) == len("error: ") + MAX_ERROR_CHARS and err.rstrip("\n").endswith("…")
