@@ -108,10 +108,8 @@ class SavePlan:
     def saves_at_epoch_end(self, epoch_no: int, num_epochs: int) -> bool:
         """sd-scripts skips the epoch save of the final epoch: the final model is written under the last name.
 
-        With --save_n_epoch_ratio the plan keeps ``num_epochs`` (the loop asks this at every epoch end, before the
-        stale-file questions), so the files to remove are counted in the same interval."""
-        if self.n_epoch_ratio and self.num_epochs != num_epochs:
-            object.__setattr__(self, "num_epochs", num_epochs)
+        With --save_n_epoch_ratio, use the run's plan (``for_epochs``) so the files to remove are counted in the
+        same interval."""
         every = self.epoch_interval(num_epochs)
         return bool(every) and epoch_no % every == 0 and epoch_no < num_epochs
 

@@ -40,9 +40,9 @@ def test_keeping_the_last_saves_counts_in_the_ratio_interval():
     assert plan.stale_epoch_model(6) == Path("out/epoch-000002.safetensors")
     assert plan.stale_epoch_state(8) == Path("out/epoch-000004-state")
     assert plan.stale_epoch_model(4) is None
-    learning = SavePlan(Path("out"), n_epoch_ratio=4, last_n_epochs=2)
-    assert learning.saves_at_epoch_end(6, 10)  # the loop's question at each epoch end tells the plan the run length
-    assert learning.stale_epoch_model(6) == Path("out/epoch-000002.safetensors")
+    plain = SavePlan(Path("out"), n_epoch_ratio=4, last_n_epochs=2)
+    assert plain.saves_at_epoch_end(6, 10) and plain.num_epochs is None  # asking never changes the plan
+    assert plain.for_epochs(10).stale_epoch_model(6) == Path("out/epoch-000002.safetensors")
 
 
 def test_flag_values(tmp_path):

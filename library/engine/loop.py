@@ -18,10 +18,18 @@ from tqdm import tqdm
 
 from library.engine.config import EngineConfig
 from library.engine.data import BatchSource, EpochLoader, dataset_fingerprint, loader_workers
+from library.engine.interrupts import StopSignals, TrainingInterrupted, remove_run_temporaries, stop_message
 from library.engine.parts import SampleRequest, TrainingParts
 from library.engine.recipe import Recipe
 from library.engine.schedule import RunPlan, make_run_plan, shard, step_generator
-from library.engine.step import StepModels, TrainingDiverged, batch_loss, divergence_message
+from library.engine.step import (
+    StepModels,
+    TrainingDiverged,
+    batch_loss,
+    divergence_message,
+    non_finite_weights_message,
+    weights_finite,
+)
 from library.engine.tracking import LossRecorder, make_accelerator, release_accelerator, start_trackers, step_logs
 from library.errors import UserError
 from library.models.components import Components
@@ -78,11 +86,20 @@ def train(
     tracker_name: str = "network_train",
     summary: str | None = None,
 ) -> TrainResult:
-    """Train ``recipe``'s weights on ``dataset``; writes models and states under ``config.output_dir``."""
+    """Train ``recipe``'s weights on ``dataset``; writes models and states under ``config.output_dir``.
+
+    SIGINT and SIGTERM stop training after the current optimizer step (saving a state with --save_state or
+    --save_state_on_train_end) and raise :class:`TrainingInterrupted`, which exits with 128 + the signal number."""
     accelerator = make_accelerator(config)
     run = _Run(config, accelerator, components, dataset, recipe, parts, tracker_name, summary)
     try:
-        return run.run()
+        with StopSignals() as signals:
+            run.signals = signals
+            return run.run()
+    except TrainingInterrupted as stopped:
+        if accelerator.is_main_process:
+            logger.warning(stopped.message)
+        raise
     finally:
         run.remove_hooks()
         release_accelerator(accelerator)
@@ -100,6 +117,7 @@ class _Run:
         self.summary = summary
         self.saves = config.save_plan
         self.hook_handles: list[Any] = []
+        self.signals = StopSignals()
 
     def remove_hooks(self) -> None:
         """Take the fused backward pass's hooks off the parameters (after training, and when it fails)."""
@@ -109,6 +127,9 @@ class _Run:
 
     def run(self) -> TrainResult:
         config, acc = self.config, self.acc
+        if acc.is_main_process:
+            remove_run_temporaries(config.output_dir)
+        acc.wait_for_everyone()
         resume_data = read_train_state(config.resume) if config.resume else None
         self.seed = self._seed(resume_data)
         set_seed(self.seed)
@@ -121,6 +142,7 @@ class _Run:
             config.max_train_steps,
             config.max_train_epochs,
         )
+        self.saves = config.save_plan.for_epochs(self.plan.num_epochs)
         modules = self.recipe.trainable_modules()
         if config.full_fp16 or config.full_bf16:
             for module in modules:
@@ -298,6 +320,9 @@ class _Run:
             if progress.global_step >= plan.max_train_steps:
                 bar.refresh()
             self._after_step(epoch, index + 1, progress)
+            signum = self._stop_signal()
+            if signum:
+                raise self._interrupted(signum, Position(progress.global_step, epoch, index + 1))
             if progress.global_step >= plan.max_train_steps and index + 1 < len(batches):
                 return False
         return True
@@ -366,6 +391,24 @@ class _Run:
             self.recorder.add(loss)
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         acc.log({**step_logs(loss, self.recorder.average, lrs, self.group_names), **extra}, step=step)
+
+    def _stop_signal(self) -> int:
+        """The signal that asked training to stop on any process (0: none), so that all processes stop together."""
+        signum = self.signals.signum or 0
+        if self.acc.num_processes == 1:
+            return signum
+        return int(self.acc.gather(torch.tensor([signum], device=self.acc.device)).max().item())
+
+    def _interrupted(self, signum: int, position: Position) -> TrainingInterrupted:
+        """Save the state to resume from ``position`` when states are wanted (unless this step's periodic save
+        wrote it already) and say how training stopped."""
+        saves, step = self.saves, position.global_step
+        state = None
+        if saves.save_state or saves.save_state_on_train_end:
+            state = saves.step_state(step)
+            if not (saves.save_state and saves.saves_at_step(step)):
+                self._save_state(state, position, None)
+        return TrainingInterrupted(signum, stop_message(signum, step, state))
 
     def _any_process(self, flag: bool) -> bool:
         if self.acc.num_processes == 1:
@@ -443,15 +486,23 @@ class _Run:
         finally:
             self.optimizer.train()
 
+    def _check_finite(self, step: int, path: Path) -> None:
+        """Refuse to save ``path`` when a trained weight is NaN/inf (every process holds the same weights, so all
+        stop together)."""
+        if not weights_finite(self.trained_params):
+            raise TrainingDiverged(non_finite_weights_message(step, path))
+
     def _save_model(self, path: Path, *, epoch: int, step: int, stale: Path | None, final: bool = False) -> None:
         self.acc.wait_for_everyone()
         with self._eval_weights():
+            self._check_finite(step, path)
             if self.acc.is_main_process:
                 self.recipe.save(path, epoch=epoch, step=step, final=final)
                 if remove_output(stale):
                     logger.info(f"removed old model {stale}")
 
     def _save_state(self, path: Path, position: Position, stale: Path | None) -> None:
+        self._check_finite(position.global_step, path)
         record = train_state_record(
             position,
             seed=self.seed,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,3 +115,18 @@ def divergence_message(
         if mixed_precision == "fp16":
             cause += ", or fp16 overflow (try --mixed_precision bf16)"
     return f"{where}: {cause}. Training stopped before saving; use --nan_policy skip to skip such steps instead"
+
+
+def weights_finite(params: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite (one device synchronisation for all of them)."""
+    flags = [torch.isfinite(p.detach()).all() for p in params]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def non_finite_weights_message(step: int, path: Path) -> str:
+    """One line for trained weights that hold NaN/inf when ``path`` is about to be saved after ``step`` steps."""
+    return (
+        f"the trained weights hold NaN/inf at step {step}, so {path.name} was not saved: likely the learning rate "
+        "is too high or its schedule is broken (check --learning_rate, --unet_lr/--text_encoder_lr, --lr_scheduler "
+        "and its options). Training stopped; earlier saves are kept"
+    )
