@@ -90,7 +90,10 @@ def optimizer_factory(args: argparse.Namespace):
 
 def sampling_hook(args: argparse.Namespace):
     """Render --sample_prompts with ``library.sampling`` under the run's autocast, logging images to its trackers
-    (None without a prompt file)."""
+    (None without a prompt file).
+
+    The prompt file is read and every value checked here, at start-up, so a bad file is one error line before
+    step 1; during training a failing sample is one warning and training goes on (``make_sample_hook``)."""
     from library.sampling import SampleSettings
     from library.sampling.hook import make_sample_hook
 
@@ -99,9 +102,10 @@ def sampling_hook(args: argparse.Namespace):
         return None
     if not settings.prompts_file.is_file():
         raise UserError(f"--sample_prompts {settings.prompts_file}: file not found")
+    hook = make_sample_hook(settings)
 
     def sample(request: SampleRequest) -> None:
-        make_sample_hook(settings, request.accelerator)(request)
+        hook(request)
 
     return sample
 

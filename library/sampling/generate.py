@@ -25,7 +25,7 @@ from PIL import Image
 
 from library.io import atomic_path
 from library.models.components import Components
-from library.sampling.prompts import SamplePrompt, load_prompts, resolve_prompt
+from library.sampling.prompts import SamplePrompt, load_prompts, one_line, resolve_prompt
 from library.sampling.samplers import make_sampler
 from library.text.encode import encode_prompts
 
@@ -241,8 +241,26 @@ def generate_image(
 
 
 def check_prompts(settings: SampleSettings) -> list[SamplePrompt]:
-    """Read and resolve every prompt now (at start-up), so a bad file fails before training, not hours in."""
-    return [resolve_prompt(raw, settings.default_sampler) for raw in load_prompts(settings.prompts_file)]
+    """Read, check and resolve every prompt now (at start-up), so a bad file fails before training, not hours in.
+
+    Adjustments sd-scripts makes silently (steps clamped, sizes rounded to a multiple of 8) are logged here as
+    one warning each; a file with no prompts gets a warning too."""
+    notes: list[str] = []
+    prompts = [resolve_prompt(raw, settings.default_sampler) for raw in load_prompts(settings.prompts_file, notes)]
+    for note in notes:
+        logger.warning(note)
+    if not prompts:
+        logger.warning(
+            "--sample_prompts %s: no prompts in the file; no sample images will be made", settings.prompts_file
+        )
+    return prompts
+
+
+def error_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` on one line, cut to ``limit`` characters (for warnings)."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return one_line(text, limit)
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -262,6 +280,7 @@ def sample_images(
     process_index: int = 0,
     num_processes: int = 1,
     timestamp: Callable[[], str] | None = None,
+    keep_going: bool = True,
 ) -> list[Sample]:
     """Generate and save one image per prompt in ``settings.prompts_file``.
 
@@ -269,27 +288,78 @@ def sample_images(
     as sd-scripts does; it picks the ``e<epoch>`` or ``<step>`` file label. ``components.unet`` must be the
     unwrapped model. With several processes, process ``k`` draws prompts ``k, k+n, …``.
     ``prompt_replacement`` (old, new) rewrites prompt text (textual inversion's token strings).
+
+    A sample must never lose the run: with ``keep_going`` (the default) a prompt whose image fails (any Exception:
+    out of memory, a bad value in a file edited mid-run, …) is logged as one warning with its index and the
+    error's first line, and the others are still made; a prompt file that can no longer be read skips this round
+    with one warning. KeyboardInterrupt and SystemExit always propagate. ``keep_going=False`` raises instead.
     """
-    clock = timestamp or (lambda: time.strftime("%Y%m%d%H%M%S", time.localtime()))
-    prompts = load_prompts(settings.prompts_file)[process_index::num_processes]
-    save_dir = settings.output_dir / "sample"
+    when = f"step {step}" if epoch is None else f"epoch {epoch} (step {step})"
+    try:
+        prompts = load_prompts(settings.prompts_file)[process_index::num_processes]
+    except Exception as e:
+        if not keep_going:
+            raise
+        logger.warning("sample images at %s skipped: %s; training continues", when, error_line(e))
+        return []
     results = []
     with preserved_rng(), eval_mode(components.unet, components.text_encoder, components.vae):
         for raw in prompts:
-            request = resolve_prompt(raw, settings.default_sampler)
-            if prompt_replacement is not None:
-                request = _replace_text(request, *prompt_replacement)
-            seed = (
-                request.seed
-                if request.seed is not None
-                else derived_seed(settings.training_seed, step, epoch, request.index)
-            )
-            logger.info("sample %d: %r (%s, seed %d)", request.index, request.prompt, request.sampler, seed)
-            image = generate_image(components, request, settings, seed, device=device, autocast=autocast)
-            name = sample_file_name(settings.output_name, epoch, step, request.index, clock(), request.seed)
-            _save_png(image, save_dir / name)
-            results.append(Sample(image=image, path=save_dir / name, prompt=request, seed=seed))
+            try:
+                results.append(
+                    _one_sample(
+                        components,
+                        settings,
+                        raw,
+                        epoch=epoch,
+                        step=step,
+                        device=device,
+                        autocast=autocast,
+                        prompt_replacement=prompt_replacement,
+                        timestamp=timestamp,
+                    )
+                )
+            except Exception as e:
+                if not keep_going:
+                    raise
+                logger.warning(
+                    "sample %d at %s failed: %s; no image for it, training continues",
+                    raw.get("enum", 0),
+                    when,
+                    error_line(e),
+                )
     return results
+
+
+def _one_sample(
+    components: Components,
+    settings: SampleSettings,
+    raw: dict[str, Any],
+    *,
+    epoch: int | None,
+    step: int,
+    device: torch.device | str | None,
+    autocast: Callable[[], AbstractContextManager] | None,
+    prompt_replacement: tuple[str, str] | None,
+    timestamp: Callable[[], str] | None,
+) -> Sample:
+    """Generate and save the image for one prompt dict (``sample_images`` holds the RNG and train-flag guards)."""
+    request = resolve_prompt(raw, settings.default_sampler)
+    if prompt_replacement is not None:
+        request = _replace_text(request, *prompt_replacement)
+    seed = (
+        request.seed if request.seed is not None else derived_seed(settings.training_seed, step, epoch, request.index)
+    )
+    logger.info("sample %d: %r (%s, seed %d)", request.index, request.prompt, request.sampler, seed)
+    image = generate_image(components, request, settings, seed, device=device, autocast=autocast)
+    stamp = timestamp() if timestamp is not None else time.strftime("%Y%m%d%H%M%S", time.localtime())
+    path = (
+        settings.output_dir
+        / "sample"
+        / sample_file_name(settings.output_name, epoch, step, request.index, stamp, request.seed)
+    )
+    _save_png(image, path)
+    return Sample(image=image, path=path, prompt=request, seed=seed)
 
 
 def _replace_text(request: SamplePrompt, old: str, new: str) -> SamplePrompt:

@@ -49,7 +49,10 @@ SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 
 
 def unknown_sampler_message(name: object) -> str:
-    return f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}"
+    """The sampler name as given (cut to 80 characters, on one line) and the names that are valid."""
+    shown = " ".join(repr(name).split())
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"unknown sampler {shown}; valid samplers: {', '.join(SAMPLER_NAMES)}"
 
 
 def check_sampler_name(name: object, where: str) -> str:

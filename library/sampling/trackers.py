@@ -9,16 +9,25 @@ import numpy as np
 from PIL import Image
 
 
-def log_images_to_trackers(accelerator: Any, images: Sequence[Image.Image], prompts: Sequence[str], step: int) -> None:
+def log_images_to_trackers(
+    accelerator: Any,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    step: int,
+    indices: Sequence[int] | None = None,
+) -> None:
     """Log each image as ``sample_<i>`` (sd-scripts' wandb key) to every TensorBoard / wandb tracker.
 
-    Only the main process logs; other tracker kinds are skipped. TensorBoard also gets the prompt as text.
+    ``i`` is the prompt's position in its file (``indices``; by default the image's position in ``images``), so a
+    prompt keeps its key when another one failed. Only the main process logs; other tracker kinds are skipped.
+    TensorBoard also gets the prompt as text.
     """
     if not accelerator.is_main_process:
         return
+    keys = list(range(len(images))) if indices is None else list(indices)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            for i, (image, prompt) in enumerate(zip(images, prompts)):
+            for i, image, prompt in zip(keys, images, prompts):
                 pixels = np.asarray(image.convert("RGB"))
                 tracker.writer.add_image(f"sample_{i}", pixels, global_step=step, dataformats="HWC")
                 tracker.writer.add_text(f"sample_{i}/prompt", prompt, global_step=step)
@@ -26,7 +35,6 @@ def log_images_to_trackers(accelerator: Any, images: Sequence[Image.Image], prom
             import wandb
 
             logged = {
-                f"sample_{i}": wandb.Image(image, caption=prompt)
-                for i, (image, prompt) in enumerate(zip(images, prompts))
+                f"sample_{i}": wandb.Image(image, caption=prompt) for i, image, prompt in zip(keys, images, prompts)
             }
             tracker.log(logged, step=step)
