@@ -45,8 +45,10 @@ Command-line overrides (the TOMLs' paths are placeholders):
                                              sd-scripts' finetune/merge_captions_to_metadata.py (written here)
   --max_train_steps 1                        one optimizer step instead of the GUI's computed count
   --resolution 64,81                         the three EDG presets only, for speed (see SMALL_512_650)
+  --mixed_precision bf16                     iA3-Prodigy only: its fp16 needs a GPU (accelerate has no fp16
+                                             autocast on the CPU, which we refuse in one line)
 plus the flags the GUI itself adds after --config_file (LoKr v2.0's "additional parameters").
-Nothing else is overridden: mixed precision, optimizer, xformers, buckets, network settings come from the preset.
+Nothing else is overridden: optimizer, xformers, buckets, network settings come from the preset.
 The images are 64x64. iA3-Prodigy (bucket_no_upscale, min_bucket_reso 256) trains at 256x256 here, where sd-scripts
 ignores min/max_bucket_reso under bucket_no_upscale and would train at 64x64 (our library/dataset/buckets.py
 enlarges images below min_bucket_reso on purpose).
@@ -78,7 +80,7 @@ SMALL_512_650 = ["--resolution", "64,81"]
 
 # file, entry script, expectation, flags kohya_ss adds to the command line after --config_file, overrides for speed
 CASES = [
-    ("iA3-Prodigy-sd15.toml", "train_network", TRAINS, [], []),
+    ("iA3-Prodigy-sd15.toml", "train_network", TRAINS, [], ["--mixed_precision", "bf16"]),
     ("ia3-sd15.toml", "train_network", REFUSES, [], []),
     ("loha-sd15.toml", "train_network", REFUSES, [], []),
     ("lokr-sd15.toml", "train_network", REFUSES, [], []),
