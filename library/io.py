@@ -282,6 +282,18 @@ def _discard(path: Path) -> None:
             return
 
 
+def remove_atomically(path: str | os.PathLike) -> bool:
+    """Delete a file or folder so no half-deleted one is ever left under its name: it is first renamed to a
+    temporary of our naming (which remove_stale_temporaries finishes off after a kill). True when it existed."""
+    final = Path(path)
+    if not os.path.lexists(final):
+        return False
+    tmp = _temp_path(final, "")
+    os.replace(final, tmp)
+    _discard(tmp)
+    return True
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, stale_after_s: float = TEMP_STALE_AFTER_S) -> list[Path]:
     """Remove the temporaries that interrupted atomic writes left in ``folder``; return the removed paths.
 

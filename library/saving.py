@@ -8,11 +8,11 @@ names are ``epoch``, ``at`` and ``last`` as in sd-scripts.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from library.errors import UserError
+from library.io import remove_atomically
 
 DEFAULT_EPOCH_NAME = "epoch"
 DEFAULT_STEP_NAME = "at"
@@ -154,11 +154,6 @@ class SavePlan:
 
 
 def remove_output(path: Path | None) -> bool:
-    """Delete an old model file or state folder if it exists; True when something was removed."""
-    if path is None or not path.exists():
-        return False
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-    return True
+    """Delete an old model file or state folder if it exists (never leaving a half-deleted one under its name);
+    True when something was removed."""
+    return path is not None and remove_atomically(path)

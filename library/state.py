@@ -257,6 +257,14 @@ def _load_model(model: torch.nn.Module, folder: Path, suffix: str, map_location:
     from safetensors.torch import load_model
 
     path = folder / f"model{suffix}.safetensors"
+    pickled = folder / f"pytorch_model{suffix}.bin"
+    if path.exists() and not path.is_file():
+        raise UserError(f"--resume: {path} is not a file, so the state folder is damaged; resume from another one")
+    if not path.exists() and not pickled.exists():
+        raise UserError(
+            f"--resume: {path} (or {pickled.name}) is missing, so the state folder is incomplete; resume from "
+            "another one"
+        )
     if path.is_file():
         try:
             load_model(model, str(path), strict=True, device=str(map_location))
@@ -268,8 +276,7 @@ def _load_model(model: torch.nn.Module, folder: Path, suffix: str, map_location:
         except Exception as e:  # safetensors raises its own error type for a damaged file
             raise UserError(f"--resume: {path} is damaged ({_first_line(e)}); resume from another state folder") from e
         return
-    path = folder / f"pytorch_model{suffix}.bin"
-    _apply(model, path, _load_pickled(path, map_location))
+    _apply(model, pickled, _load_pickled(pickled, map_location))
 
 
 def _apply(target: Any, path: Path, state: Any) -> None:
@@ -294,6 +301,12 @@ def _load_custom_objects(accelerator: Accelerator, folder: Path) -> None:
     if not found and len(objects) == 1 and not accelerator._schedulers and sd_scripts.is_file():
         _apply(objects[0], sd_scripts, _load_pickled(sd_scripts))
         return
+    missing = [i for i in range(len(objects)) if not (folder / f"custom_checkpoint_{i}.pkl").exists()]
+    if missing and len(found) < len(objects):
+        raise UserError(
+            f"--resume: {folder / f'custom_checkpoint_{missing[0]}.pkl'} is missing, so the state folder is "
+            "incomplete; resume from another one"
+        )
     if len(found) != len(objects):
         raise UserError(
             f"--resume {folder}: the state holds {len(found)} custom checkpoint file(s) but this training keeps "

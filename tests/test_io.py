@@ -231,3 +231,27 @@ def test_temporaries_from_elsewhere_wait_until_idle_and_a_half_swapped_folder_is
     time.sleep(0.01)
     assert remove_stale_temporaries(tmp_path, stale_after_s=0) == [tmp_path / other]
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_a_removal_interrupted_midway_leaves_nothing_half_deleted_under_the_name(tmp_path, monkeypatch):
+    """An old state folder is renamed to one of our temporaries before it is deleted, so a kill during the deletion
+    leaves a temporary (cleaned at the next start), never a half-deleted state under its final name."""
+    state = tmp_path / "lora-step00000002-state"
+    state.mkdir()
+    (state / "optimizer.bin").write_bytes(b"x" * 10)
+    (state / "train_state.json").write_text("{}")
+
+    def killed(path, *args, **kwargs):
+        (Path(path) / "optimizer.bin").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_module.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io_module.remove_atomically(state)
+    assert not state.exists()
+    (left,) = list(tmp_path.iterdir())
+    assert io_module._TEMP_NAME.match(left.name) and left.name.startswith(".lora-step00000002-state.")
+    assert sorted(p.name for p in left.iterdir()) == ["train_state.json"]
+    monkeypatch.undo()
+    assert io_module.remove_atomically(left) and not io_module.remove_atomically(state)
+    assert list(tmp_path.iterdir()) == []
