@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
+import pickletools
 import re
 import secrets
 import shutil
 import socket
 import struct
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -466,27 +469,62 @@ def load_pickle_checkpoint(path: str | os.PathLike, allow_unsafe: bool = False) 
 _SAFE_IMPORT_PREFIXES = ("torch.", "torch ", "collections.", "collections ", "numpy", "_codecs.", "_codecs ")
 
 
-def pickle_imports(path: Path) -> set[str] | None:
-    """The ``module.name`` globals a pickle (plain, or inside torch's zip format) would import; None if unparsable."""
-    import pickletools
-    import zipfile
-
+def pickle_imports(path: Path) -> list[str] | None:
+    """The ``module.name`` globals the complete pickles of a file (plain, or the ``.pkl`` members of torch's zip
+    format) would import, in order and without repeats; None when the file holds no complete pickle (garbage,
+    truncated). Read with ``pickletools``: nothing is run."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                member = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                data = archive.read(member)
+                blobs = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
         else:
-            data = path.read_bytes()
-        names: set[str] = set()
-        strings: list[str] = []
-        for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name in ("GLOBAL", "INST"):
-                names.add(str(arg).replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.add(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-        return names
-    except Exception:
+            blobs = [path.read_bytes()]
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError):
         return None
+    names: list[str] | None = None
+    for blob in blobs:
+        for found in _complete_pickle_globals(blob):
+            names = [] if names is None else names
+            names += [name for name in found if name not in names]
+    return names
+
+
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _complete_pickle_globals(blob: bytes) -> list[list[str]]:
+    """For each complete pickle of ``blob`` (several follow each other in torch's legacy format), the names given to
+    GLOBAL / STACK_GLOBAL / INST, read with ``pickletools`` without running anything. STACK_GLOBAL takes its names
+    from the strings pushed before it (directly or from the memo)."""
+    stream, names = io.BytesIO(blob), []
+    while stream.tell() < len(blob):
+        found: list[str] = []
+        strings: list[str] = []
+        memo: dict[Any, str] = {}
+        memo_count, last = 0, None
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                pushed = None
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(".".join(strings[-2:]))
+                elif op.name in _STRING_OPS:
+                    pushed = str(arg)
+                elif op.name == "MEMOIZE":
+                    if last is not None:
+                        memo[memo_count] = last
+                    memo_count += 1
+                elif op.name in _PUT_OPS and last is not None:
+                    memo[arg] = last
+                elif op.name in _GET_OPS and arg in memo:
+                    pushed = memo[arg]
+                if pushed is not None:
+                    strings.append(pushed)
+                last = pushed if pushed is not None else (last if op.name in _PUT_OPS | {"MEMOIZE"} else None)
+        except Exception:  # the rest is not a pickle (garbage, or a legacy file's raw tensor data)
+            break
+        names.append(found)
+    return names

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import json
 import logging
 import pickle
-import pickletools
 import random
 import re
 import warnings
-import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +28,7 @@ import numpy as np
 import torch
 
 from library.errors import UserError
-from library.io import atomic_dir, atomic_write_json
+from library.io import atomic_dir, atomic_write_json, pickle_imports
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -391,62 +388,8 @@ def _load_pickled(path: Path, map_location: Any = None) -> Any:
 def _code_globals(path: Path) -> list[str]:
     """The functions and classes a pickle file names that ``weights_only`` loading does not allow (so loading it
     fully would call them). Only complete pickles count, so garbage is not mistaken for code. Nothing is run."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                blobs = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
-        else:
-            blobs = [path.read_bytes()]
-    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError):
-        return []
     allowed = _allowed_global_names()
-    called: list[str] = []
-    for blob in blobs:
-        for name in _complete_pickle_globals(blob):
-            if name not in allowed and name not in called:
-                called.append(name)
-    return called
-
-
-_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
-_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
-_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
-
-
-def _complete_pickle_globals(blob: bytes) -> list[str]:
-    """Names given to GLOBAL / STACK_GLOBAL / INST in each complete pickle of ``blob`` (several follow each other in
-    torch's legacy format), read with ``pickletools`` without running anything. STACK_GLOBAL takes its names from
-    the strings pushed before it (directly or from the memo)."""
-    stream, names = io.BytesIO(blob), []
-    while stream.tell() < len(blob):
-        found: list[str] = []
-        strings: list[str] = []
-        memo: dict[Any, str] = {}
-        memo_count, last = 0, None
-        try:
-            for op, arg, _ in pickletools.genops(stream):
-                pushed = None
-                if op.name in ("GLOBAL", "INST"):
-                    found.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL":
-                    found.append(".".join(strings[-2:]))
-                elif op.name in _STRING_OPS:
-                    pushed = str(arg)
-                elif op.name == "MEMOIZE":
-                    if last is not None:
-                        memo[memo_count] = last
-                    memo_count += 1
-                elif op.name in _PUT_OPS and last is not None:
-                    memo[arg] = last
-                elif op.name in _GET_OPS and arg in memo:
-                    pushed = memo[arg]
-                if pushed is not None:
-                    strings.append(pushed)
-                last = pushed if pushed is not None else (last if op.name in _PUT_OPS | {"MEMOIZE"} else None)
-        except Exception:  # the rest is not a pickle (garbage, or a legacy file's raw tensor data)
-            break
-        names += found
-    return names
+    return [name for name in pickle_imports(path) or [] if name not in allowed]
 
 
 def _allowed_global_names() -> set[str]:
