@@ -67,47 +67,6 @@ def test_toml_suffix_is_added_like_sd_scripts(tmp_path):
     assert args.max_train_steps == 5
 
 
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("[net]\nnetwork_dims = 4\n", "cfg.toml: unknown key 'network_dims' (did you mean 'network_dim'?)"),
-        ("max_train_steps = 'many'\n", "cfg.toml: max_train_steps must be a whole number of at least 1, got 'many'"),
-        ("max_train_steps = 2.5\n", "cfg.toml: max_train_steps must be a whole number of at least 1, got 2.5"),
-        ("mixed_precision = 'fp32'\n", "cfg.toml: mixed_precision: 'fp32' is not one of: no, fp16, bf16"),
-        ("gradient_checkpointing = 'yes'\n", "cfg.toml: gradient_checkpointing: expected true or false, got 'yes'"),
-        ("[a]\nseed = 1\n[b]\nseed = 2\n", "cfg.toml: key 'seed' is set both in [a] and in [b]; keep one"),
-        ("max_train_steps = \n", "cfg.toml: not valid TOML"),
-    ],
-)
-def test_bad_config_files_fail_with_one_line(tmp_path, text, message):
-    path = tmp_path / "cfg.toml"
-    path.write_text(text)
-    with pytest.raises(UserError) as info:
-        parse_args_with_config(make_parser(), ["--config_file", str(path)])
-    assert message in str(info.value)
-    assert "\n" not in str(info.value).strip()
-
-
-def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(UserError, match="--config_file .*nope.toml: file not found"):
-        parse_args_with_config(make_parser(), ["--config_file", str(tmp_path / "nope.toml")])
-
-
-def test_output_config_writes_the_effective_flags_and_reads_back(tmp_path):
-    path = tmp_path / "written.toml"
-    argv = ["--network_dim", "32", "--network_args", "conv_dim=2", "--resolution", "64,96", "--gradient_checkpointing"]
-    assert parse_args_with_config(make_parser(), [*argv, "--config_file", str(path), "--output_config"]) is None
-    text = path.read_text()
-    assert "network_dim = 32\n" in text and "config_file" not in text and "output_config" not in text
-    from_file = parse_args_with_config(make_parser(), ["--config_file", str(path)])
-    direct = make_parser().parse_args(argv)
-    assert {k: v for k, v in vars(from_file).items() if k != "config_file"} == {
-        k: v for k, v in vars(direct).items() if k != "config_file"
-    }
-    with pytest.raises(UserError, match="already exists"):
-        parse_args_with_config(make_parser(), [*argv, "--config_file", str(path), "--output_config"])
-
-
 # Wrong shapes an outside fuzzer tried: each must be one UserError line naming the file (never a TypeError).
 WRONG_SHAPES = [
     ("[training]\nmax_train_steps = {a = 1}\n", "cfg.toml: max_train_steps: expected a single value, got a table"),
@@ -130,14 +89,46 @@ WRONG_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("text, message", WRONG_SHAPES)
-def test_wrong_value_shapes_are_one_line_errors(tmp_path, text, message):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        *WRONG_SHAPES,
+        ("[net]\nnetwork_dims = 4\n", "cfg.toml: unknown key 'network_dims' (did you mean 'network_dim'?)"),
+        ("max_train_steps = 'many'\n", "cfg.toml: max_train_steps must be a whole number of at least 1, got 'many'"),
+        ("max_train_steps = 2.5\n", "cfg.toml: max_train_steps must be a whole number of at least 1, got 2.5"),
+        ("mixed_precision = 'fp32'\n", "cfg.toml: mixed_precision: 'fp32' is not one of: no, fp16, bf16"),
+        ("gradient_checkpointing = 'yes'\n", "cfg.toml: gradient_checkpointing: expected true or false, got 'yes'"),
+        ("[a]\nseed = 1\n[b]\nseed = 2\n", "cfg.toml: key 'seed' is set both in [a] and in [b]; keep one"),
+        ("max_train_steps = \n", "cfg.toml: not valid TOML"),
+    ],
+)
+def test_bad_config_files_fail_with_one_line(tmp_path, text, message):
     path = tmp_path / "cfg.toml"
     path.write_text(text)
     with pytest.raises(UserError) as info:
         parse_args_with_config(make_parser(), ["--config_file", str(path)])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(UserError, match="--config_file .*nope.toml: file not found"):
+        parse_args_with_config(make_parser(), ["--config_file", str(tmp_path / "nope.toml")])
+
+
+def test_output_config_writes_the_effective_flags_and_reads_back(tmp_path):
+    path = tmp_path / "written.toml"
+    argv = ["--network_dim", "32", "--network_args", "conv_dim=2", "--resolution", "64,96", "--gradient_checkpointing"]
+    assert parse_args_with_config(make_parser(), [*argv, "--config_file", str(path), "--output_config"]) is None
+    text = path.read_text()
+    assert "network_dim = 32\n" in text and "config_file" not in text and "output_config" not in text
+    from_file = parse_args_with_config(make_parser(), ["--config_file", str(path)])
+    direct = make_parser().parse_args(argv)
+    assert {k: v for k, v in vars(from_file).items() if k != "config_file"} == {
+        k: v for k, v in vars(direct).items() if k != "config_file"
+    }
+    with pytest.raises(UserError, match="already exists"):
+        parse_args_with_config(make_parser(), [*argv, "--config_file", str(path), "--output_config"])
 
 
 def test_unreadable_config_files_are_one_line_errors(tmp_path):
