@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from library.cli import run_cli
 from library.config.config_file import parse_args_with_config
 from library.config.parsers import full_model_parser
+from library.config.settings import settings_from_flags
 from library.errors import UserError
+from library.metadata import MetadataSettings
+from library.recipes.settings import FullModelSettings
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -33,17 +36,16 @@ def main(argv: Sequence[str]) -> None:
     args = parse_args_with_config(setup_parser(), argv)
     if args is None:
         return
-    from library.engine.full_recipe import train_full_model
-    from library.engine.launch import load_base_model
+    from library.engine.launch import prepare_run
     from library.models.scratch import scratch_model
+    from library.recipes.full import FullRecipe, full_model_parts, with_save_format
 
-    scratch = args.from_scratch_config
+    settings = settings_from_flags(FullModelSettings, args, metadata=settings_from_flags(MetadataSettings, args))
+    scratch = settings.from_scratch_config
     if scratch and args.pretrained_model_name_or_path:
         raise UserError("--from_scratch_config and --pretrained_model_name_or_path exclude each other; pick one")
 
-    def load(seed: int):
-        if not scratch:
-            return load_base_model(args)
+    def from_scratch(seed: int):
         return scratch_model(
             scratch,
             seed=seed,
@@ -53,13 +55,12 @@ def main(argv: Sequence[str]) -> None:
             allow_unsafe_pickle=args.allow_unsafe_pickle,
         )
 
-    train_full_model(
-        args,
-        load,
-        styles={"finetune"},
-        text_encoder_steps=None if args.train_text_encoder else 0,
-        tracker_name=args.log_tracker_name or "finetuning",
-    )
+    run = prepare_run(args, {"finetune"}, load=from_scratch if scratch else None)
+    if run is None:
+        return
+    run = with_save_format(run, settings)
+    recipe = FullRecipe(settings, run.config, text_encoder_steps=None if settings.train_text_encoder else 0)
+    run.train(recipe, parts=full_model_parts(run, settings), tracker_name="finetuning")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,19 @@ class prior, weighted by ``--prior_loss_weight``.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
 from library.cli import run_cli
 from library.config.config_file import parse_args_with_config
 from library.config.parsers import full_model_parser
+from library.config.settings import settings_from_flags
 from library.config.values import Range
+from library.metadata import MetadataSettings
+from library.recipes.settings import FullModelSettings
+
+logger = logging.getLogger("sdtrain")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -33,16 +39,17 @@ def main(argv: Sequence[str]) -> None:
     args = parse_args_with_config(setup_parser(), argv)
     if args is None:
         return
-    from library.engine.full_recipe import text_encoder_steps_for_db, train_full_model
-    from library.engine.launch import load_base_model
+    from library.engine.launch import prepare_run
+    from library.recipes.full import FullRecipe, full_model_parts, text_encoder_steps_for_db, with_save_format
 
-    train_full_model(
-        args,
-        lambda seed: load_base_model(args),
-        styles={"dreambooth"},
-        text_encoder_steps=text_encoder_steps_for_db(args.stop_text_encoder_training),
-        tracker_name=args.log_tracker_name or "dreambooth",
-    )
+    settings = settings_from_flags(FullModelSettings, args, metadata=settings_from_flags(MetadataSettings, args))
+    run = prepare_run(args, {"dreambooth"})
+    if run is None:
+        return
+    run = with_save_format(run, settings)
+    steps = text_encoder_steps_for_db(settings.stop_text_encoder_training)
+    recipe = FullRecipe(settings, run.config, text_encoder_steps=steps)
+    run.train(recipe, parts=full_model_parts(run, settings), tracker_name="dreambooth")
 
 
 if __name__ == "__main__":

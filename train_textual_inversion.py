@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,11 +12,14 @@ from library.cli import run_cli
 from library.config import engine_flags
 from library.config.config_file import parse_args_with_config
 from library.config.parsers import training_parser
+from library.config.settings import settings_from_flags
 from library.config.values import Range
 from library.errors import UserError
+from library.metadata import MetadataSettings, add_metadata_arguments
+from library.recipes.settings import TextualInversionSettings
 
 if TYPE_CHECKING:
-    from library.engine.ti_recipe import TextualInversionRecipe
+    from library.recipes.textual_inversion import TextualInversionRecipe
 
 logger = logging.getLogger("sdtrain")
 
@@ -35,8 +37,6 @@ def add_textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_parser(description: str | None = None) -> argparse.ArgumentParser:
-    from library.metadata import add_metadata_arguments
-
     parser = training_parser(description or __doc__)
     engine_flags.add_saving_arguments(parser, default_format="pt")
     add_metadata_arguments(parser, network=False)
@@ -52,38 +52,28 @@ def main(argv: Sequence[str], *, xti: bool = False) -> None:
 
 
 def run(args: argparse.Namespace, *, xti: bool = False) -> TextualInversionRecipe:
-    """Train with parsed flags; ``xti`` trains one embedding per UNet cross-attention layer. Returns the recipe,
-    which holds the trained embedding module."""
+    """Train with parsed flags (``xti``: one embedding per cross-attention layer); returns the trained recipe."""
     if xti and args.v2:
         raise UserError("--v2: train_textual_inversion_XTI.py supports SD 1.x only; use train_textual_inversion.py")
-    from library.dataset.loader import skipped_summary
-    from library.engine import EngineConfig, train
-    from library.engine.launch import load_base_model, prepare_training_data
-    from library.engine.ti_recipe import (
-        TemplateCaptions,
-        TextualInversionRecipe,
-        check_token_in_captions,
-        templates_from_args,
-    )
-    from library.engine.wiring import choose_seed, parts_from_args
+    from library.engine.launch import prepare_run
+    from library.engine.wiring import read_sample_settings
+    from library.recipes.textual_inversion import TemplateCaptions, TextualInversionRecipe, check_token_in_captions
 
     if args.output_name is None:
         args = argparse.Namespace(**{**vars(args), "output_name": args.token_string})
-    recipe = TextualInversionRecipe(args, xti=xti)
-    templates = templates_from_args(args)
-    seed = choose_seed(args)
-    config = dataclasses.replace(EngineConfig.from_args(args), seed=seed)
-    components = load_base_model(args)
-    dataset = prepare_training_data(args, {"dreambooth", "finetune"}, components, seed)
-    if dataset is None:
+    settings = settings_from_flags(TextualInversionSettings, args, metadata=settings_from_flags(MetadataSettings, args))
+    recipe = TextualInversionRecipe(settings, xti=xti)
+    prepared = prepare_run(args, {"dreambooth", "finetune"}, text_embedding=True)
+    if prepared is None:
         return recipe
-    if templates is None:
-        check_token_in_captions(dataset, args.token_string)
-    source = dataset if templates is None else TemplateCaptions(dataset, templates, args.token_string)
-    parts = recipe.training_parts(parts_from_args(args, components))
-    train(config, components, source, recipe, parts, tracker_name="textual_inversion", summary=source.summary())
-    if dataset.skipped:
-        logger.warning(skipped_summary(dataset.skipped))
+    source, summary = prepared.dataset, prepared.summary
+    if settings.templates is None:
+        check_token_in_captions(source, settings.token_string)
+    else:
+        source = TemplateCaptions(source, settings.templates, settings.token_string)
+        summary = source.describe(summary)
+    parts = recipe.training_parts(prepared.parts, read_sample_settings(args))
+    prepared.train(recipe, parts=parts, source=source, summary=summary, tracker_name="textual_inversion")
     return recipe
 
 

@@ -9,7 +9,9 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from library.config.settings import settings_from_flags
 from library.errors import UserError
 
 logger = logging.getLogger("sdtrain")
@@ -75,15 +77,27 @@ def setup_logging(debug: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
+@dataclass(frozen=True)
+class LoggingSettings:
+    """The console logging flags (``add_logging_arguments``); a parser without them gets the defaults."""
+
+    debug: bool = False
+    console_log_level: str | None = None
+    console_log_file: str | None = None
+
+
 def apply_logging_flags(args: argparse.Namespace) -> None:
+    """Apply the parsed logging flags (see :func:`apply_logging`)."""
+    apply_logging(settings_from_flags(LoggingSettings, args))
+
+
+def apply_logging(settings: LoggingSettings) -> None:
     """``--console_log_level`` sets the lowest level shown; ``--console_log_file`` also writes the log to a file
     (overwritten, as sd-scripts does). ``--console_log_simple`` needs nothing: our log lines are always plain."""
-    level = getattr(args, "console_log_level", None)
-    if getattr(args, "debug", False):
-        level = "DEBUG"
+    level = "DEBUG" if settings.debug else settings.console_log_level
     logger.setLevel(getattr(logging, level or "INFO"))
     close_log_files()
-    path = getattr(args, "console_log_file", None)
+    path = settings.console_log_file
     if not path:
         return
     try:

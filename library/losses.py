@@ -7,7 +7,6 @@ v-pred-like loss -> debiased estimation -> mean over the batch.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 
@@ -24,7 +23,8 @@ SNR_CAP = 1000.0  # sd-scripts caps SNR here (it is ~1175 at t=0 for SD) in the 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """How the loss is computed; built once from the command line with :meth:`from_args`.
+    """How the loss is computed. Field names are the flags' names (``settings_from_flags`` reads them);
+    ``v_parameterization`` is the loaded model's, given by the caller.
 
     ``masked_loss`` tells the dataset to provide masks; :func:`per_sample_loss` applies any mask it is given.
     """
@@ -57,22 +57,6 @@ class LossSettings:
             )
         if self.v_pred_like_loss and self.v_parameterization:
             raise UserError("--v_pred_like_loss cannot be used with --v_parameterization: drop one of them")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> LossSettings:
-        """Read the flags added by ``add_loss_arguments`` (and ``--v_parameterization``)."""
-        return cls(
-            loss_type=getattr(args, "loss_type", "l2"),
-            huber_schedule=getattr(args, "huber_schedule", "snr"),
-            huber_c=getattr(args, "huber_c", 0.1),
-            huber_scale=getattr(args, "huber_scale", 1.0),
-            masked_loss=bool(getattr(args, "masked_loss", False)),
-            min_snr_gamma=getattr(args, "min_snr_gamma", None),
-            scale_v_pred_loss_like_noise_pred=bool(getattr(args, "scale_v_pred_loss_like_noise_pred", False)),
-            v_pred_like_loss=getattr(args, "v_pred_like_loss", None),
-            debiased_estimation_loss=bool(getattr(args, "debiased_estimation_loss", False)),
-            v_parameterization=bool(getattr(args, "v_parameterization", False)),
-        )
 
 
 def snr_table(scheduler: DDPMScheduler) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Metadata written into trained files: sd-scripts' ``ss_*`` keys, A1111's ``sshs_*`` hashes, ``modelspec.*``.
+"""Metadata written into trained files: sd-scripts' ``ss_*`` keys and A1111's ``sshs_*`` hashes (``modelspec.*``
+is in ``library.modelspec``).
 
 Every value is a string (nested values are JSON), keys and formats as sd-scripts' train_network writes them, so
 tools that read those files (A1111's additional-networks, metadata editors, civitai) understand ours.
@@ -7,22 +8,22 @@ tools that read those files (A1111's additional-networks, metadata editors, civi
 from __future__ import annotations
 
 import argparse
-import base64
-import datetime
 import hashlib
 import json
-import mimetypes
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
 
-from library.errors import UserError
+from library.modelspec import thumbnail_file
+
+if TYPE_CHECKING:
+    from library.models.family import ModelFamily
 
 SS_METADATA_MINIMUM_KEYS = (
     "ss_v2",
@@ -32,11 +33,6 @@ SS_METADATA_MINIMUM_KEYS = (
     "ss_network_alpha",
     "ss_network_args",
 )
-ARCH_SD_V1 = "stable-diffusion-v1"
-ARCH_SD_V2_512 = "stable-diffusion-v2-512"
-ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
-IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
-IMPL_DIFFUSERS = "diffusers"
 LEGACY_HASH_OFFSET = 0x100000
 LEGACY_HASH_LENGTH = 0x10000
 
@@ -84,11 +80,6 @@ def calculate_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def model_version_string(v2: bool, v_parameterization: bool) -> str:
-    """``ss_base_model_version``: ``sd_v1``, ``sd_v2``, ``sd_v2_v`` (and ``sd_v1_v``)."""
-    return "sd" + ("_v2" if v2 else "_v1") + ("_v" if v_parameterization else "")
 
 
 def count_tags(captions: Iterable[str], counts: dict[str, int] | None = None) -> dict[str, int]:
@@ -155,9 +146,81 @@ class DatasetMetadata:
     subsets: list[SubsetMetadata] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class MetadataSettings:
+    """The flags recorded in ``ss_*`` and ``modelspec.*`` (flag names; build with ``settings_from_flags``); the
+    model's family and prediction type come from the loaded model, not from ``--v2``/``--v_parameterization``."""
+
+    output_name: str | None = None
+    pretrained_model_name_or_path: str | None = None
+    vae: str | None = None
+    dataset_config: str | None = None
+    optimizer_args: list[str] | None = None
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1
+    lr_warmup_steps: Any = 0
+    lr_scheduler: str = "constant"
+    mixed_precision: str = "no"
+    full_fp16: bool = False
+    clip_skip: int | None = None
+    max_token_length: int | None = None
+    cache_latents: bool = False
+    lowram: bool = False
+    noise_offset: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    adaptive_noise_scale: float | None = None
+    zero_terminal_snr: bool = False
+    training_comment: str | None = None
+    max_grad_norm: float = 1.0
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    face_crop_aug_range: Any = None
+    prior_loss_weight: float = 1.0
+    min_snr_gamma: float | None = None
+    ip_noise_gamma: float | None = None
+    debiased_estimation_loss: bool = False
+    noise_offset_random_strength: bool = False
+    ip_noise_gamma_random_strength: bool = False
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_scale: float = 1.0
+    huber_c: float = 0.1
+    fp8_base: bool = False
+    fp8_base_unet: bool = False
+    validation_seed: int | None = None
+    validation_split: float = 0.0
+    max_validation_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    validate_every_n_steps: int | None = None
+    resize_interpolation: str | None = None
+    train_batch_size: int = 1
+    resolution: Any = None
+    color_aug: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    metadata_title: str | None = None
+    metadata_author: str | None = None
+    metadata_description: str | None = None
+    metadata_license: str | None = None
+    metadata_tags: str | None = None
+    metadata_trigger_phrase: str | None = None
+    metadata_usage_hint: str | None = None
+    metadata_thumbnail: str | None = None
+    metadata_merged_from: str | None = None
+    metadata_preprocessor: str | None = None
+    metadata_is_negative_embedding: str | None = None
+
+
 @dataclass
 class TrainingFacts:
-    """What ``ss_*`` records about a run. Field names are sd-scripts' flag names; build it with ``from_args``."""
+    """What ``ss_*`` records about a run. Field names are sd-scripts' flag names, except ``base_model_version``
+    (its ``ss_`` key); ``v2`` and ``base_model_version`` are the model family's. Build it with ``from_settings``."""
 
     session_id: int = 0
     training_started_at: float = 0.0
@@ -183,7 +246,7 @@ class TrainingFacts:
     mixed_precision: str = "no"
     full_fp16: bool = False
     v2: bool = False
-    v_parameterization: bool = False
+    base_model_version: str = ""
     clip_skip: int | None = None
     max_token_length: int | None = None
     cache_latents: bool = False
@@ -234,12 +297,15 @@ class TrainingFacts:
     vae: str | None = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace | Mapping[str, Any], **computed: Any) -> TrainingFacts:
-        """Take every field that ``args`` has (flags) and override with ``computed`` (counts, optimizer, ids)."""
-        source = args if isinstance(args, Mapping) else vars(args)
-        values = {f.name: source[f.name] for f in fields(cls) if f.name in source}
-        if isinstance(values.get("network_args"), (list, tuple)):  # the raw flag: ["k=v", ...]
-            values["network_args"] = dict(a.partition("=")[::2] for a in values["network_args"]) or None
+    def from_settings(
+        cls, settings: MetadataSettings, family: ModelFamily, v_parameterization: bool, **computed: Any
+    ) -> TrainingFacts:
+        """Take every field the flags' ``settings`` have, the model ``family``'s ``ss_v2`` and
+        ``ss_base_model_version``, and override with ``computed`` (counts, optimizer, ids)."""
+        values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        values["optimizer_args"] = ",".join(settings.optimizer_args or [])
+        values["v2"] = family.v2
+        values["base_model_version"] = family.base_model_version(v_parameterization)
         values.update(computed)
         return cls(**values)
 
@@ -274,7 +340,7 @@ def build_training_metadata(
         "ss_mixed_precision": f.mixed_precision,
         "ss_full_fp16": bool(f.full_fp16),
         "ss_v2": bool(f.v2),
-        "ss_base_model_version": model_version_string(f.v2, f.v_parameterization),
+        "ss_base_model_version": f.base_model_version,
         "ss_clip_skip": f.clip_skip,
         "ss_max_token_length": f.max_token_length,
         "ss_cache_latents": bool(f.cache_latents),
@@ -425,130 +491,6 @@ def _legacy_dataset_metadata(f: TrainingFacts, ds: DatasetMetadata) -> dict[str,
 def minimum_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """The keys kept under ``--no_metadata`` (enough for tools to know what kind of network it is)."""
     return {k: metadata[k] for k in SS_METADATA_MINIMUM_KEYS if k in metadata}
-
-
-def build_modelspec(
-    v2: bool,
-    v_parameterization: bool,
-    lora: bool,
-    textual_inversion: bool,
-    timestamp: float,
-    title: str | None = None,
-    reso: Any = None,
-    is_stable_diffusion_ckpt: bool | None = None,
-    author: str | None = None,
-    description: str | None = None,
-    license: str | None = None,
-    tags: str | None = None,
-    merged_from: str | None = None,
-    timesteps: tuple[int, int] | None = None,
-    clip_skip: int | None = None,
-    trigger_phrase: str | None = None,
-    usage_hint: str | None = None,
-    thumbnail: str | None = None,
-    preprocessor: str | None = None,
-    is_negative_embedding: str | None = None,
-) -> dict[str, str]:
-    """``modelspec.*`` keys (Stability AI's ModelSpec 1.0.0) as sd-scripts' sai_model_spec.build_metadata."""
-    arch = ARCH_SD_V1 if not v2 else ARCH_SD_V2_768_V if v_parameterization else ARCH_SD_V2_512
-    if lora:
-        arch += "/lora"
-    elif textual_inversion:
-        arch += "/textual-inversion"
-    if not lora and not textual_inversion and is_stable_diffusion_ckpt is None:
-        is_stable_diffusion_ckpt = True
-    impl = IMPL_STABILITY_AI if textual_inversion or is_stable_diffusion_ckpt else IMPL_DIFFUSERS
-    if title is None:
-        title = ("LoRA" if lora else "TextualInversion" if textual_inversion else "Checkpoint") + f"@{timestamp}"
-    md = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": arch,
-        "modelspec.implementation": impl,
-        "modelspec.title": title,
-        "modelspec.resolution": _resolution_string(reso, v2, v_parameterization),
-    }
-    for key, value in (
-        ("description", description),
-        ("author", author),
-        ("license", license),
-        ("tags", tags),
-        ("merged_from", merged_from),
-        ("trigger_phrase", trigger_phrase),
-        ("usage_hint", usage_hint),
-        ("thumbnail", thumbnail),
-        ("preprocessor", preprocessor),
-        ("is_negative_embedding", is_negative_embedding),
-    ):
-        if value is not None:
-            md[f"modelspec.{key}"] = value
-    md["modelspec.date"] = datetime.datetime.fromtimestamp(int(timestamp)).isoformat()
-    md["modelspec.prediction_type"] = "v" if v_parameterization else "epsilon"
-    if timesteps is not None:
-        md["modelspec.timestep_range"] = f"{timesteps[0]},{timesteps[1]}"
-    if clip_skip is not None:
-        md["modelspec.encoder_layer"] = str(clip_skip)
-    return md
-
-
-def _resolution_string(reso: Any, v2: bool, v_parameterization: bool) -> str:
-    if reso is None:
-        reso = 768 if v2 and v_parameterization else 512
-    if isinstance(reso, str):
-        reso = tuple(int(r) for r in reso.split(","))
-    if isinstance(reso, int):
-        reso = (reso, reso)
-    if len(reso) == 1:
-        reso = (reso[0], reso[0])
-    return f"{reso[0]}x{reso[1]}"
-
-
-def modelspec_from_args(args: argparse.Namespace, lora: bool = True, textual_inversion: bool = False) -> dict[str, str]:
-    """``modelspec.*`` for a save, from the flags (sd-scripts' train_util.get_sai_model_spec)."""
-    get = vars(args).get
-    min_t, max_t = get("min_timestep"), get("max_timestep")
-    timesteps = None if min_t is None and max_t is None else (min_t or 0, 1000 if max_t is None else max_t)
-    return build_modelspec(
-        v2=bool(get("v2")),
-        v_parameterization=bool(get("v_parameterization")),
-        lora=lora,
-        textual_inversion=textual_inversion,
-        timestamp=time.time(),
-        title=get("metadata_title") if get("metadata_title") is not None else get("output_name"),
-        reso=get("resolution"),
-        author=get("metadata_author"),
-        description=get("metadata_description"),
-        license=get("metadata_license"),
-        tags=get("metadata_tags"),
-        timesteps=timesteps,
-        clip_skip=get("clip_skip"),
-        trigger_phrase=get("metadata_trigger_phrase"),
-        usage_hint=get("metadata_usage_hint"),
-        thumbnail=thumbnail_data_url(get("metadata_thumbnail")),
-        merged_from=get("metadata_merged_from"),
-        preprocessor=get("metadata_preprocessor"),
-        is_negative_embedding=get("metadata_is_negative_embedding"),
-    )
-
-
-def thumbnail_file(value: str) -> str:
-    """argparse ``type=`` of ``--metadata_thumbnail``: a ``data:`` URL, or an existing image file (checked at
-    start-up so a typo cannot fail the first save hours later)."""
-    if value.startswith("data:") or Path(value).is_file():
-        return value
-    raise argparse.ArgumentTypeError(f"{value!r} is neither a data: URL nor an existing image file")
-
-
-def thumbnail_data_url(value: str | None) -> str | None:
-    """``modelspec.thumbnail``: a file's bytes as a base64 ``data:<mime type>;base64,...`` URL (as sd-scripts);
-    a value that already is a data URL is kept."""
-    if value is None or value.startswith("data:"):
-        return value
-    mime = mimetypes.guess_type(value)[0] or "application/octet-stream"
-    try:
-        data = Path(value).read_bytes()
-    except OSError as e:
-        raise UserError(f"--metadata_thumbnail {value}: cannot read the file ({e.strerror or e})") from None
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def metadata_for_save(

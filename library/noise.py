@@ -8,7 +8,6 @@ numbers whether training runs on CPU or GPU.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -24,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NoiseSettings:
-    """How noise and timesteps are drawn; built once from the command line with :meth:`from_args`."""
+    """How noise and timesteps are drawn. Field names are the flags' names (``settings_from_flags`` reads them);
+    ``v_parameterization`` is the loaded model's, given by the caller."""
 
     noise_offset: float | None = None
     noise_offset_random_strength: bool = False
@@ -57,26 +57,8 @@ class NoiseSettings:
                 f"--min_timestep {self.min_timestep} is above --max_timestep {self.max_timestep}: "
                 "make min_timestep <= max_timestep"
             )
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> NoiseSettings:
-        """Read the flags added by ``add_noise_arguments`` (and ``--v_parameterization``)."""
-        settings = cls(
-            noise_offset=getattr(args, "noise_offset", None),
-            noise_offset_random_strength=bool(getattr(args, "noise_offset_random_strength", False)),
-            adaptive_noise_scale=getattr(args, "adaptive_noise_scale", None),
-            multires_noise_iterations=getattr(args, "multires_noise_iterations", None),
-            multires_noise_discount=getattr(args, "multires_noise_discount", 0.3),
-            ip_noise_gamma=getattr(args, "ip_noise_gamma", None),
-            ip_noise_gamma_random_strength=bool(getattr(args, "ip_noise_gamma_random_strength", False)),
-            min_timestep=getattr(args, "min_timestep", None),
-            max_timestep=getattr(args, "max_timestep", None),
-            zero_terminal_snr=bool(getattr(args, "zero_terminal_snr", False)),
-            v_parameterization=bool(getattr(args, "v_parameterization", False)),
-        )
-        if settings.zero_terminal_snr and not settings.v_parameterization:
+        if self.zero_terminal_snr and not self.v_parameterization:
             logger.warning("--zero_terminal_snr without --v_parameterization: the last timestep has no signal to learn")
-        return settings
 
 
 class NoisedBatch(NamedTuple):

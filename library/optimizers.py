@@ -269,15 +269,26 @@ def make_optimizer(
     )
 
 
-def optimizer_from_args(args: Any, params: Any, lr: float | None = None) -> OptimizerSetup:
-    """:func:`make_optimizer` from the flags added by ``add_optimizer_arguments`` (``lr`` overrides the flag)."""
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer flags (``add_optimizer_arguments``); field names are the flags' names."""
+
+    optimizer_type: str = ""
+    learning_rate: float = 2.0e-6
+    optimizer_args: list[str] | None = None
+    use_8bit_adam: bool = False
+    use_lion_optimizer: bool = False
+
+
+def optimizer_from_settings(settings: OptimizerSettings, params: Any, lr: float | None = None) -> OptimizerSetup:
+    """:func:`make_optimizer` for these settings (``lr`` overrides ``--learning_rate``)."""
     return make_optimizer(
-        getattr(args, "optimizer_type", ""),
+        settings.optimizer_type,
         params,
-        args.learning_rate if lr is None else lr,
-        getattr(args, "optimizer_args", None),
-        use_8bit_adam=bool(getattr(args, "use_8bit_adam", False)),
-        use_lion_optimizer=bool(getattr(args, "use_lion_optimizer", False)),
+        settings.learning_rate if lr is None else lr,
+        settings.optimizer_args,
+        use_8bit_adam=settings.use_8bit_adam,
+        use_lion_optimizer=settings.use_lion_optimizer,
     )
 
 

@@ -6,10 +6,10 @@ builds any scheduler class (``torch.optim.lr_scheduler`` name or ``module.Class`
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ def resolve_steps(value: int | float | str | None, total_steps: int, flag: str) 
     if isinstance(value, str):
         try:
             value = int_or_ratio(value)
-        except argparse.ArgumentTypeError as error:
+        except Exception as error:  # int_or_ratio's argparse.ArgumentTypeError, whose message names the problem
             raise UserError(f"{flag}: {error}") from None
     if value < 0:
         raise UserError(f"{flag} {value} is negative: use a step count, a ratio below 1 or a percentage")
@@ -122,25 +122,43 @@ def make_lr_scheduler(
     )
 
 
-def lr_scheduler_from_args(
-    args: Any, optimizer: torch.optim.Optimizer, num_training_steps: int, lr_scheduler_override: str | None = None
+@dataclass(frozen=True)
+class LRSchedulerSettings:
+    """The learning-rate schedule flags (``add_optimizer_arguments``); field names are the flags' names."""
+
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int | float = 0
+    lr_decay_steps: int | float = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_type: str = ""
+    lr_scheduler_args: list[str] | None = None
+    lr_scheduler_timescale: int | None = None
+
+
+def lr_scheduler_from_settings(
+    settings: LRSchedulerSettings,
+    optimizer: torch.optim.Optimizer,
+    num_training_steps: int,
+    lr_scheduler_override: str | None = None,
 ) -> LRScheduler:
-    """:func:`make_lr_scheduler` from the flags added by ``add_optimizer_arguments``.
+    """:func:`make_lr_scheduler` for these settings.
 
     Pass ``OptimizerSetup.lr_scheduler_override`` so Adafactor's relative step gets its own schedule.
     """
     return make_lr_scheduler(
-        lr_scheduler_override or getattr(args, "lr_scheduler", "constant"),
+        lr_scheduler_override or settings.lr_scheduler,
         optimizer,
         num_training_steps,
-        getattr(args, "lr_warmup_steps", 0),
-        getattr(args, "lr_decay_steps", 0),
-        getattr(args, "lr_scheduler_num_cycles", 1),
-        getattr(args, "lr_scheduler_power", 1.0),
-        getattr(args, "lr_scheduler_min_lr_ratio", None),
-        getattr(args, "lr_scheduler_type", None),
-        getattr(args, "lr_scheduler_args", None),
-        getattr(args, "lr_scheduler_timescale", None),
+        warmup_steps=settings.lr_warmup_steps,
+        decay_steps=settings.lr_decay_steps,
+        num_cycles=settings.lr_scheduler_num_cycles or 1,
+        power=settings.lr_scheduler_power,
+        min_lr_ratio=settings.lr_scheduler_min_lr_ratio,
+        scheduler_type=settings.lr_scheduler_type or None,
+        scheduler_args=settings.lr_scheduler_args,
+        timescale=settings.lr_scheduler_timescale,
     )
 
 

@@ -112,15 +112,6 @@ def train_state_record(
     }
 
 
-def resolve_seed(explicit: int | None, saved: Any = None) -> int:
-    """The run's seed: ``--seed``, else the seed stored in the state being resumed, else a fresh random one."""
-    if explicit is not None:
-        return int(explicit)
-    if saved is not None:
-        return int(saved)
-    return random.SystemRandom().randint(0, 2**31 - 1)
-
-
 def read_train_state(state_dir: str | Path) -> dict[str, Any]:
     """Read ``train_state.json`` of a state folder, with one-line errors for missing or damaged states."""
     state_dir = Path(state_dir)

@@ -26,7 +26,7 @@ def reference_batch_loss(
     """The per-sample loss of ``batch`` as the engine computes it: latents scaled by 0.18215, noised by ``parts``,
     MSE of the UNet prediction against the target, times the batch's loss weights."""
     latents = batch["latents"] * 0.18215
-    cond = parts.encode_text(components.text_encoder, components.tokenizer, batch["captions"])
+    cond = parts.encode_text(components.text_encoders, components.tokenizers, batch["captions"], batch)
     noisy, _, t, target = parts.add_noise(latents, generator)
-    pred = components.unet(noisy, t, cond).sample
+    pred = components.unet(noisy, t, cond.hidden_states, **cond.unet_kwargs).sample
     return F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * batch["loss_weights"]

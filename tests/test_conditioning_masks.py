@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.config.dataset_config import load_dataset_configs
+from library.config.dataset_config import DatasetFlags, dataset_flags, load_dataset_configs
 from library.config.flags import add_dataset_arguments
 from library.dataset.images import prepare_image
 from library.dataset.loader import attach_latent_cache, build_train_dataset
@@ -36,11 +36,11 @@ def write_rgb(path: Path, red_columns: list[int], height: int = 4, green: int = 
     return path
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str) -> DatasetFlags:
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
     parser.add_argument("--masked_loss", action="store_true")
-    return parser.parse_args(list(argv))
+    return dataset_flags(parser.parse_args(list(argv)))
 
 
 def dataset_toml(tmp_path: Path, extra: str = "") -> Path:

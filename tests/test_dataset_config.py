@@ -4,13 +4,14 @@ conventions, --in_json, and the exact text of every error."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 import pytest
 
-from library.config.dataset_config import load_dataset_configs
+from library.config.dataset_config import DatasetFlags, dataset_flags, load_dataset_configs
 from library.config.flags import add_dataset_arguments
 from library.config.values import DATASET_RANGES
 from library.errors import UserError
@@ -19,10 +20,10 @@ from tests.images import write_image
 BOTH = {"dreambooth", "finetune"}
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str) -> DatasetFlags:
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
-    return parser.parse_args(list(argv))
+    return dataset_flags(parser.parse_args(list(argv)))
 
 
 def write_json_config(tmp_path: Path, config: dict) -> Path:
@@ -420,8 +421,8 @@ def test_flag_errors(tmp_path):
         "--train_data_dir: --min_bucket_reso 256 is larger than the resolution's shorter side 128; lower "
         "min_bucket_reso or raise resolution"
     )
-    args = parse("--train_data_dir", str(train))
-    args.dataset_repeats = float("nan")  # a namespace built without our parser still gets the shared range check
+    # settings built without our parser still get the shared range check
+    args = dataclasses.replace(parse("--train_data_dir", str(train)), dataset_repeats=float("nan"))
     with pytest.raises(UserError) as info:
         load_dataset_configs(args, {"dreambooth"})
     assert str(info.value) == f"--dataset_repeats: must be {DATASET_RANGES['num_repeats'].describe()}, got nan"

@@ -22,7 +22,7 @@ from typing import Any
 
 import toml
 
-from library.config.dataset_config import load_dataset_configs
+from library.config.dataset_config import dataset_flags, load_dataset_configs
 from library.config.flags import add_dataset_arguments
 from library.dataset.loader import TrainDataset
 from library.dataset.scan import scan_dataset
@@ -239,7 +239,7 @@ def fuzz_case(rng: random.Random, root: Path, paths: dict[str, str]) -> tuple[st
 
 def run_case(path: Path, parser: argparse.ArgumentParser) -> None:
     """What a training script does with ``--dataset_config path`` up to its first batch plan."""
-    datasets = load_dataset_configs(parser.parse_args(["--dataset_config", str(path)]), BOTH)
+    datasets = load_dataset_configs(dataset_flags(parser.parse_args(["--dataset_config", str(path)])), BOTH)
     scans = [scan_dataset(d) for d in datasets]
     TrainDataset(datasets, [s.records for s in scans], seed=0)
 

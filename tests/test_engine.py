@@ -6,7 +6,6 @@ out here so a hand-written training step can serve as the reference.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import sys
@@ -19,12 +18,14 @@ import torch.nn.functional as F
 
 import library.engine.loop as loop_module
 from library.engine import EngineConfig, LossInputs, ParamGroups, Recipe, TrainingDiverged, TrainingParts, train
-from library.engine.schedule import step_generator
 from library.engine.wiring import optimizer_factory
 from library.errors import UserError
 from library.io import save_safetensors
+from library.models.family import Conditioning
 from library.models.tiny import make_tiny_model
-from library.optimizers import BUILTIN_OPTIMIZERS, OPTIONAL_PACKAGES
+from library.optimizers import BUILTIN_OPTIMIZERS, OPTIONAL_PACKAGES, OptimizerSettings
+from library.schedulers import LRSchedulerSettings
+from library.seeds import step_generator
 
 TRAINED = ("conv_out.weight", "conv_out.bias")
 
@@ -83,9 +84,14 @@ class UNetTensorsRecipe(Recipe):
         save_safetensors({k: v for k, v in self.unet.state_dict().items() if k in TRAINED}, path)
 
 
-def encode_text(text_encoder, tokenizer, captions):
+def text_states(text_encoder, tokenizer, captions):
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids.to(next(text_encoder.parameters()).device)).last_hidden_state
+
+
+def encode_text(text_encoders, tokenizers, captions, batch=None) -> Conditioning:
+    (text_encoder,), (tokenizer,) = text_encoders, tokenizers
+    return Conditioning(text_states(text_encoder, tokenizer, captions))
 
 
 def make_parts(scheduler, lr: float = 0.05, momentum: float = 0.0, sample=None) -> TrainingParts:
@@ -144,7 +150,7 @@ def reference_training(steps: int, accumulation: int, batch_size: int, n: int = 
                 batch = source.load_batch(plans[index])
                 gen = step_generator(seed, "batch", epoch, index)
                 latents = batch["latents"] * 0.18215
-                cond = encode_text(c.text_encoder, c.tokenizer, batch["captions"])
+                cond = text_states(c.text_encoder, c.tokenizer, batch["captions"])
                 noisy, noise, t, target = parts.add_noise(latents, gen)
                 pred = c.unet(noisy, t, cond).sample
                 per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * batch["loss_weights"]
@@ -336,9 +342,9 @@ def test_on_step_start_counts_from_the_resume_and_initial_step_position(tmp_path
 
 def test_full_recipe_stops_the_text_encoder_at_global_step_n_when_a_nan_step_was_skipped(tmp_path):
     """--stop_text_encoder_training 3 with step 1 skipped (NaN): the text encoder moves in steps 2 and 3 only."""
-    import argparse
 
-    from library.engine.full_recipe import FullRecipe
+    from library.recipes.full import FullRecipe
+    from library.recipes.settings import FullModelSettings
 
     order = [p[0] for p in RandomLatents(n=4, batch_size=1).batch_plan(1)]
     source = RandomLatents(n=4, batch_size=1, nan_items=(order[0],))
@@ -362,7 +368,7 @@ def test_full_recipe_stops_the_text_encoder_at_global_step_n_when_a_nan_step_was
         sample_every_n_steps=1,
         save_model_as="safetensors",
     )
-    recipe = FullRecipe(argparse.Namespace(), config, text_encoder_steps=3)
+    recipe = FullRecipe(FullModelSettings(), config, text_encoder_steps=3)
     result = train(config, components, source, recipe, make_parts(components.scheduler, sample=snapshot))
     assert (result.global_step, result.skipped_steps) == (4, 1)
     assert sorted(snapshots) == [0, 1, 2, 3, 4]
@@ -460,10 +466,8 @@ def test_progress_bar_shows_the_final_average_without_redrawing_every_step(tmp_p
 
 
 def build_optimizer(params, optimizer_type: str = "AdamW", optimizer_args: list[str] | None = None):
-    args = argparse.Namespace(
-        optimizer_type=optimizer_type, optimizer_args=optimizer_args, learning_rate=0.1, lr_scheduler="constant"
-    )
-    return optimizer_factory(args)(params, 10)[0]
+    settings = OptimizerSettings(optimizer_type=optimizer_type, optimizer_args=optimizer_args, learning_rate=0.1)
+    return optimizer_factory(settings, LRSchedulerSettings())(params, 10)[0]
 
 
 def test_adamw_uses_torch_fused_kernel_where_it_exists_and_foreach_elsewhere():

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -18,14 +17,13 @@ from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnPro
 import train_network
 from library.cli import run_cli
 from library.engine import EngineConfig, TrainingParts, train
-from library.engine.attention import apply_attention, attention_from_args, choose_attention
+from library.engine.attention import AttentionSettings, apply_attention, attention_from_settings, choose_attention
 from library.engine.data import EpochLoader, loader_workers
-from library.engine.schedule import step_generator
-from library.engine.wiring import choose_seed
 from library.io import load_safetensors
 from library.models.tiny import make_tiny_model
+from library.seeds import choose_seed, step_generator
 from tests.engine_reference import reference_batch_loss, train_conv_out_only
-from tests.test_engine import TRAINED, RandomLatents, UNetTensorsRecipe, encode_text, make_parts, trained
+from tests.test_engine import TRAINED, RandomLatents, UNetTensorsRecipe, make_parts, text_states, trained
 from tests.test_train_network import lora_tensors
 from tests.training import network_args, write_frog_dataset
 
@@ -53,23 +51,23 @@ def unet_output(unet) -> torch.Tensor:
 
 
 def test_choose_seed_prefers_the_flag_then_the_resumed_state(tmp_path):
-    assert choose_seed(argparse.Namespace(seed=5, resume=None)) == 5
+    assert choose_seed(5, None) == 5
     state = tmp_path / "s"
     state.mkdir()
     (state / "train_state.json").write_text('{"seed": 11, "current_step": 0}')
-    assert choose_seed(argparse.Namespace(seed=None, resume=str(state))) == 11
-    assert 0 <= choose_seed(argparse.Namespace(seed=None, resume=None)) < 2**31
+    assert choose_seed(None, str(state)) == 11
+    assert 0 <= choose_seed(None, None) < 2**31
 
 
 def test_sdpa_is_the_default_and_mem_eff_attn_slices_with_the_same_result(caplog):
     unet = make_tiny_model().unet
     unet.set_attention_slice("auto")
-    assert attention_from_args(argparse.Namespace(), unet, CPU) == "sdpa"
+    assert attention_from_settings(AttentionSettings(), unet, CPU) == "sdpa"
     assert processor_types(unet) == {AttnProcessor2_0}
-    assert attention_from_args(argparse.Namespace(sdpa=True), unet, CPU) == "sdpa"
+    assert attention_from_settings(AttentionSettings(), unet, CPU) == "sdpa"
     reference = unet_output(unet)
     with caplog.at_level(logging.INFO, logger="sdtrain"):
-        assert attention_from_args(argparse.Namespace(mem_eff_attn=True), unet, CPU) == "sliced"
+        assert attention_from_settings(AttentionSettings(mem_eff_attn=True), unet, CPU) == "sliced"
     assert processor_types(unet) == {SlicedAttnProcessor}
     assert "--mem_eff_attn: attention is computed in slices" in caplog.text
     torch.testing.assert_close(unet_output(unet), reference, rtol=1e-5, atol=1e-6)
@@ -273,7 +271,7 @@ def test_fused_backward_pass_clips_each_parameter_on_its_own(tmp_path):
     for index, plan in enumerate(source.batch_plan(1)):
         batch = source.load_batch(plan)
         noisy, noise, t, target = parts.add_noise(batch["latents"] * 0.18215, step_generator(7, "batch", 0, index))
-        pred = c.unet(noisy, t, encode_text(c.text_encoder, c.tokenizer, batch["captions"])).sample
+        pred = c.unet(noisy, t, text_states(c.text_encoder, c.tokenizer, batch["captions"])).sample
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * batch["loss_weights"]
         per_sample.mean().backward()
         for p in params:
@@ -340,7 +338,7 @@ def test_persistent_workers_train_the_same_weights(tmp_path):
 
 
 def test_latents_cached_comes_from_either_caching_flag(tmp_path):
-    args = argparse.Namespace(output_dir=str(tmp_path), cache_latents=False, cache_latents_to_disk=True)
+    args = train_network.setup_parser().parse_args(["--output_dir", str(tmp_path), "--cache_latents_to_disk"])
     assert EngineConfig.from_args(args).latents_cached
     args.cache_latents_to_disk = False
     assert not EngineConfig.from_args(args).latents_cached

@@ -128,7 +128,7 @@ def test_balance_reg_counts_matches_the_reference_loop():
 def test_folders_to_epoch_end_to_end(tmp_path):
     import argparse
 
-    from library.config.dataset_config import load_dataset_configs
+    from library.config.dataset_config import dataset_flags, load_dataset_configs
     from library.config.flags import add_dataset_arguments
 
     train, reg = tmp_path / "train", tmp_path / "reg"
@@ -137,7 +137,7 @@ def test_folders_to_epoch_end_to_end(tmp_path):
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
     args = parser.parse_args(["--train_data_dir", str(train), "--reg_data_dir", str(reg)])
-    (dataset,) = load_dataset_configs(args, {"dreambooth"})
+    (dataset,) = load_dataset_configs(dataset_flags(args), {"dreambooth"})
     samples = epoch_samples(dataset, scan_dataset(dataset).records, epoch=1, seed=0)
     # 3 x 4 = 12 train samples; reg: 5 images x 1, then 7 more one image at a time in turn: 3, 3, 2, 2, 2
     assert counts_by_name(samples) == {"4_sks dog/00000.png": 4, "4_sks dog/00001.png": 4, "4_sks dog/00002.png": 4,

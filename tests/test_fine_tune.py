@@ -45,8 +45,8 @@ def loaded_models(monkeypatch) -> list[Components]:
     loaded: list[Components] = []
     real = launch.load_base_model
 
-    def load(args):
-        loaded.append(real(args))
+    def load(source):
+        loaded.append(real(source))
         return loaded[-1]
 
     monkeypatch.setattr(launch, "load_base_model", load)
@@ -140,7 +140,8 @@ def test_scratch_model_from_a_config_folder(model_dir):
     base = load_model(model_dir)
     fresh = scratch_model(str(model_dir), seed=1)
     unet_config = {k: v for k, v in base.unet.config.items() if k != "_name_or_path"}
-    assert dict(fresh.unet.config) == unet_config and fresh.v2 is False and fresh.tokenizer.model_max_length == 77
+    assert dict(fresh.unet.config) == unet_config and fresh.family.name == "sd1"
+    assert fresh.tokenizer.model_max_length == 77
     assert fresh.text_encoder.config.hidden_size == base.text_encoder.config.hidden_size
     for name in ("unet", "text_encoder", "vae"):
         ours, theirs = getattr(fresh, name).state_dict(), getattr(base, name).state_dict()
@@ -148,7 +149,7 @@ def test_scratch_model_from_a_config_folder(model_dir):
         assert not same_tensors(dict(ours), dict(theirs))
     again = scratch_model(str(model_dir), seed=1)
     assert same_tensors(dict(fresh.unet.state_dict()), dict(again.unet.state_dict()))
-    assert scratch_model("tiny-sd2", seed=0).v2 is True
+    assert scratch_model("tiny-sd2", seed=0).family.v2 is True
 
 
 def test_scratch_model_names_the_missing_config(tmp_path):

@@ -31,11 +31,11 @@ def test_tiny_model_builds_fast_and_reproducibly():
     for (ka, va), (kb, vb) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     assert a.text_encoder.get_input_embeddings().weight.shape == (49408, 32)
-    assert not a.v2 and a.prediction_type == "epsilon"
+    assert not a.family.v2 and a.prediction_type == "epsilon"
 
 
 def test_tiny_sd2_is_v_prediction():
     c = make_tiny_model(v2=True)
-    assert c.v2 and c.v_parameterization
+    assert c.family.v2 and c.v_parameterization
     assert c.scheduler.config.prediction_type == "v_prediction"
     assert c.unet.config.use_linear_projection

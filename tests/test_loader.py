@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -11,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from library.config.dataset_config import DatasetFlags, dataset_flags
 from library.dataset.debug import debug_dataset
 from library.dataset.epoch import epoch_samples
 from library.dataset.loader import TrainDataset, attach_latent_cache, build_train_dataset
+from library.dataset.summary import summarize_dataset
 from library.dataset.types import DatasetConfig, ImageRecord, SubsetConfig
 from library.engine.data import EpochLoader
+from library.engine.schedule import make_run_plan
 from library.errors import UserError
 from library.models.tiny import make_tiny_model
 from tests.images import write_image
@@ -56,6 +60,18 @@ def _train(tmp_path, seed=7, **options) -> TrainDataset:
     return TrainDataset([dataset], [records], seed=seed, prior_loss_weight=0.25)
 
 
+def test_batches_count_the_optimizer_steps_of_the_runs_plan(tmp_path):
+    """Token warm-up counts optimizer steps (sd-scripts): with 2 processes accumulating 2 batches, 4 consecutive
+    batches of the epoch make one step, and epoch 2 starts after the plan's steps of epoch 1 (a short group too)."""
+    train = _train(tmp_path)
+    batches = train.batches_in_epoch(1)
+    plan = make_run_plan(batches, num_processes=2, accumulation=2, max_train_steps=100, max_train_epochs=None)
+    planned = train.with_changes(plan=plan)
+    assert [p.global_step for p in planned.batch_plan(1)] == [i // 4 for i in range(batches)]
+    assert planned.batch_plan(2)[0].global_step == plan.steps_per_epoch == math.ceil(math.ceil(batches / 2) / 2)
+    assert planned.max_train_steps == 100 and train.max_train_steps is None
+
+
 def test_plan_is_deterministic_and_batches_stay_in_one_bucket(tmp_path):
     train = _train(tmp_path)
     plan = train.batch_plan(1)
@@ -77,7 +93,7 @@ def test_plan_is_deterministic_and_batches_stay_in_one_bucket(tmp_path):
 
 
 def _dataset_seed(train: TrainDataset) -> int:
-    from library.dataset.loader import derive_seed
+    from library.seeds import derive_seed
 
     return derive_seed(train.seed, "dataset", 0)
 
@@ -200,7 +216,7 @@ def test_cached_latents_and_masks(tmp_path):
 
 
 def test_summary_lists_buckets(tmp_path):
-    text = _train(tmp_path).summary()
+    text = summarize_dataset(_train(tmp_path)).text
     assert "images: 7 train, 3 regularization, in 1 dataset(s)" in text
     assert "    64x64          7             22" in text
     assert "    96x32          3              6" in text
@@ -230,7 +246,7 @@ def test_build_train_dataset_from_flags(tmp_path):
     args = parser.parse_args(
         ["--train_data_dir", str(tmp_path / "data"), "--resolution", "64", "--cache_latents_to_disk", "--seed", "5"]
     )
-    train = build_train_dataset(args, {"dreambooth"}, make_tiny_model().vae, progress=False)
+    train = build_train_dataset(dataset_flags(args), {"dreambooth"}, make_tiny_model().vae, seed=5, progress=False)
     assert train.seed == 5 and len(train.records[0]) == 3
     assert sorted(p.name for p in img_dir.glob("*.npz")) == [f"a{n}_0064x0064_sd.npz" for n in range(3)]
     batch = train.load_batch(train.batch_plan(1)[0])
@@ -260,7 +276,7 @@ def test_mask_files_weight_the_loss_only_with_masked_loss(tmp_path, masked_loss,
     argv = ["--train_data_dir", str(tmp_path / "data"), "--resolution", "64", "--seed", "1"]
     args = parser.parse_args(argv + (["--masked_loss"] if masked_loss else []))
     with caplog.at_level(logging.INFO, logger="sdtrain"):
-        train = build_train_dataset(args, {"dreambooth"}, progress=False)
+        train = build_train_dataset(dataset_flags(args), {"dreambooth"}, seed=1, progress=False)
     masks = train.load_batch(train.batch_plan(1)[0])["alpha_masks"]
     if masked_loss:
         assert masks.shape == (1, 1, 64, 64)
@@ -289,12 +305,10 @@ def test_dataset_class_swaps_in_a_train_dataset_subclass(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # sd-scripts users keep the module beside them: the current folder is searched
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
     write_image(tmp_path / "img" / "2_frog" / "a.png", (64, 64))
-    args = argparse.Namespace(
-        train_data_dir=str(tmp_path / "img"), dataset_class="my_datasets.Tagged", resolution="64", seed=3
-    )
-    train = build_train_dataset(args, {"dreambooth"})
+    flags = DatasetFlags(train_data_dir=str(tmp_path / "img"), dataset_class="my_datasets.Tagged", resolution="64")
+    train = build_train_dataset(flags, {"dreambooth"}, seed=3)
     assert type(train).__name__ == "Tagged"
-    assert type(train.with_changes(max_train_steps=5)).__name__ == "Tagged"
+    assert type(train.with_changes(plan=make_run_plan(4, 1, 1, 5, None))).__name__ == "Tagged"
     batch = train.load_batch(train.batch_plan(1)[0])
     assert batch["source"] == "tagged" and batch["captions"] == ["frog"]
 
@@ -309,9 +323,9 @@ def test_dataset_class_swaps_in_a_train_dataset_subclass(tmp_path, monkeypatch):
     ],
 )
 def test_dataset_class_errors(tmp_path, spec, message):
-    args = argparse.Namespace(train_data_dir=str(tmp_path), dataset_class=spec)
+    flags = DatasetFlags(train_data_dir=str(tmp_path), dataset_class=spec)
     with pytest.raises(UserError) as info:
-        build_train_dataset(args, {"dreambooth"})
+        build_train_dataset(flags, {"dreambooth"}, seed=0)
     assert str(info.value).startswith(f"--dataset_class {spec}: {message}")
     assert "\n" not in str(info.value)
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
-from library.engine.network_recipe import parse_network_args
 from library.errors import UserError
 from library.models.tiny import make_tiny_model
+from library.recipes.network import parse_network_args
 from networks import lora
 
 TE_MODULES = 4 * 6  # 4 CLIP layers x (q, k, v, out_proj, fc1, fc2)

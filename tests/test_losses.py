@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from library.config.settings import settings_from_flags
 from library.config.train_flags import add_loss_arguments
 from library.errors import UserError
 from library.losses import (
@@ -151,7 +152,7 @@ def test_loss_settings_from_flags_and_validation():
     parser = argparse.ArgumentParser()
     add_loss_arguments(parser)
     parser.add_argument("--v_parameterization", action="store_true")
-    defaults = LossSettings.from_args(parser.parse_args([]))
+    defaults = settings_from_flags(LossSettings, parser.parse_args([]))
     assert defaults == LossSettings()
     assert (defaults.loss_type, defaults.huber_schedule, defaults.huber_c, defaults.huber_scale) == (
         "l2",
@@ -160,7 +161,7 @@ def test_loss_settings_from_flags_and_validation():
         1.0,
     )
     args = parser.parse_args(["--loss_type", "huber", "--min_snr_gamma", "5", "--masked_loss", "--v_parameterization"])
-    settings = LossSettings.from_args(args)
+    settings = settings_from_flags(LossSettings, args)
     assert (settings.loss_type, settings.min_snr_gamma, settings.masked_loss, settings.v_parameterization) == (
         "huber",
         5.0,
@@ -168,8 +169,8 @@ def test_loss_settings_from_flags_and_validation():
         True,
     )
     with pytest.raises(UserError, match="--scale_v_pred_loss_like_noise_pred"):
-        LossSettings.from_args(parser.parse_args(["--scale_v_pred_loss_like_noise_pred"]))
+        settings_from_flags(LossSettings, parser.parse_args(["--scale_v_pred_loss_like_noise_pred"]))
     with pytest.raises(UserError, match="--v_pred_like_loss"):
-        LossSettings.from_args(parser.parse_args(["--v_pred_like_loss", "0.1", "--v_parameterization"]))
+        settings_from_flags(LossSettings, parser.parse_args(["--v_pred_like_loss", "0.1", "--v_parameterization"]))
     with pytest.raises(UserError, match="--loss_type"):
         LossSettings(loss_type="l3")

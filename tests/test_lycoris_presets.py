@@ -20,11 +20,11 @@ from torch import nn
 
 import train_network
 from library.cli import run_cli
-from library.engine import lycoris_compat
-from library.engine.network_recipe import parse_network_args
 from library.errors import UserError
 from library.io import load_safetensors
 from library.models.tiny import make_tiny_model
+from library.recipes import lycoris_compat
+from library.recipes.network import parse_network_args
 from tests.training import network_args, write_frog_dataset
 
 kohya = pytest.importorskip("lycoris.kohya")
@@ -233,7 +233,7 @@ def test_preset_targeting_a_module_twice_is_one_line(model_dir, data_dir, tmp_pa
 
 
 def test_missing_lycoris_package_names_the_extra_to_install(monkeypatch):
-    from library.engine.network_recipe import import_network_module
+    from library.recipes.network import import_network_module
 
     for name in ("lycoris", "lycoris.kohya"):
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed (lycoris.kohya may be imported already)

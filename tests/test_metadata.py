@@ -13,6 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library import metadata as md
+from library import modelspec as ms
+from library.config.settings import settings_from_flags
+from library.models.sd import SD1, SD2
 from library.models.tiny import make_tiny_model
 from networks import lora
 
@@ -39,6 +42,7 @@ def facts(**overrides) -> md.TrainingFacts:
         optimizer_name="torch.optim.adamw.AdamW",
         optimizer_args="weight_decay=0.1",
         training_comment="hello",
+        base_model_version="sd_v1",
     )
     values.update(overrides)
     return md.TrainingFacts(**values)
@@ -163,23 +167,32 @@ def test_model_name_and_hashes_of_base_model_file(tmp_path):
     assert hub["ss_sd_model_name"] == "org/model" and "ss_sd_model_hash" not in hub
 
 
-def test_v2_model_version():
-    assert md.build_training_metadata(facts(v2=True, v_parameterization=True))["ss_base_model_version"] == "sd_v2_v"
-    assert md.build_training_metadata(facts(v2=True))["ss_v2"] == "True"
+def test_v2_model_version_comes_from_the_family():
+    v_pred = md.build_training_metadata(md.TrainingFacts.from_settings(md.MetadataSettings(), SD2, True))
+    assert v_pred["ss_base_model_version"] == "sd_v2_v" and v_pred["ss_v2"] == "True"
+    sd2 = md.build_training_metadata(md.TrainingFacts.from_settings(md.MetadataSettings(), SD2, False))
+    assert sd2["ss_base_model_version"] == "sd_v2" and sd2["ss_v2"] == "True"
+    sd1 = md.build_training_metadata(md.TrainingFacts.from_settings(md.MetadataSettings(), SD1, False))
+    assert sd1["ss_base_model_version"] == "sd_v1" and sd1["ss_v2"] == "False"
 
 
-def test_from_args_takes_flags_and_computed_values():
-    ns = argparse.Namespace(learning_rate=2e-6, seed=7, output_name="x", unrelated_flag=True, max_train_steps=1600)
-    f = md.TrainingFacts.from_args(ns, num_train_images=5, session_id=9)
+def test_from_settings_takes_flags_and_computed_values():
+    ns = argparse.Namespace(lr_scheduler="cosine", seed=7, output_name="x", unrelated_flag=True, optimizer_args=None)
+    settings = settings_from_flags(md.MetadataSettings, ns)
+    f = md.TrainingFacts.from_settings(
+        settings, SD1, False, learning_rate=2e-6, seed=7, num_train_images=5, session_id=9
+    )
     assert (f.learning_rate, f.seed, f.output_name, f.num_train_images, f.session_id) == (2e-6, 7, "x", 5, 9)
-    assert f.max_train_steps == 1600 and f.network_args is None
-    raw = md.TrainingFacts.from_args(argparse.Namespace(network_args=["conv_dim=4", "preset=a=b"]))
-    assert md.build_training_metadata(raw)["ss_network_args"] == '{"conv_dim": "4", "preset": "a=b"}'
+    assert f.lr_scheduler == "cosine" and f.max_train_steps is None and f.network_args is None
+    args = md.TrainingFacts.from_settings(
+        md.MetadataSettings(optimizer_args=["weight_decay=0.1", "eps=1e-8"]), SD1, False
+    )
+    assert md.build_training_metadata(args)["ss_optimizer"] == "(weight_decay=0.1,eps=1e-8)"
 
 
 def test_no_metadata_keeps_only_minimum_keys_then_modelspec():
     meta = md.build_training_metadata(facts())
-    spec = md.build_modelspec(False, False, True, False, 1700000000.0, title="t")
+    spec = ms.build_modelspec(SD1, False, True, False, 1700000000.0, title="t")
     saved = md.metadata_for_save(meta, steps=30, epoch=3, no_metadata=True, modelspec=spec)
     ss_keys = {k for k in saved if k.startswith("ss_")}
     assert ss_keys == {
@@ -198,7 +211,7 @@ def test_no_metadata_keeps_only_minimum_keys_then_modelspec():
 
 def test_modelspec_sd1_lora():
     ts = 1700000000.75
-    spec = md.build_modelspec(False, False, True, False, ts, reso="512,768", author="me", tags="a,b", clip_skip=2)
+    spec = ms.build_modelspec(SD1, False, True, False, ts, reso="512,768", author="me", tags="a,b", clip_skip=2)
     assert spec == {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/lora",
@@ -214,14 +227,14 @@ def test_modelspec_sd1_lora():
 
 
 def test_modelspec_sd2_variants_and_from_args():
-    v = md.build_modelspec(True, True, True, False, 0.0, title="x")
+    v = ms.build_modelspec(SD2, True, True, False, 0.0, title="x")
     assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert v["modelspec.resolution"] == "768x768" and v["modelspec.prediction_type"] == "v"
-    assert md.build_modelspec(True, False, True, False, 0.0)["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
-    ti = md.build_modelspec(False, False, False, True, 0.0)
+    assert ms.build_modelspec(SD2, False, True, False, 0.0)["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+    ti = ms.build_modelspec(SD1, False, False, True, 0.0)
     assert ti["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
-    assert ti["modelspec.implementation"] == md.IMPL_STABILITY_AI
-    ckpt = md.build_modelspec(False, False, False, False, 0.0)
+    assert ti["modelspec.implementation"] == ms.IMPL_STABILITY_AI
+    ckpt = ms.build_modelspec(SD1, False, False, False, 0.0)
     assert ckpt["modelspec.architecture"] == "stable-diffusion-v1" and ckpt["modelspec.title"] == "Checkpoint@0.0"
 
     parser = argparse.ArgumentParser()
@@ -238,8 +251,8 @@ def test_modelspec_sd2_variants_and_from_args():
         ]
     )
     assert args.no_metadata and args.training_comment is None
-    args.v2, args.v_parameterization, args.resolution, args.min_timestep = False, False, (640, 640), 100
-    spec = md.modelspec_from_args(args)
+    args.resolution, args.min_timestep = (640, 640), 100
+    spec = ms.modelspec_from_settings(settings_from_flags(md.MetadataSettings, args), SD1, False)
     assert spec["modelspec.title"] == "My LoRA" and spec["modelspec.license"] == "MIT"
     assert spec["modelspec.trigger_phrase"] == "sks" and spec["modelspec.resolution"] == "640x640"
     assert spec["modelspec.timestep_range"] == "100,1000"
@@ -256,7 +269,7 @@ def test_hashes_of_a_saved_lora_file(tmp_path):
         steps=1,
         epoch=1,
         no_metadata=False,
-        modelspec=md.build_modelspec(False, False, True, False, 0.0, title="user title"),
+        modelspec=ms.build_modelspec(SD1, False, True, False, 0.0, title="user title"),
     )
     path = tmp_path / "lora.safetensors"
     net.save_weights(path, None, meta)
@@ -307,7 +320,9 @@ def test_every_metadata_flag_fills_its_modelspec_key_in_the_written_file(tmp_pat
         + ["--metadata_merged_from", "a, b", "--metadata_preprocessor", "canny"]
         + ["--metadata_is_negative_embedding", "true", "--metadata_description", "d", "--output_name", "tok"]
     )
-    spec = md.modelspec_from_args(args, lora=False, textual_inversion=True)
+    spec = ms.modelspec_from_settings(
+        settings_from_flags(md.MetadataSettings, args), SD1, False, lora=False, textual_inversion=True
+    )
     path = tmp_path / "emb.safetensors"
     save_safetensors({"emb_params": torch.zeros(1, 4)}, path, spec)
     with safe_open(str(path), framework="pt") as f:
@@ -319,7 +334,9 @@ def test_every_metadata_flag_fills_its_modelspec_key_in_the_written_file(tmp_pat
     assert stored["modelspec.is_negative_embedding"] == "true"
     assert stored["modelspec.description"] == "d" and stored["modelspec.title"] == "tok"
     assert stored["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
-    unset = md.modelspec_from_args(train_textual_inversion.setup_parser().parse_args([]))
+    unset = ms.modelspec_from_settings(
+        settings_from_flags(md.MetadataSettings, train_textual_inversion.setup_parser().parse_args([])), SD1, False
+    )
     assert not {"usage_hint", "thumbnail", "merged_from", "preprocessor", "is_negative_embedding"} & {
         k.removeprefix("modelspec.") for k in unset
     }
@@ -331,7 +348,7 @@ def test_thumbnail_is_checked_at_start_up_and_data_urls_are_kept(tmp_path):
     parser = argparse.ArgumentParser()
     md.add_metadata_arguments(parser)
     url = "data:image/webp;base64,AAAA"
-    assert md.thumbnail_data_url(parser.parse_args(["--metadata_thumbnail", url]).metadata_thumbnail) == url
+    assert ms.thumbnail_data_url(parser.parse_args(["--metadata_thumbnail", url]).metadata_thumbnail) == url
     import train_network
 
     with pytest.raises(UserError, match=r"argument --metadata_thumbnail: '.*nope.png' is neither a data: URL nor an"):

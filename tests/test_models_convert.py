@@ -177,14 +177,16 @@ def test_full_size_configs_are_inferred_from_ldm_shapes(v2):
     ldm = ldm_state_dict(unet, vae, te, v2)
     metadata = {"modelspec.architecture": "stable-diffusion-v2-768-v"} if v2 else {}
     info = detect_single_file(ldm, metadata, "model.safetensors")
-    assert info.v2 is v2 and info.v_parameterization is (True if v2 else None) and not info.exact
-    u = info.unet_config
+    assert info.family.v2 is v2 and info.v_parameterization is (True if v2 else None) and not info.exact
+    assert info.family.name == ("sd2" if v2 else "sd1")
+    u = info.configs["unet"]
     assert u["block_out_channels"] == [320, 640, 1280, 1280] and u["layers_per_block"] == 2
     assert u["attention_head_dim"] == heads and u["cross_attention_dim"] == width
     assert u["use_linear_projection"] is v2 and u["norm_num_groups"] == 32 and u["sample_size"] == (96 if v2 else 64)
     assert u["down_block_types"] == list(unet.config.down_block_types)
     assert u["up_block_types"] == list(unet.config.up_block_types)
-    assert info.vae_config["block_out_channels"] == [128, 256, 512, 512] and info.vae_config["layers_per_block"] == 2
-    t = info.text_config
+    v = info.configs["vae"]
+    assert v["block_out_channels"] == [128, 256, 512, 512] and v["layers_per_block"] == 2
+    t = info.configs["text_encoder"]
     assert (t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"]) == (width, layers, width // 64)
     assert t["hidden_act"] == ("gelu" if v2 else "quick_gelu")

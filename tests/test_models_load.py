@@ -30,10 +30,8 @@ def _assert_same_weights(a, b, parts=("unet", "vae", "text_encoder")) -> None:
 
 def _foreign_file(components, path, metadata=None, extra=None) -> None:
     """An LDM single file as other tools write it: no stored configs, only tensors (+ optional metadata)."""
-    sd = {
-        k: v.contiguous().clone()
-        for k, v in ldm_state_dict(components.unet, components.vae, components.text_encoder, components.v2).items()
-    }
+    c = components
+    sd = {k: v.contiguous().clone() for k, v in ldm_state_dict(c.unet, c.vae, c.text_encoder, c.family.v2).items()}
     sd.update(extra or {})
     save_file(sd, str(path), metadata=metadata)
 
@@ -50,12 +48,12 @@ def test_diffusers_folder_loads_with_tokenizer_and_detected_type(sd1_dir, tmp_pa
     model, folder = sd1_dir
     loaded = load_model(folder)
     _assert_same_weights(model, loaded)
-    assert not loaded.v2 and loaded.scheduler.config.prediction_type == "epsilon"
+    assert not loaded.family.v2 and loaded.scheduler.config.prediction_type == "epsilon"
     assert loaded.tokenizer("a photo").input_ids == [49406, 320, 1125, 49407]
     sd2 = make_tiny_model(v2=True)
     save_model(sd2, tmp_path / "sd2", "diffusers")
     loaded2 = load_model(tmp_path / "sd2", dtype=torch.float16)
-    assert loaded2.v2 and loaded2.v_parameterization
+    assert loaded2.family.v2 and loaded2.v_parameterization
     assert loaded2.tokenizer.pad_token_id == 0
     assert {p.dtype for p in loaded2.unet.parameters()} == {torch.float16}
     assert torch.equal(loaded2.text_encoder.final_layer_norm.weight, sd2.text_encoder.final_layer_norm.weight.half())
@@ -86,7 +84,7 @@ def test_single_file_loads_bit_identically(tmp_path, v2, ext):
     save_model(model, path, ext)
     loaded = load_model(path)
     _assert_same_weights(model, loaded)
-    assert (loaded.v2, loaded.v_parameterization) == (v2, v2)
+    assert (loaded.family.v2, loaded.v_parameterization) == (v2, v2)
     assert loaded.tokenizer.pad_token_id == (0 if v2 else 49407)
 
 
@@ -122,7 +120,7 @@ def test_foreign_sd2_files_detect_v_prediction_from_keys_or_modelspec(tmp_path, 
         with caplog.at_level(logging.WARNING, logger="library.models.detect"):
             caplog.clear()
             loaded = load_model(path)
-        assert loaded.v2 and loaded.v_parameterization is expected, name
+        assert loaded.family.v2 and loaded.v_parameterization is expected, name
         assert loaded.scheduler.config.prediction_type == ("v_prediction" if expected else "epsilon")
         assert loaded.unet.config.use_linear_projection and loaded.text_encoder.config.num_hidden_layers == 4
         assert ("cannot tell whether" in caplog.text) is (name == "plain"), name
@@ -136,7 +134,7 @@ def test_flags_that_contradict_the_weights_warn(tmp_path, caplog):
         loaded = load_model(tmp_path / "sd1.safetensors", v2=True, v_parameterization=True)
     assert "--v2 is set but the weights are SD 1.x" in caplog.text
     assert "--v_parameterization is set but the model says it is epsilon-prediction; using the flag" in caplog.text
-    assert not loaded.v2 and loaded.v_parameterization
+    assert not loaded.family.v2 and loaded.v_parameterization
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="library.models.detect"):
         agreeing = load_model(tmp_path / "sd1.safetensors", v2=False, v_parameterization=False)
@@ -234,10 +232,10 @@ def test_bad_inputs_give_one_line_user_errors(tmp_path):
 
 def test_builtin_tiny_model_names_build_on_the_spot(tmp_path, monkeypatch):
     sd2 = load_model("tiny-sd2")
-    assert sd2.v2 and sd2.v_parameterization and sd2.unet.config.use_linear_projection
+    assert sd2.family.v2 and sd2.v_parameterization and sd2.unet.config.use_linear_projection
     reference = make_tiny_model()
     sd1 = load_model("tiny-sd1")
-    assert not sd1.v2 and not sd1.v_parameterization
+    assert not sd1.family.v2 and not sd1.v_parameterization
     _assert_same_weights(reference, sd1)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-sd1").mkdir()

@@ -88,7 +88,7 @@ def test_diffusers_to_single_file_to_diffusers_is_bit_identical(tmp_path, v2):
         save_model(single, tmp_path / f"end-{ext}", "diffusers")
         end = load_model(tmp_path / f"end-{ext}")
         _same_model(model, end)
-        assert (end.v2, end.v_parameterization) == (v2, v2)
+        assert (end.family.v2, end.v_parameterization) == (v2, v2)
         assert clean_config(end.unet.config) == clean_config(model.unet.config)
         assert clean_config(end.vae.config) == clean_config(model.vae.config)
         assert text_config_dict(end.text_encoder.config) == text_config_dict(model.text_encoder.config)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from library.config.settings import settings_from_flags
 from library.config.train_flags import add_noise_arguments
 from library.errors import UserError
 from library.models.tiny import sd_scheduler
@@ -178,14 +179,14 @@ def test_settings_from_flags_and_validation():
     parser = argparse.ArgumentParser()
     add_noise_arguments(parser)
     parser.add_argument("--v_parameterization", action="store_true")
-    defaults = NoiseSettings.from_args(parser.parse_args([]))
+    defaults = settings_from_flags(NoiseSettings, parser.parse_args([]))
     assert defaults == NoiseSettings()
     assert defaults.multires_noise_discount == 0.3
     args = parser.parse_args(
         ["--noise_offset", "0.05", "--adaptive_noise_scale", "0.01", "--min_timestep", "5", "--zero_terminal_snr"]
     )
-    settings = NoiseSettings.from_args(args)
+    settings = settings_from_flags(NoiseSettings, args)
     assert (settings.noise_offset, settings.adaptive_noise_scale, settings.min_timestep) == (0.05, 0.01, 5)
     assert settings.zero_terminal_snr
     with pytest.raises(UserError, match="--adaptive_noise_scale needs --noise_offset"):
-        NoiseSettings.from_args(parser.parse_args(["--adaptive_noise_scale", "0.01"]))
+        settings_from_flags(NoiseSettings, parser.parse_args(["--adaptive_noise_scale", "0.01"]))

@@ -139,7 +139,7 @@ def test_position_from_step():
 
 
 def test_seed_rule_is_flag_then_saved_state_then_fresh():
-    from library.state import resolve_seed
+    from library.seeds import resolve_seed
 
     assert resolve_seed(5, 7) == 5
     assert resolve_seed(None, "7") == 7

@@ -11,7 +11,7 @@ import torch
 import library.engine.launch as launch
 import train_network
 from library.dataset.loader import TrainDataset
-from library.engine.network_recipe import NetworkRecipe
+from library.recipes.network import NetworkRecipe
 from library.text.encode import encode_prompts
 from tests.training import network_args, write_captioned_images, write_dataset_toml
 

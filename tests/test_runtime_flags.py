@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import datetime
 import json
 import logging
@@ -24,13 +22,16 @@ import train_network
 import train_textual_inversion
 from library.cli import run_cli
 from library.config import runtime_flags
-from library.engine import EngineConfig, train
-from library.engine.launch import load_base_model, prepare_training_data
-from library.engine.network_recipe import NetworkRecipe
+from library.config.runtime_flags import RuntimeSettings
+from library.config.settings import settings_from_flags
+from library.engine import EngineConfig
+from library.engine.launch import load_base_model, model_source, prepare_run
 from library.engine.tracking import make_accelerator, release_accelerator
-from library.engine.wiring import parts_from_args
 from library.errors import UserError
 from library.io import load_safetensors
+from library.metadata import MetadataSettings
+from library.recipes.network import NetworkRecipe
+from library.recipes.settings import NetworkSettings
 from tests.conftest import REPO
 from tests.training import network_args, write_captioned_images, write_frog_dataset
 
@@ -98,16 +99,18 @@ def test_ddp_timeout_refuses_values_outside_0_to_43200_minutes(value):
         train_network.setup_parser().parse_args(["--ddp_timeout", value])
     assert train_network.setup_parser().parse_args(["--ddp_timeout", "43200"]).ddp_timeout == 43200
     unset = train_network.setup_parser().parse_args(["--ddp_timeout", "0"])  # sd-scripts: 0 means torch's default
-    assert runtime_flags.process_group_kwargs(unset) == {} and runtime_flags.accelerate_kwargs_handlers(unset) == []
+    settings = settings_from_flags(RuntimeSettings, unset)
+    assert runtime_flags.process_group_kwargs(settings.ddp_timeout) == {}
+    assert runtime_flags.accelerate_kwargs_handlers(settings) == []
 
 
 def test_unavailable_dynamo_backend_is_a_user_error():
-    args = argparse.Namespace(torch_compile=True, dynamo_backend="tensort")
+    args = RuntimeSettings(torch_compile=True, dynamo_backend="tensort")
     with pytest.raises(UserError, match=r"^--dynamo_backend tensort: not available in this PyTorch; use one of eager"):
         runtime_flags.compile_options(args)
     with pytest.raises(UserError, match=r"^--torch_compile with --dynamo_backend no compiles nothing: choose a"):
-        runtime_flags.compile_options(argparse.Namespace(torch_compile=True, dynamo_backend="no"))
-    assert runtime_flags.compile_options(argparse.Namespace(torch_compile=False, dynamo_backend="no")) is None
+        runtime_flags.compile_options(RuntimeSettings(torch_compile=True, dynamo_backend="no"))
+    assert runtime_flags.compile_options(RuntimeSettings(torch_compile=False, dynamo_backend="no")) is None
 
 
 class _Small(torch.nn.Module):
@@ -127,7 +130,7 @@ def test_compile_unet_uses_the_chosen_backend_in_place(backend, aot_graphs):
     counters.clear()
     model = _Small()
     keys = list(model.state_dict())
-    options = runtime_flags.compile_unet(model, argparse.Namespace(torch_compile=True, dynamo_backend=backend))
+    options = runtime_flags.compile_unet(model, RuntimeSettings(torch_compile=True, dynamo_backend=backend))
     assert options == {"backend": backend, "mode": "default", "fullgraph": False, "dynamic": None}
     model(torch.randn(2, 3)).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1
@@ -135,12 +138,12 @@ def test_compile_unet_uses_the_chosen_backend_in_place(backend, aot_graphs):
     assert list(model.state_dict()) == keys  # compiled in place: saving and LoRA hooks see the same module
 
 
-def test_prepare_training_data_compiles_the_unet_in_place(model_dir, data_dir, tmp_path):
+def test_prepare_run_compiles_the_unet_in_place(model_dir, data_dir, tmp_path):
     argv = network_args(model_dir, data_dir, tmp_path / "out", "--torch_compile", "--dynamo_backend", "aot_eager")
     args = train_network.setup_parser().parse_args(argv)
-    components = load_base_model(args)
+    components = load_base_model(model_source(args))
     assert components.unet._compiled_call_impl is None
-    prepare_training_data(args, {"dreambooth"}, components, 3)
+    prepare_run(args, {"dreambooth"}, load=lambda seed: components)
     assert components.unet._compiled_call_impl is not None
     assert not isinstance(components.unet, torch._dynamo.eval_frame.OptimizedModule)
 
@@ -170,13 +173,12 @@ def test_fp8_base_trains_a_lora_on_float8_base_weights(model_dir, data_dir, tmp_
     argv = network_args(model_dir, data_dir, tmp_path / "out", "--max_train_steps", "2", "--mixed_precision", "bf16")
     argv += ["--fp8_base", "--highvram", "--cpu_offload_checkpointing"]
     args = train_network.setup_parser().parse_args(argv)
-    config = dataclasses.replace(EngineConfig.from_args(args), seed=3)
-    components = load_base_model(args)
     with caplog.at_level(logging.INFO, logger="sdtrain"):
-        dataset = prepare_training_data(args, {"dreambooth"}, components, 3)
-        recipe = NetworkRecipe(args, dataset)
-        train(config, components, dataset, recipe, parts_from_args(args, components))
-    unet, text = components.unet, components.text_encoder
+        run = prepare_run(args, {"dreambooth"})
+        settings = settings_from_flags(NetworkSettings, args, metadata=settings_from_flags(MetadataSettings, args))
+        recipe = NetworkRecipe(settings, run.summary)
+        run.train(recipe, tracker_name="network_train")
+    unet, text = run.components.unet, run.components.text_encoder
     assert unet.conv_in.weight.dtype == torch.float8_e4m3fn
     assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
     assert unet.conv_norm_out.weight.dtype == torch.bfloat16
@@ -188,13 +190,13 @@ def test_fp8_base_trains_a_lora_on_float8_base_weights(model_dir, data_dir, tmp_
     assert all(torch.isfinite(t).all() for t in tensors.values())
     messages = [r.getMessage() for r in caplog.records]
     assert "fp8 base: UNet and text encoder weights stored in float8_e4m3fn, computed in torch.bfloat16" in messages
-    assert runtime_flags.runtime_notes(args, 1)[0] in messages
+    assert runtime_flags.runtime_notes(settings_from_flags(RuntimeSettings, args), 1)[0] in messages
     assert "--cpu_offload_checkpointing applies to FLUX/SD3 only in sd-scripts; it has no effect on SD1/2" in messages
 
 
 def test_fp8_base_unet_keeps_the_text_encoder(sd1):
-    args = argparse.Namespace(fp8_base=False, fp8_base_unet=True, mixed_precision="fp16")
-    assert runtime_flags.apply_fp8_base(args, sd1.unet, sd1.text_encoder) == ["UNet"]
+    settings = RuntimeSettings(fp8_base=False, fp8_base_unet=True, mixed_precision="fp16")
+    assert runtime_flags.apply_fp8_base(settings, sd1.unet, sd1.text_encoder) == ["UNet"]
     assert sd1.unet.conv_out.weight.dtype == torch.float8_e4m3fn
     assert sd1.text_encoder.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
     assert sd1.unet.dtype == torch.float16  # what the loop reads: it does not cast the fp8 weights back
@@ -232,9 +234,9 @@ def test_deepspeed_refuses_gradient_accumulation_the_loop_would_double(tmp_path)
         EngineConfig(output_dir=tmp_path, deepspeed=True, gradient_accumulation_steps=2).validate()
 
 
-def _deepspeed_args(**changes) -> argparse.Namespace:
-    args = train_network.setup_parser().parse_args(["--deepspeed", "--train_batch_size", "3"])
-    return argparse.Namespace(**{**vars(args), **changes})
+def _deepspeed_args(**changes) -> EngineConfig:
+    """The engine's config (what the accelerator set-up passes) for ``--deepspeed --train_batch_size 3``."""
+    return EngineConfig(output_dir=Path("o"), **{"deepspeed": True, "train_batch_size": 3, **changes})
 
 
 def test_deepspeed_plugin_config_matches_sd_scripts():
@@ -293,12 +295,13 @@ def test_accelerator_gets_ddp_kwargs_and_no_dynamo(tmp_path, monkeypatch):
 
 def test_runtime_notes_name_each_flag_without_effect():
     args = train_network.setup_parser().parse_args(["--ddp_static_graph", "--ddp_timeout", "3", "--zero3_init_flag"])
-    assert runtime_flags.runtime_notes(args, 1) == [
+    settings = settings_from_flags(RuntimeSettings, args)
+    assert runtime_flags.runtime_notes(settings, 1) == [
         "--ddp_static_graph has no effect in a one-process run",
         "--ddp_timeout has no effect in a one-process run",
         "DeepSpeed settings (--zero_stage, --offload_*, --zero3_*) have no effect without --deepspeed",
     ]
-    two = runtime_flags.runtime_notes(args, 2)
+    two = runtime_flags.runtime_notes(settings, 2)
     assert len(two) == 2 and two[0].startswith("--ddp_static_graph: passed to accelerate's DDP wrapper, but")
 
 

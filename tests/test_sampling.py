@@ -13,10 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from library.config.settings import settings_from_flags
 from library.errors import UserError
+from library.models.sd import SD1
 from library.models.tiny import make_tiny_model
 from library.sampling import (
     SAMPLER_NAMES,
+    SampleFlags,
     SamplePrompt,
     SampleSettings,
     add_sample_arguments,
@@ -34,6 +37,7 @@ from library.sampling import (
 )
 
 STAMP = "20240102030405"
+SD_SCHEDULE = SD1.noise_scheduler(False).config
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -246,7 +250,7 @@ def test_sampler_table_matches_sd_scripts():
     }
     assert set(SAMPLER_NAMES) == set(expected)
     for name, class_name in expected.items():
-        scheduler = make_sampler(name, "v_prediction")
+        scheduler = make_sampler(name, SD_SCHEDULE, "v_prediction")
         config = scheduler.config
         assert type(scheduler).__name__ == class_name, name
         assert (config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule) == (
@@ -258,19 +262,20 @@ def test_sampler_table_matches_sd_scripts():
         assert config.prediction_type == "v_prediction"
         if "clip_sample" in config:  # sd-scripts turns clip_sample on wherever the scheduler has it
             assert config.clip_sample is True
-    assert make_sampler("ddim").config.steps_offset == 0 and make_sampler("ddim").config.prediction_type == "epsilon"
-    assert make_sampler("dpmsolver").config.algorithm_type == "dpmsolver"
-    assert make_sampler("dpmsolver++").config.algorithm_type == "dpmsolver++"
-    assert not make_sampler("dpmsolver++").config.use_karras_sigmas
-    karras = make_sampler("dpm++_2m_karras").config
+    ddim = make_sampler("ddim", SD_SCHEDULE).config
+    assert ddim.steps_offset == 0 and ddim.prediction_type == "epsilon"
+    assert make_sampler("dpmsolver", SD_SCHEDULE).config.algorithm_type == "dpmsolver"
+    assert make_sampler("dpmsolver++", SD_SCHEDULE).config.algorithm_type == "dpmsolver++"
+    assert not make_sampler("dpmsolver++", SD_SCHEDULE).config.use_karras_sigmas
+    karras = make_sampler("dpm++_2m_karras", SD_SCHEDULE).config
     assert (karras.algorithm_type, karras.use_karras_sigmas, karras.solver_order) == ("dpmsolver++", True, 2)
-    sde = make_sampler("dpm++_2m_sde_karras").config
+    sde = make_sampler("dpm++_2m_sde_karras", SD_SCHEDULE).config
     assert (sde.algorithm_type, sde.use_karras_sigmas, sde.solver_order) == ("sde-dpmsolver++", True, 2)
 
 
 def test_unknown_sampler_lists_valid_names():
     with pytest.raises(UserError) as info:
-        make_sampler("euler_ancestral")
+        make_sampler("euler_ancestral", SD_SCHEDULE)
     message = str(info.value)
     assert message.startswith("--sample_sampler: unknown sampler 'euler_ancestral'; valid samplers: ddim, pndm")
     assert all(name in message for name in SAMPLER_NAMES)
@@ -284,11 +289,13 @@ def _diffusers_pixels(components, request: SamplePrompt, seed: int) -> np.ndarra
 
     pipe = components.to_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_sampler(request.sampler, components.prediction_type, steps=request.sample_steps)
+    pipe.scheduler = make_sampler(
+        request.sampler, components.scheduler.config, components.prediction_type, steps=request.sample_steps
+    )
     with torch.no_grad():
         texts = [request.prompt, request.negative_prompt or ""]
         embeddings = encode_prompts(
-            components.text_encoder, components.tokenizer, texts, weighted=True, v2=components.v2
+            components.text_encoder, components.tokenizer, texts, weighted=True, v2=components.family.v2
         )
     return _pixels(
         pipe(
@@ -480,7 +487,8 @@ def test_sample_flags():
     args = parser.parse_args(
         ["--sample_prompts", "p.txt", "--sample_sampler", "dpm++_2m_sde_karras", "--sample_at_first"]
     )
-    settings = SampleSettings.from_args(argparse.Namespace(**vars(args), output_dir="o", seed=5, output_name="n"))
+    flags = argparse.Namespace(**vars(args), output_dir="o", seed=5, output_name="n")
+    settings = settings_from_flags(SampleFlags, flags).settings()
     assert settings == SampleSettings(
         prompts_file=Path("p.txt"),
         output_dir=Path("o"),
@@ -489,7 +497,7 @@ def test_sample_flags():
         training_seed=5,
         at_first=True,
     )
-    assert SampleSettings.from_args(parser.parse_args([])) is None
+    assert settings_from_flags(SampleFlags, parser.parse_args([])).settings() is None
     for bad in (["--sample_sampler", "euler_b"], ["--sample_every_n_steps", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)

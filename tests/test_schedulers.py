@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
+from library.config.settings import settings_from_flags
 from library.config.train_flags import add_optimizer_arguments
 from library.errors import UserError
-from library.optimizers import make_optimizer, optimizer_from_args
-from library.schedulers import lr_scheduler_from_args, make_lr_scheduler, resolve_steps
+from library.optimizers import OptimizerSettings, make_optimizer, optimizer_from_settings
+from library.schedulers import LRSchedulerSettings, lr_scheduler_from_settings, make_lr_scheduler, resolve_steps
 
 
 def sgd(lr: float = 1.0) -> torch.optim.Optimizer:
@@ -161,7 +162,7 @@ def test_schedule_free_gets_constant_schedule():
     assert lrs_at(scheduler, [0, 1, 5]) == pytest.approx([0.1, 0.1, 0.1])
 
 
-def test_from_args_end_to_end():
+def test_from_flags_end_to_end():
     parser = argparse.ArgumentParser()
     add_optimizer_arguments(parser)
     args = parser.parse_args(
@@ -169,14 +170,18 @@ def test_from_args_end_to_end():
         + ["--lr_scheduler", "cosine", "--lr_warmup_steps", "10%"]
     )
     first, second = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
-    setup = optimizer_from_args(args, [{"params": [first]}, {"params": [second], "lr": 0.25}])
+    setup = optimizer_from_settings(
+        settings_from_flags(OptimizerSettings, args), [{"params": [first]}, {"params": [second], "lr": 0.25}]
+    )
     assert setup.name == "torch.optim.adamw.AdamW" and setup.args_text == "weight_decay=0.1"
     assert [g["lr"] for g in setup.optimizer.param_groups] == [0.5, 0.25]
-    scheduler = lr_scheduler_from_args(args, setup.optimizer, 20, setup.lr_scheduler_override)
+    schedule = settings_from_flags(LRSchedulerSettings, args)
+    scheduler = lr_scheduler_from_settings(schedule, setup.optimizer, 20, setup.lr_scheduler_override)
     assert lrs_at(scheduler, [1]) == pytest.approx([0.25])  # warmup 2 steps: 0.5 * 1/2
     assert scheduler.get_last_lr()[1] == pytest.approx(0.125)
     adafactor = parser.parse_args(["--optimizer_type", "AdaFactor", "--lr_scheduler", "cosine"])
-    setup = optimizer_from_args(adafactor, [first])
-    assert type(lr_scheduler_from_args(adafactor, setup.optimizer, 20, setup.lr_scheduler_override)).__name__ == (
+    setup = optimizer_from_settings(settings_from_flags(OptimizerSettings, adafactor), [first])
+    schedule = settings_from_flags(LRSchedulerSettings, adafactor)
+    assert type(lr_scheduler_from_settings(schedule, setup.optimizer, 20, setup.lr_scheduler_override)).__name__ == (
         "AdafactorSchedule"
     )

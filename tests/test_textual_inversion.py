@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -15,10 +16,12 @@ from PIL import Image
 import train_textual_inversion
 import train_textual_inversion_XTI
 from library.config.config_file import parse_args_with_config
-from library.engine.ti_recipe import TextualInversionRecipe
+from library.config.settings import settings_from_flags
 from library.errors import UserError
 from library.io import load_safetensors, read_safetensors_metadata
 from library.models.tiny import make_tiny_model
+from library.recipes.settings import TextualInversionSettings
+from library.recipes.textual_inversion import TextualInversionRecipe
 from library.text.encode import encode_prompts
 from library.textual_inversion import XTI_LAYERS, add_tokens, load_embedding
 from library.xti import install_layer_conditioning
@@ -143,9 +146,12 @@ def test_resume_from_the_middle_gives_the_same_embedding(main_run, data_dir, tmp
     assert torch.equal(embedding_rows(tmp_path / "mytok.safetensors"), embedding_rows(out / "mytok.safetensors"))
 
 
+def parsed(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    return train_textual_inversion.setup_parser().parse_args(argv(tmp_path, tmp_path, *extra))
+
+
 def recipe_for(tmp_path: Path, *extra: str, xti: bool = False) -> TextualInversionRecipe:
-    args = train_textual_inversion.setup_parser().parse_args(argv(tmp_path, tmp_path, *extra))
-    return TextualInversionRecipe(args, xti=xti)
+    return TextualInversionRecipe(settings_from_flags(TextualInversionSettings, parsed(tmp_path, *extra)), xti=xti)
 
 
 def test_weights_flag_reads_our_files_and_a1111s_layout(main_run, tmp_path):
@@ -165,22 +171,23 @@ def test_weights_flag_reads_our_files_and_a1111s_layout(main_run, tmp_path):
 
 def test_samples_during_training_see_the_expanded_token(main_run, tmp_path):
     from library.engine import SampleRequest
-    from library.engine.wiring import parts_from_args
-    from library.sampling import SampleSettings, generate_image, line_to_prompt_dict, resolve_prompt
+    from library.engine.wiring import parts_from_args, read_sample_settings
+    from library.sampling import generate_image, line_to_prompt_dict, resolve_prompt
 
     out, _ = main_run
     options = " --d 7 --s 2 --w 64 --h 64"
     (tmp_path / "prompts.txt").write_text("a photo of mytok" + options + "\n")
     weights = str(out / "mytok.safetensors")
     prompts = str(tmp_path / "prompts.txt")
-    recipe = recipe_for(tmp_path, "--num_vectors_per_token", "2", "--weights", weights, "--sample_prompts", prompts)
-    recipe.args.output_name = "mytok"
+    args = parsed(tmp_path, "--num_vectors_per_token", "2", "--weights", weights, "--sample_prompts", prompts)
+    args.output_name = "mytok"
+    recipe = TextualInversionRecipe(settings_from_flags(TextualInversionSettings, args))
     c = make_tiny_model()
     recipe.setup(c, torch.device("cpu"), torch.float32)
-    sample = recipe.training_parts(parts_from_args(recipe.args, c)).sample
+    settings = read_sample_settings(args)
+    sample = recipe.training_parts(parts_from_args(args, c), settings).sample
     sample(SampleRequest(components=c, step=3, epoch=None, output_dir=tmp_path, device=torch.device("cpu")))
     (written,) = (tmp_path / "sample").glob("mytok_000003_00_*_7.png")
-    settings = SampleSettings.from_args(recipe.args)
 
     def render(text: str) -> np.ndarray:
         request = resolve_prompt(line_to_prompt_dict(text + options))
@@ -223,12 +230,13 @@ def test_captions_without_the_token_are_refused(tmp_path):
 
 
 def test_template_captions_are_fixed_by_seed_epoch_and_batch(data_dir):
+    from library.config.dataset_config import dataset_flags
     from library.dataset.loader import build_train_dataset
-    from library.engine.ti_recipe import TemplateCaptions
+    from library.recipes.textual_inversion import TemplateCaptions
     from library.textual_inversion import OBJECT_TEMPLATES
 
     args = train_textual_inversion.setup_parser().parse_args(argv(data_dir, data_dir / "unused"))
-    source = TemplateCaptions(build_train_dataset(args, {"dreambooth"}, seed=5), OBJECT_TEMPLATES, TOKEN)
+    source = TemplateCaptions(build_train_dataset(dataset_flags(args), {"dreambooth"}, seed=5), OBJECT_TEMPLATES, TOKEN)
     plan = source.batch_plan(1)
     first = [source.load_batch(p)["captions"][0] for p in plan]
     assert first == [source.load_batch(p)["captions"][0] for p in plan]

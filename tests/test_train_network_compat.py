@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -185,7 +184,7 @@ def test_base_weights_are_merged_with_their_multiplier(model_dir, data_dir, trai
     top is the one trained without --base_weights."""
     loaded = []
     real = launch.load_base_model
-    monkeypatch.setattr(launch, "load_base_model", lambda args: loaded.append(real(args)) or loaded[-1])
+    monkeypatch.setattr(launch, "load_base_model", lambda source: loaded.append(real(source)) or loaded[-1])
     common = ["--max_train_steps", "1", "--network_train_unet_only"]
     train_network.main(base_args(model_dir, data_dir, tmp_path / "plain", *common))
     for name, multiplier in (("zero", "0"), ("half", "0.5")):
@@ -257,6 +256,6 @@ def test_accepted_but_unused_settings_are_named_not_ignored(caplog):
         datasets = [DatasetConfig(name="datasets[0]", style="dreambooth", subsets=(), validation_split=0.1)]
 
     with caplog.at_level(logging.WARNING, logger="sdtrain"):
-        _warn_unused_settings(argparse.Namespace(lowram=True), _Source())
+        _warn_unused_settings([], _Source(), lowram=True)
     assert "--lowram has no effect here" in caplog.text
     assert "datasets[0]: validation_split is not implemented yet" in caplog.text

@@ -24,8 +24,8 @@ def record_run(monkeypatch, argv: list[str]) -> tuple[list, list]:
     loaded, seen = [], []
     real_load, real_loss = launch.load_base_model, wiring._loss
 
-    def load(args):
-        loaded.append(real_load(args))
+    def load(source):
+        loaded.append(real_load(source))
         return loaded[-1]
 
     def loss(inputs, **kwargs):
@@ -46,7 +46,7 @@ def test_the_target_is_v_and_the_loss_is_the_mse_against_it(monkeypatch, data_di
     argv = network_args(model, data_dir, tmp_path / "out", "--max_train_steps", "2", *flags)
     loaded, seen = record_run(monkeypatch, argv)
     components = loaded[0]
-    assert components.v2 is v_prediction and components.v_parameterization is v_prediction
+    assert components.family.v2 is v_prediction and components.v_parameterization is v_prediction
     assert len(seen) == 2
     alphas_cumprod = components.scheduler.alphas_cumprod
     for inputs, per_sample in seen:

@@ -27,6 +27,7 @@ from library.config.dataset_schema import (
     clip,
     validate_user_config,
 )
+from library.config.settings import settings_from_flags
 from library.config.values import DATASET_RANGES
 from library.dataset.buckets import BucketSettings, check_step, validate_settings
 from library.dataset.scan import read_text_file
@@ -64,12 +65,72 @@ def _parse_pair(flag: str, text: str, kind: type, example: str) -> tuple:
     return parts
 
 
-def flag_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The dataset flags as config keys (``train_batch_size`` -> ``batch_size``), parsed like sd-scripts does."""
+@dataclasses.dataclass(frozen=True)
+class DatasetFlags:
+    """Every command-line flag the dataset code reads (where the data is, per-dataset/per-subset defaults, latent
+    caching), read once at a script's edge so the dataset code never sees the argparse namespace."""
+
+    dataset_config: str | None = None
+    train_data_dir: str | None = None
+    reg_data_dir: str | None = None
+    in_json: str | None = None
+    conditioning_data_dir: str | None = None
+    dataset_class: str | None = None
+    cache_info: bool = False
+    dataset_repeats: float = 1
+    train_batch_size: int = 1
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    caption_extension: str = ".caption"
+    caption_extention: str | None = None  # sd-scripts' misspelt alias; wins over caption_extension when given
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    color_aug: bool = False
+    flip_aug: bool = False
+    face_crop_aug_range: str | tuple[float, float] | None = None  # "MIN,MAX" as typed
+    random_crop: bool = False
+    resolution: str | tuple[int, int] | None = None  # "SIZE" or "WIDTH,HEIGHT" as typed
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    alpha_mask: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    resize_interpolation: str | None = None
+    validation_seed: int | None = None
+    validation_split: float = 0.0
+    prior_loss_weight: float = 1.0
+    masked_loss: bool = False
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+    vae_batch_size: int | None = None
+    skip_cache_check: bool = False
+    debug_dataset: bool = False
+
+
+def dataset_flags(args: argparse.Namespace, **overrides: Any) -> DatasetFlags:
+    """The dataset flags of a parsed command line (flags a script lacks keep their defaults)."""
+    return settings_from_flags(DatasetFlags, args, **overrides)
+
+
+def flag_values(flags: DatasetFlags) -> dict[str, Any]:
+    """The dataset flags as config keys (``train_batch_size`` -> ``batch_size``), parsed like sd-scripts does.
+
+    Keys without a flag (``class_tokens``, ``custom_attributes``, ``network_multiplier``) are None here."""
     names = set(DATASET_KEYS) | set(SUBSET_ASCENDING_KEYS) | {"alpha_mask", "conditioning_data_dir"}
-    values = {key: getattr(args, DATASET_FLAGS.get(key, key), None) for key in names}
-    if getattr(args, "caption_extention", None) is not None:
-        values["caption_extension"] = args.caption_extention
+    given = dataclasses.asdict(flags)
+    values = {key: given.get(DATASET_FLAGS.get(key, key)) for key in names}
+    if flags.caption_extention is not None:
+        values["caption_extension"] = flags.caption_extention
     if values["resolution"] is not None and not isinstance(values["resolution"], tuple):
         res = _parse_pair("resolution", values["resolution"], int, "'SIZE' or 'WIDTH,HEIGHT' such as 512 or 512,768")
         if not all(RESOLUTION_RANGE.low <= side <= RESOLUTION_RANGE.high for side in res):
@@ -263,11 +324,11 @@ def read_config_file(path: Path) -> dict:
 
 
 def configs_from_user_config(
-    config: Any, source: str, args: argparse.Namespace, allowed_styles: set[str]
+    config: Any, source: str, dataset_flags: DatasetFlags, allowed_styles: set[str]
 ) -> list[DatasetConfig]:
-    """Resolve a parsed dataset config (the TOML/JSON structure) against the flags in ``args``."""
+    """Resolve a parsed dataset config (the TOML/JSON structure) against the command-line ``dataset_flags``."""
     checked = validate_user_config(config, source)
-    flags = flag_values(args)
+    flags = flag_values(dataset_flags)
     general = checked["general"]
     datasets = []
     for d_index, dataset in enumerate(checked["datasets"]):
@@ -330,22 +391,24 @@ def subsets_from_folders(base: Path, flag: str, is_reg: bool) -> list[dict[str, 
     return found
 
 
-def _configs_from_folders(args: argparse.Namespace, allowed_styles: set[str]) -> list[DatasetConfig]:
+def _configs_from_folders(
+    dataset_flags: DatasetFlags, train_data_dir: str, allowed_styles: set[str]
+) -> list[DatasetConfig]:
     _check_style("dreambooth", allowed_styles, "--train_data_dir")
-    flags = flag_values(args)
-    found = subsets_from_folders(Path(args.train_data_dir), "train_data_dir", False)
-    if getattr(args, "reg_data_dir", None) is not None:
-        found += subsets_from_folders(Path(args.reg_data_dir), "reg_data_dir", True)
+    flags = flag_values(dataset_flags)
+    found = subsets_from_folders(Path(train_data_dir), "train_data_dir", False)
+    if dataset_flags.reg_data_dir is not None:
+        found += subsets_from_folders(Path(dataset_flags.reg_data_dir), "reg_data_dir", True)
     subsets = [_make_subset(entry.pop("name"), entry, [], flags) for entry in found]
     for subset in subsets:
         _check_paths(subset, subset.name)
     return [_make_dataset("datasets[0]", "--train_data_dir", "dreambooth", {}, {}, flags, subsets)]
 
 
-def _configs_from_in_json(args: argparse.Namespace, allowed_styles: set[str]) -> list[DatasetConfig]:
+def _configs_from_in_json(dataset_flags: DatasetFlags, allowed_styles: set[str]) -> list[DatasetConfig]:
     _check_style("finetune", allowed_styles, "--in_json")
-    flags = flag_values(args)
-    own = {"metadata_file": args.in_json, "image_dir": getattr(args, "train_data_dir", None)}
+    flags = flag_values(dataset_flags)
+    own = {"metadata_file": dataset_flags.in_json, "image_dir": dataset_flags.train_data_dir}
     subset = _make_subset("--in_json", own, [], flags)
     if subset.metadata_file is not None and not _is(subset.metadata_file, "file"):
         raise UserError(f"--in_json {clip(subset.metadata_file)}: file not found")
@@ -355,25 +418,25 @@ def _configs_from_in_json(args: argparse.Namespace, allowed_styles: set[str]) ->
     return [_make_dataset("datasets[0]", "--in_json", "finetune", {}, {}, flags, [subset])]
 
 
-def load_dataset_configs(args: argparse.Namespace, allowed_styles: set[str]) -> list[DatasetConfig]:
+def load_dataset_configs(flags: DatasetFlags, allowed_styles: set[str]) -> list[DatasetConfig]:
     """All datasets for a run, from ``--dataset_config``, else ``--in_json``, else ``--train_data_dir`` folders.
 
     ``allowed_styles`` holds "dreambooth" and/or "finetune": the dataset styles the calling script can train on.
     """
-    config_path = getattr(args, "dataset_config", None)
-    if config_path is not None:
-        ignored = [f"--{f}" for f in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, f, None)]
+    if flags.dataset_config is not None:
+        given = {"train_data_dir": flags.train_data_dir, "reg_data_dir": flags.reg_data_dir, "in_json": flags.in_json}
+        ignored = [f"--{name}" for name, value in given.items() if value]
         if ignored:
             logger.warning(f"--dataset_config is given, so {', '.join(ignored)} are ignored")
-        path = Path(config_path)
-        configs = configs_from_user_config(read_config_file(path), str(path), args, allowed_styles)
-    elif getattr(args, "in_json", None) is not None:
-        configs = _configs_from_in_json(args, allowed_styles)
-    elif getattr(args, "train_data_dir", None) is not None:
-        configs = _configs_from_folders(args, allowed_styles)
+        path = Path(flags.dataset_config)
+        configs = configs_from_user_config(read_config_file(path), str(path), flags, allowed_styles)
+    elif flags.in_json is not None:
+        configs = _configs_from_in_json(flags, allowed_styles)
+    elif flags.train_data_dir is not None:
+        configs = _configs_from_folders(flags, flags.train_data_dir, allowed_styles)
     else:
         configs = []
-    if getattr(args, "cache_info", False) and any(d.style == "finetune" for d in configs):
+    if flags.cache_info and any(d.style == "finetune" for d in configs):
         logger.warning(
             "--cache_info caches DreamBooth-style folders only (as in sd-scripts); fine-tuning datasets ignore it"
         )

@@ -3,7 +3,8 @@
 Names, types, choices and defaults follow sd-scripts (``train_util.add_training_arguments``,
 ``deepspeed_utils.add_deepspeed_arguments`` and ``train_network.py``). The functions below turn the parsed flags into
 what accelerate and torch take (compile options, process-group and DDP kwargs, a DeepSpeed plugin) and apply fp8
-storage to the frozen base model; each is a plain function of the flags so it can be checked on its own.
+storage to the frozen base model; each is a plain function of typed settings (:class:`RuntimeSettings`, or the
+engine's config for the DDP and DeepSpeed parts) so it can be checked on its own.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import argparse
 import datetime
 import importlib.util
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -110,17 +112,70 @@ def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def compile_options(args: argparse.Namespace) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The flags of :func:`add_runtime_arguments` (and ``--mixed_precision``), under their own names."""
+
+    mixed_precision: str = "no"
+    torch_compile: bool = False
+    dynamo_backend: str = "inductor"
+    fp8_base: bool = False
+    fp8_base_unet: bool = False
+    ddp_timeout: int | None = None
+    ddp_gradient_as_bucket_view: bool = False
+    ddp_static_graph: bool = False
+    highvram: bool = False
+    cpu_offload_checkpointing: bool = False
+    deepspeed: bool = False
+    zero_stage: int = 2
+    offload_optimizer_device: str | None = None
+    offload_optimizer_nvme_path: str | None = None
+    offload_param_device: str | None = None
+    offload_param_nvme_path: str | None = None
+    zero3_init_flag: bool = False
+    zero3_save_16bit_model: bool = False
+    fp16_master_weights_and_gradients: bool = False
+
+
+class DdpSettings(Protocol):
+    """The DDP flags accelerate's kwargs handlers take; :class:`RuntimeSettings` and the engine's config have them."""
+
+    ddp_timeout: int | None
+    ddp_gradient_as_bucket_view: bool
+    ddp_static_graph: bool
+
+
+class DeepSpeedSettings(Protocol):
+    """What a DeepSpeed plugin is built from: the DeepSpeed flags and the loop's batch, precision and clipping
+    (the engine's config has them all)."""
+
+    deepspeed: bool
+    zero_stage: int
+    offload_optimizer_device: str | None
+    offload_optimizer_nvme_path: str | None
+    offload_param_device: str | None
+    offload_param_nvme_path: str | None
+    zero3_init_flag: bool
+    zero3_save_16bit_model: bool
+    fp16_master_weights_and_gradients: bool
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    max_grad_norm: float
+    mixed_precision: str
+    full_fp16: bool
+
+
+def compile_options(settings: RuntimeSettings) -> dict[str, Any] | None:
     """``torch.compile`` keyword arguments for --torch_compile (None without it).
 
     The backend is --dynamo_backend; mode, fullgraph and dynamic come from accelerate's ``TorchDynamoPlugin``, so
     ``accelerate launch --dynamo_mode/--dynamo_use_fullgraph/--dynamo_use_dynamic`` apply as they do in sd-scripts.
     """
-    if not getattr(args, "torch_compile", False):
+    if not settings.torch_compile:
         return None
     from accelerate.utils import TorchDynamoPlugin
 
-    backend = args.dynamo_backend
+    backend = settings.dynamo_backend
     if backend == "no":
         raise UserError("--torch_compile with --dynamo_backend no compiles nothing: choose a backend (e.g. inductor)")
     available = torch._dynamo.list_backends(exclude_tags=())
@@ -133,10 +188,10 @@ def compile_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"backend": backend, "mode": plugin.mode, "fullgraph": plugin.fullgraph, "dynamic": plugin.dynamic}
 
 
-def compile_unet(unet: nn.Module, args: argparse.Namespace) -> dict[str, Any] | None:
+def compile_unet(unet: nn.Module, settings: RuntimeSettings) -> dict[str, Any] | None:
     """--torch_compile: compile ``unet`` in place (``nn.Module.compile``), so state dicts, LoRA hooks and saving see
     the same module; returns the options used (None without the flag). Compilation happens at the first forward."""
-    options = compile_options(args)
+    options = compile_options(settings)
     if options is None:
         return None
     unet.compile(**options)
@@ -144,23 +199,22 @@ def compile_unet(unet: nn.Module, args: argparse.Namespace) -> dict[str, Any] | 
     return options
 
 
-def process_group_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``torch.distributed.init_process_group`` keyword arguments from --ddp_timeout (minutes)."""
-    minutes = getattr(args, "ddp_timeout", None)
-    return {} if not minutes else {"timeout": datetime.timedelta(minutes=minutes)}
+def process_group_kwargs(ddp_timeout: int | None) -> dict[str, Any]:
+    """``torch.distributed.init_process_group`` keyword arguments from --ddp_timeout (minutes; unset or 0: none)."""
+    return {} if not ddp_timeout else {"timeout": datetime.timedelta(minutes=ddp_timeout)}
 
 
-def accelerate_kwargs_handlers(args: argparse.Namespace) -> list[Any]:
+def accelerate_kwargs_handlers(settings: DdpSettings) -> list[Any]:
     """accelerate's ``InitProcessGroupKwargs`` (--ddp_timeout) and ``DistributedDataParallelKwargs``
     (--ddp_gradient_as_bucket_view, --ddp_static_graph), each only when its flags are given (as sd-scripts)."""
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     handlers: list[Any] = []
-    group = process_group_kwargs(args)
+    group = process_group_kwargs(settings.ddp_timeout)
     if group:
         handlers.append(InitProcessGroupKwargs(timeout=group["timeout"]))
-    bucket_view = bool(getattr(args, "ddp_gradient_as_bucket_view", False))
-    static_graph = bool(getattr(args, "ddp_static_graph", False))
+    bucket_view = settings.ddp_gradient_as_bucket_view
+    static_graph = settings.ddp_static_graph
     if bucket_view or static_graph:
         handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=bucket_view, static_graph=static_graph))
     return handlers
@@ -170,33 +224,33 @@ def deepspeed_installed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def deepspeed_plugin(args: argparse.Namespace, world_size: int):
+def deepspeed_plugin(settings: DeepSpeedSettings, world_size: int):
     """accelerate's ``DeepSpeedPlugin`` built from the flags as sd-scripts' ``deepspeed_utils`` builds it (None
     without --deepspeed): batch sizes for ``world_size`` processes, the mixed precision, fp16 loss scale from 2**0,
     and fp16 master weights only where DeepSpeed supports them (ZeRO 2 with CPU optimizer offload)."""
-    if not getattr(args, "deepspeed", False):
+    if not settings.deepspeed:
         return None
     from accelerate import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin(
-        zero_stage=args.zero_stage,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        gradient_clipping=args.max_grad_norm,
-        offload_optimizer_device=args.offload_optimizer_device,
-        offload_optimizer_nvme_path=args.offload_optimizer_nvme_path,
-        offload_param_device=args.offload_param_device,
-        offload_param_nvme_path=args.offload_param_nvme_path,
-        zero3_init_flag=args.zero3_init_flag,
-        zero3_save_16bit_model=args.zero3_save_16bit_model,
+        zero_stage=settings.zero_stage,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        gradient_clipping=settings.max_grad_norm,
+        offload_optimizer_device=settings.offload_optimizer_device,
+        offload_optimizer_nvme_path=settings.offload_optimizer_nvme_path,
+        offload_param_device=settings.offload_param_device,
+        offload_param_nvme_path=settings.offload_param_nvme_path,
+        zero3_init_flag=settings.zero3_init_flag,
+        zero3_save_16bit_model=settings.zero3_save_16bit_model,
     )
     config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * world_size
-    plugin.set_mixed_precision(args.mixed_precision)
-    if args.mixed_precision == "fp16":
+    config["train_micro_batch_size_per_gpu"] = settings.train_batch_size
+    config["train_batch_size"] = settings.train_batch_size * settings.gradient_accumulation_steps * world_size
+    plugin.set_mixed_precision(settings.mixed_precision)
+    if settings.mixed_precision == "fp16":
         config["fp16"]["initial_scale_power"] = 0
-    if getattr(args, "full_fp16", False) or args.fp16_master_weights_and_gradients:
-        if args.offload_optimizer_device == "cpu" and args.zero_stage == 2:
+    if settings.full_fp16 or settings.fp16_master_weights_and_gradients:
+        if settings.offload_optimizer_device == "cpu" and settings.zero_stage == 2:
             config["fp16"]["fp16_master_weights_and_grads"] = True
         else:
             logger.warning(
@@ -206,19 +260,19 @@ def deepspeed_plugin(args: argparse.Namespace, world_size: int):
     return plugin
 
 
-def check_deepspeed(args: argparse.Namespace) -> None:
+def check_deepspeed(settings: DeepSpeedSettings) -> None:
     """--deepspeed needs the deepspeed package; say so in one line instead of failing inside accelerate."""
-    if getattr(args, "deepspeed", False) and not deepspeed_installed():
+    if settings.deepspeed and not deepspeed_installed():
         raise UserError(
             "--deepspeed needs the deepspeed package, which is not installed: pip install deepspeed "
             "(it needs CUDA), or drop --deepspeed"
         )
 
 
-def check_fp8(args: argparse.Namespace) -> None:
+def check_fp8(settings: RuntimeSettings) -> None:
     """sd-scripts' rule: fp8 base weights need mixed precision (the layers compute in fp16/bf16)."""
-    if (getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)) and args.mixed_precision == "no":
-        flag = "--fp8_base" if args.fp8_base else "--fp8_base_unet"
+    if (settings.fp8_base or settings.fp8_base_unet) and settings.mixed_precision == "no":
+        flag = "--fp8_base" if settings.fp8_base else "--fp8_base_unet"
         raise UserError(f"{flag} needs --mixed_precision fp16 or bf16 (fp8 weights are computed in that precision)")
 
 
@@ -234,35 +288,35 @@ def store_in_fp8(module: nn.Module, compute_dtype: torch.dtype) -> None:
     )
 
 
-def apply_fp8_base(args: argparse.Namespace, unet: nn.Module, text_encoder: nn.Module | None) -> list[str]:
+def apply_fp8_base(settings: RuntimeSettings, unet: nn.Module, text_encoder: nn.Module | None) -> list[str]:
     """--fp8_base (UNet and text encoder) / --fp8_base_unet (UNet only): store the frozen base weights in fp8.
 
     ``text_encoder`` is None where the text encoder must keep full precision (textual inversion trains through
     its embedding). Returns the names of the models now stored in fp8."""
-    check_fp8(args)
-    if not (getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)):
+    check_fp8(settings)
+    if not (settings.fp8_base or settings.fp8_base_unet):
         return []
-    compute = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    compute = {"fp16": torch.float16, "bf16": torch.bfloat16}[settings.mixed_precision]
     store_in_fp8(unet, compute)
     stored = ["UNet"]
-    if text_encoder is not None and args.fp8_base and not args.fp8_base_unet:
+    if text_encoder is not None and settings.fp8_base and not settings.fp8_base_unet:
         store_in_fp8(text_encoder, compute)
         stored.append("text encoder")
     logger.info(f"fp8 base: {' and '.join(stored)} weights stored in float8_e4m3fn, computed in {compute}")
     return stored
 
 
-def runtime_notes(args: argparse.Namespace, num_processes: int) -> list[str]:
+def runtime_notes(settings: RuntimeSettings, num_processes: int) -> list[str]:
     """One line for each given flag that does nothing in this run, and why (logged at start-up)."""
     notes = []
-    if getattr(args, "highvram", False):
+    if settings.highvram:
         notes.append(
             "--highvram has no effect: this trainer never clears the CUDA cache or collects garbage during latent "
             "caching, which is the clean-up --highvram skips in sd-scripts"
         )
-    if getattr(args, "cpu_offload_checkpointing", False):
+    if settings.cpu_offload_checkpointing:
         notes.append("--cpu_offload_checkpointing applies to FLUX/SD3 only in sd-scripts; it has no effect on SD1/2")
-    ddp = [f for f in ("ddp_gradient_as_bucket_view", "ddp_static_graph") if getattr(args, f, False)]
+    ddp = [f for f in ("ddp_gradient_as_bucket_view", "ddp_static_graph") if getattr(settings, f)]
     if ddp and num_processes > 1:
         notes.append(
             f"--{' and --'.join(ddp)}: passed to accelerate's DDP wrapper, but this trainer averages gradients "
@@ -270,15 +324,15 @@ def runtime_notes(args: argparse.Namespace, num_processes: int) -> list[str]:
         )
     elif ddp:
         notes.append(f"--{' and --'.join(ddp)} has no effect in a one-process run")
-    if getattr(args, "ddp_timeout", None) and num_processes == 1:
+    if settings.ddp_timeout and num_processes == 1:
         notes.append("--ddp_timeout has no effect in a one-process run")
-    if getattr(args, "deepspeed", False) is False and _deepspeed_settings_given(args):
+    if not settings.deepspeed and _deepspeed_settings_given(settings):
         notes.append("DeepSpeed settings (--zero_stage, --offload_*, --zero3_*) have no effect without --deepspeed")
     return notes
 
 
-def _deepspeed_settings_given(args: argparse.Namespace) -> bool:
-    given = [getattr(args, f, None) for f in ("offload_optimizer_device", "offload_param_device")]
-    given += [getattr(args, f, None) for f in ("offload_optimizer_nvme_path", "offload_param_nvme_path")]
-    flags = ("zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients")
-    return any(v is not None for v in given) or any(getattr(args, f, False) for f in flags)
+def _deepspeed_settings_given(settings: RuntimeSettings) -> bool:
+    paths = (settings.offload_optimizer_nvme_path, settings.offload_param_nvme_path)
+    devices = (settings.offload_optimizer_device, settings.offload_param_device)
+    flags = (settings.zero3_init_flag, settings.zero3_save_16bit_model, settings.fp16_master_weights_and_gradients)
+    return any(v is not None for v in (*devices, *paths)) or any(flags)

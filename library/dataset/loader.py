@@ -8,22 +8,21 @@ DataLoader workers give the same batches as the main process and resuming at bat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib
 import logging
-import math
 import os
 import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from library.config.dataset_config import DatasetFlags, load_dataset_configs
 from library.config.dataset_schema import clip
 from library.dataset.buckets import BucketAssignment, BucketSettings, make_bucket_resolutions, select_bucket
 from library.dataset.buckets import validate_settings as validate_bucket_settings
@@ -37,17 +36,15 @@ from library.dataset.latent_cache import (
     load_entry,
     refuse_incompatible,
 )
+from library.dataset.scan import scan_dataset
 from library.dataset.types import DatasetConfig, ImageRecord
 from library.errors import UserError
-from library.state import resolve_seed
+
+if TYPE_CHECKING:
+    from library.engine.schedule import RunPlan
+from library.seeds import derive_seed
 
 logger = logging.getLogger("sdtrain.dataset")
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, stable across processes and Python runs (unlike ``hash``)."""
-    text = ":".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 @dataclass(frozen=True)
@@ -74,10 +71,8 @@ class TrainDataset:
         seed: int,
         prior_loss_weight: float = 1.0,
         latents: dict[tuple[int, int], LatentEntry | Path] | None = None,
-        max_train_steps: int | None = None,
         skipped: Sequence[tuple[Path, str]] = (),
-        num_processes: int = 1,
-        gradient_accumulation_steps: int = 1,
+        plan: RunPlan | None = None,
     ):
         if len(datasets) != len(records):
             raise ValueError("one records list per dataset is needed")
@@ -86,10 +81,10 @@ class TrainDataset:
         self.seed = seed
         self.prior_loss_weight = prior_loss_weight
         self.latents = latents
-        self.max_train_steps = max_train_steps
         self.skipped: list[tuple[Path, str]] = list(skipped)
-        self.num_processes = num_processes  # batches are shared out over processes and accumulated into steps
-        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.plan = (
+            plan  # the run's step plan (library.engine.schedule); None before it is made: one process, no accumulation
+        )
         self.assignments: list[list[BucketAssignment]] = []
         for dataset, recs in zip(self.datasets, self.records):
             settings = BucketSettings.from_dataset(dataset)
@@ -101,56 +96,49 @@ class TrainDataset:
         self._warned: set[Path] = set()
 
     @classmethod
-    def from_args(
+    def from_settings(
         cls,
-        args: argparse.Namespace,
+        flags: DatasetFlags,
         allowed_styles: set[str],
         *,
-        seed: int | None = None,
-        max_train_steps: int | None = None,
+        seed: int,
     ) -> TrainDataset:
         """Flags/TOML -> dataset configs -> scanned records -> a dataset with buckets (no latents yet).
 
-        ``seed`` defaults to ``--seed``; without either a random seed is drawn and logged. A ``--dataset_class``
-        subclass may override this to find its images another way (it must still return an instance of itself).
+        ``seed`` is the run's one seed. A ``--dataset_class`` subclass may override this to find its images
+        another way (it must still return an instance of itself).
         """
-        from library.config.dataset_config import load_dataset_configs
-        from library.dataset.scan import scan_dataset
-
-        datasets = load_dataset_configs(args, allowed_styles)
+        datasets = load_dataset_configs(flags, allowed_styles)
         scans = [scan_dataset(d) for d in datasets]
         records = [s.records for s in scans]
-        if not getattr(args, "masked_loss", False):
+        if not flags.masked_loss:
             records = _without_mask_files(records)
-        if seed is None:
-            seed = getattr(args, "seed", None)
-        if seed is None:
-            seed = resolve_seed(None)
-            logger.info("no --seed given; the dataset uses seed %d", seed)
         return cls(
             datasets,
             records,
             seed=seed,
-            prior_loss_weight=getattr(args, "prior_loss_weight", 1.0),
-            max_train_steps=max_train_steps,
+            prior_loss_weight=flags.prior_loss_weight,
             skipped=[item for s in scans for item in s.skipped],
         )
 
     def with_changes(self, **changes: Any) -> TrainDataset:
-        """A copy with some constructor arguments replaced (e.g. ``max_train_steps`` once it is known)."""
+        """A copy with some constructor arguments replaced (e.g. the run's ``plan`` once it is made)."""
         args = dict(
             seed=self.seed,
             prior_loss_weight=self.prior_loss_weight,
             latents=self.latents,
-            max_train_steps=self.max_train_steps,
             skipped=self.skipped,
-            num_processes=self.num_processes,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            plan=self.plan,
         )
         args.update(changes)
         datasets = args.pop("datasets", self.datasets)
         records = args.pop("records", self.records)
         return type(self)(datasets, records, **args)
+
+    @property
+    def max_train_steps(self) -> int | None:
+        """The run's step count (token warm-up fractions refer to it); None before the plan is made."""
+        return self.plan.max_train_steps if self.plan else None
 
     def fingerprint(self) -> str:
         """Identifies what the plans are made from (configs, records, seed), for checking a resumed run."""
@@ -164,7 +152,7 @@ class TrainDataset:
             raise ValueError(f"epochs are counted from 1, got {epoch}")
         start = self.epoch_start_step(epoch)
         batches = self._epoch_batches(epoch)
-        per_step = self.num_processes * self.gradient_accumulation_steps
+        per_step = self.plan.batches_per_step if self.plan else 1
         return [
             BatchPlan(epoch, i, d, bucket, items, start + i // per_step) for i, (d, bucket, items) in enumerate(batches)
         ]
@@ -175,10 +163,9 @@ class TrainDataset:
         return self._epoch_lengths[epoch]
 
     def epoch_start_step(self, epoch: int) -> int:
-        """Optimizer steps in the epochs before ``epoch``: each process takes every N-th batch and accumulates
-        ``gradient_accumulation_steps`` of them into one step, a short group at the epoch's end included."""
-        per_process = (math.ceil(self.batches_in_epoch(e) / self.num_processes) for e in range(1, epoch))
-        return sum(math.ceil(batches / self.gradient_accumulation_steps) for batches in per_process)
+        """Optimizer steps in the epochs before ``epoch``, counted by the run's plan (``RunPlan.steps_for``)."""
+        batches = (self.batches_in_epoch(e) for e in range(1, epoch))
+        return sum(self.plan.steps_for(b) if self.plan else b for b in batches)
 
     def _epoch_batches(self, epoch: int) -> list[tuple[int, tuple[int, int], tuple[int, ...]]]:
         batches: list[tuple[int, tuple[int, int], tuple[int, ...]]] = []
@@ -277,39 +264,6 @@ class TrainDataset:
             "index": plan.index,
             "global_step": plan.global_step,
         }
-
-    def summary(self, epoch: int = 1) -> str:
-        """Start-of-run text: images per subset with repeats, the bucket table and batches per epoch."""
-        lines = []
-        total = sum(len(r) for r in self.records)
-        reg = sum(1 for ds, recs in zip(self.datasets, self.records) for r in recs if ds.subsets[r.subset_index].is_reg)
-        lines.append(f"images: {total - reg} train, {reg} regularization, in {len(self.datasets)} dataset(s)")
-        plan = self.batch_plan(epoch)
-        for d, (dataset, recs) in enumerate(zip(self.datasets, self.records)):
-            width, height = dataset.resolution
-            lines.append(
-                f"{dataset.name}: batch size {dataset.batch_size}, resolution {width}x{height}, "
-                f"buckets {'on' if dataset.enable_bucket else 'off'}"
-                + (" (no upscale)" if dataset.enable_bucket and dataset.bucket_no_upscale else "")
-            )
-            for s, subset in enumerate(dataset.subsets):
-                count = sum(1 for r in recs if r.subset_index == s)
-                kind = "reg" if subset.is_reg else "train"
-                lines.append(f"  {subset.name}: {count} images x {subset.num_repeats:g} repeats ({kind})")
-            images: dict[tuple[int, int], int] = {}
-            for a in self.assignments[d]:
-                images[a.bucket] = images.get(a.bucket, 0) + 1
-            samples: dict[tuple[int, int], int] = {}
-            for p in plan:
-                if p.dataset_index == d:
-                    samples[p.bucket] = samples.get(p.bucket, 0) + len(p.items)
-            lines.append("  bucket      images  samples/epoch")
-            for bucket in sorted(images):
-                lines.append(f"  {bucket[0]:>4}x{bucket[1]:<4}  {images[bucket]:>7}  {samples.get(bucket, 0):>13}")
-        lines.append(f"batches per epoch: {len(plan)} (epoch {epoch})")
-        if self.skipped:
-            lines.append(f"skipped images: {len(self.skipped)}")
-        return "\n".join(lines)
 
 
 def _stack_masks(masks: list[torch.Tensor | None], bucket: tuple[int, int]) -> torch.Tensor | None:
@@ -410,12 +364,11 @@ def _without_mask_files(records: list[list[ImageRecord]]) -> list[list[ImageReco
 
 
 def build_train_dataset(
-    args: argparse.Namespace,
+    flags: DatasetFlags,
     allowed_styles: set[str],
     vae: torch.nn.Module | None = None,
     *,
-    seed: int | None = None,
-    max_train_steps: int | None = None,
+    seed: int,
     progress: bool = True,
     process_index: int = 0,
     num_processes: int = 1,
@@ -424,18 +377,18 @@ def build_train_dataset(
 ) -> TrainDataset:
     """Flags/TOML -> dataset configs -> scanned records -> buckets -> (latent cache when asked and ``vae`` given).
 
-    Latents are not cached with ``--debug_dataset`` (it shows the processed images). ``seed`` defaults to
-    ``--seed``; without either a random seed is drawn and logged (keep ``.seed`` to resume exactly).
-    ``process_index``/``num_processes``/``barrier``/``gather`` split latent caching across the processes of a
-    data-parallel run (see ``attach_latent_cache``). ``--dataset_class`` swaps in a TrainDataset subclass.
+    Latents are not cached with ``--debug_dataset`` (it shows the processed images). ``seed`` is the run's one
+    seed (``library.seeds.resolve_seed``). ``process_index``/``num_processes``/``barrier``/``gather`` split latent
+    caching across the processes of a data-parallel run (see ``attach_latent_cache``). ``--dataset_class`` swaps in
+    a TrainDataset subclass.
     """
-    cls = load_dataset_class(args.dataset_class) if getattr(args, "dataset_class", None) else TrainDataset
-    train = cls.from_args(args, allowed_styles, seed=seed, max_train_steps=max_train_steps)
+    cls = load_dataset_class(flags.dataset_class) if flags.dataset_class else TrainDataset
+    train = cls.from_settings(flags, allowed_styles, seed=seed)
     if not isinstance(train, TrainDataset):
-        raise UserError(f"--dataset_class {args.dataset_class}: from_args() must return an instance of the class")
+        raise UserError(f"--dataset_class {flags.dataset_class}: from_settings() must return an instance of the class")
     datasets = train.datasets
-    to_disk = bool(getattr(args, "cache_latents_to_disk", False))
-    if (to_disk or getattr(args, "cache_latents", False)) and not getattr(args, "debug_dataset", False):
+    to_disk = flags.cache_latents_to_disk
+    if (to_disk or flags.cache_latents) and not flags.debug_dataset:
         flag = "--cache_latents_to_disk" if to_disk else "--cache_latents"
         if vae is None:
             refuse_incompatible(datasets, flag)
@@ -444,8 +397,8 @@ def build_train_dataset(
             train,
             vae,
             to_disk=to_disk,
-            batch_size=getattr(args, "vae_batch_size", None) or max(d.batch_size for d in datasets),
-            skip_check=bool(getattr(args, "skip_cache_check", False)),
+            batch_size=flags.vae_batch_size or max(d.batch_size for d in datasets),
+            skip_check=flags.skip_cache_check,
             progress=progress,
             flag=flag,
             process_index=process_index,
@@ -460,11 +413,12 @@ def load_dataset_class(spec: str) -> type[TrainDataset]:
     """The class named by ``--dataset_class package.module.ClassName`` (sd-scripts' flag), imported from the
     Python path or the current folder.
 
-    It must subclass ``library.dataset.loader.TrainDataset``: the loop calls its ``from_args`` (build from the
-    flags), ``batch_plan(epoch)`` and ``load_batch(plan)``, so a subclass overrides those it needs. sd-scripts'
-    ``MinimalDataset`` subclasses build on sd-scripts' own modules and cannot be loaded here.
+    It must subclass ``library.dataset.loader.TrainDataset``: the loop calls its ``from_settings`` (build from the
+    ``DatasetFlags`` and the run's seed), ``batch_plan(epoch)`` and ``load_batch(plan)``, so a subclass overrides
+    those it needs. sd-scripts' ``MinimalDataset`` subclasses build on sd-scripts' own modules and cannot be loaded
+    here.
     """
-    interface = "a subclass of library.dataset.loader.TrainDataset (see its from_args/batch_plan/load_batch)"
+    interface = "a subclass of library.dataset.loader.TrainDataset (see its from_settings/batch_plan/load_batch)"
     module_name, _, class_name = spec.rpartition(".")
     if not module_name or not class_name:
         raise UserError(f"--dataset_class {clip(spec)}: expected package.module.ClassName naming {interface}")
@@ -493,11 +447,3 @@ def _import_module(name: str) -> Any:
             raise
     sys.path.insert(0, os.getcwd())
     return importlib.import_module(name)
-
-
-def skipped_summary(skipped: Sequence[tuple[Path, str] | str]) -> str:
-    """End-of-run text listing the images that were skipped (empty when none were)."""
-    if not skipped:
-        return ""
-    names = sorted({str(s[0]) if isinstance(s, tuple) else str(s) for s in skipped})
-    return f"{len(names)} image(s) were skipped because they could not be read:\n" + "\n".join(f"  {n}" for n in names)

@@ -8,9 +8,9 @@ maps to diffusers' attention slicing, which computes attention a few heads at a 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -19,6 +19,15 @@ from torch import nn
 logger = logging.getLogger("sdtrain")
 
 SDPA, XFORMERS, SLICED = "sdpa", "xformers", "sliced"
+
+
+@dataclass(frozen=True)
+class AttentionSettings:
+    """The attention flags (``--diffusers_xformers`` is fine_tune.py's spelling of ``--xformers``); SDPA needs none."""
+
+    xformers: bool = False
+    diffusers_xformers: bool = False
+    mem_eff_attn: bool = False
 
 
 def xformers_installed() -> bool:
@@ -59,12 +68,12 @@ def apply_attention(unet: nn.Module, choice: str) -> str:
     return SDPA
 
 
-def attention_from_args(args: argparse.Namespace, unet: nn.Module, device: torch.device) -> str:
+def attention_from_settings(settings: AttentionSettings, unet: nn.Module, device: torch.device) -> str:
     """Apply the attention flags to ``unet`` for a run on ``device``; returns ``"sdpa"``, ``"xformers"`` or
     ``"sliced"``."""
     choice = choose_attention(
-        xformers=bool(getattr(args, "xformers", False) or getattr(args, "diffusers_xformers", False)),
-        mem_eff_attn=bool(getattr(args, "mem_eff_attn", False)),
+        xformers=settings.xformers or settings.diffusers_xformers,
+        mem_eff_attn=settings.mem_eff_attn,
         device=device,
         have_xformers=xformers_installed(),
     )

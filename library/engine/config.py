@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from library.config.runtime_flags import check_deepspeed
+from library.config.settings import settings_from_flags
 from library.errors import UserError
 from library.saving import SavePlan, check_output_location
 
@@ -75,24 +76,17 @@ class EngineConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
         """Pick the loop's settings out of the parsed flags and check the ones that would fail late."""
-        if not getattr(args, "output_dir", None):
+        if not args.output_dir:
             raise UserError("--output_dir is required: the folder where trained models and states are written")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name != "tracker_config" and hasattr(args, f.name):
-                values[f.name] = getattr(args, f.name)
-        for name in ("output_dir", "resume", "logging_dir", "log_tracker_config"):
-            if values.get(name) is not None:
-                values[name] = Path(values[name])
-        if values.get("max_grad_norm") is None:
-            values["max_grad_norm"] = 0.0
-        if values.get("deepspeed"):
-            values["max_data_loader_n_workers"] = 1  # sd-scripts' rule: more workers die under DeepSpeed
-        values["latents_cached"] = bool(
-            getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)
-        )
-        tracker_config = _loggable(vars(args)) if getattr(args, "log_config", False) else {}
-        config = cls(**values, tracker_config=tracker_config)
+        paths = {name: Path(vars(args)[name]) for name in _PATH_FLAGS if vars(args).get(name) is not None}
+        computed: dict[str, Any] = {
+            "max_grad_norm": args.max_grad_norm or 0.0,
+            "latents_cached": bool(args.cache_latents or args.cache_latents_to_disk),
+            "tracker_config": _loggable(vars(args)) if args.log_config else {},
+        }
+        if args.deepspeed:
+            computed["max_data_loader_n_workers"] = 1  # sd-scripts' rule: more workers die under DeepSpeed
+        config = settings_from_flags(EngineConfig, args, **paths, **computed)
         config.validate()
         check_output_location(config.output_dir, config.output_name)
         return config
@@ -155,6 +149,9 @@ class EngineConfig:
             save_state=self.save_state,
             save_state_on_train_end=self.save_state_on_train_end,
         )
+
+
+_PATH_FLAGS = ("output_dir", "resume", "logging_dir", "log_tracker_config")
 
 
 def _loggable(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,71 +1,159 @@
-"""The start every training script shares: the base model from the flags, attention, and the dataset with its steps."""
+"""The start every training script shares: seed, base model, attention, dataset, step plan and the loop's parts,
+read from the flags once (this module and the entry scripts are the edge; nothing below them sees the flags)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from library.config.dataset_config import dataset_flags
 from library.config.runtime_flags import (
+    RuntimeSettings,
     apply_fp8_base,
     check_fp8,
     compile_unet,
     process_group_kwargs,
     runtime_notes,
 )
+from library.config.settings import settings_from_flags
 from library.dataset.loader import TrainDataset, build_train_dataset
-from library.engine.attention import attention_from_args
+from library.dataset.summary import DatasetSummary, summarize_dataset
+from library.engine.attention import AttentionSettings, attention_from_settings
+from library.engine.config import EngineConfig
+from library.engine.data import BatchSource
+from library.engine.loop import TrainResult
+from library.engine.parts import TrainingParts
+from library.engine.recipe import Recipe
+from library.engine.schedule import RunPlan, make_run_plan
 from library.engine.tracking import launch_device, launched_processes
 from library.errors import UserError
 from library.models.components import Components
+from library.seeds import choose_seed
 
 logger = logging.getLogger("sdtrain")
 
 
-def load_base_model(args: argparse.Namespace) -> Components:
+@dataclass(frozen=True)
+class ModelSource:
+    """The base model to start from (flag names; build with ``settings_from_flags``)."""
+
+    pretrained_model_name_or_path: str | None = None
+    v2: bool = False
+    v_parameterization: bool = False
+    vae: str | None = None
+    tokenizer_cache_dir: str | None = None
+    allow_unsafe_pickle: bool = False
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    """The base model the flags name."""
+    return settings_from_flags(ModelSource, args)
+
+
+def load_base_model(source: ModelSource) -> Components:
     """``--pretrained_model_name_or_path`` with ``--v2`` / ``--v_parameterization`` / ``--vae``."""
     from library.models.load import load_model
 
-    check_fp8(args)
-    if not args.pretrained_model_name_or_path:
+    if not source.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required: a diffusers folder, repo id or model file")
     return load_model(
-        args.pretrained_model_name_or_path,
-        v2=args.v2,
-        v_parameterization=args.v_parameterization,
-        vae=args.vae,
-        tokenizer_cache_dir=args.tokenizer_cache_dir,
-        allow_unsafe_pickle=args.allow_unsafe_pickle,
+        source.pretrained_model_name_or_path,
+        v2=source.v2,
+        v_parameterization=source.v_parameterization,
+        vae=source.vae,
+        tokenizer_cache_dir=source.tokenizer_cache_dir,
+        allow_unsafe_pickle=source.allow_unsafe_pickle,
     )
 
 
-def prepare_training_data(
-    args: argparse.Namespace, styles: set[str], components: Components, seed: int
-) -> TrainDataset | None:
-    """Choose attention, store the base model in fp8 and compile the UNet when asked, build the dataset (latents
-    cached with the work split across processes) and fix its steps.
+@dataclass(frozen=True)
+class PreparedRun:
+    """What a script's recipe trains on, made once at start-up: the loop's settings with the run's one seed, the
+    loaded model, the dataset with its latents, the run's one step plan, the dataset's summary and the loop's parts.
+    """
+
+    config: EngineConfig
+    components: Components
+    dataset: TrainDataset
+    plan: RunPlan
+    summary: DatasetSummary
+    parts: TrainingParts
+
+    def train(
+        self,
+        recipe: Recipe,
+        *,
+        tracker_name: str,
+        parts: TrainingParts | None = None,
+        source: BatchSource | None = None,
+        summary: DatasetSummary | None = None,
+    ) -> TrainResult:
+        """The shared loop on this run; ``parts``/``source``/``summary`` replace the prepared ones where a recipe
+        wraps them (textual inversion's templates). Skipped images are listed again at the end."""
+        from library.engine.loop import train
+
+        summary = summary or self.summary
+        result = train(
+            self.config,
+            self.components,
+            source or self.dataset,
+            recipe,
+            parts or self.parts,
+            tracker_name=tracker_name,
+            summary=summary.text,
+            plan=self.plan,
+        )
+        if summary.skipped:
+            logger.warning(summary.skipped_text)
+        return result
+
+
+def prepare_run(
+    args: argparse.Namespace,
+    styles: set[str],
+    *,
+    load: Callable[[int], Components] | None = None,
+    text_embedding: bool = False,
+) -> PreparedRun | None:
+    """Seed, loop settings, base model (``load(seed)``, else the model the flags name), attention, fp8 storage and
+    compilation, the dataset of ``styles`` with its latents cached across processes, the step plan and the loop's
+    parts. ``text_embedding``: textual inversion trains the embedding through the whole text encoder, which
+    therefore keeps full precision under --fp8_base (sd-scripts ignores --fp8_base there).
 
     Returns None after ``--debug_dataset`` has printed the batches: sd-scripts then exits without training.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
+    from library.engine.wiring import parts_from_args
+
+    seed = choose_seed(args.seed, args.resume)
+    config = dataclasses.replace(EngineConfig.from_args(args), seed=seed)
+    runtime = settings_from_flags(RuntimeSettings, args)
+    check_fp8(runtime)
     device = launch_device()
-    if args.mixed_precision == "fp16" and device.type == "cpu":
+    if config.mixed_precision == "fp16" and device.type == "cpu":
         raise UserError(
             "--mixed_precision fp16: accelerate has no fp16 autocast on the CPU, so layers would meet float16 and "
             "float32 weights; use --mixed_precision bf16 or no on the CPU (fp16 needs a GPU)"
         )
-    attention_from_args(args, components.unet, device)
-    text_encoder = None if trains_text_embedding(args) else components.text_encoder
-    apply_fp8_base(args, components.unet, text_encoder)
-    compile_unet(components.unet, args)
+    components = load(seed) if load is not None else load_base_model(model_source(args))
+    attention_from_settings(settings_from_flags(AttentionSettings, args), components.unet, device)
+    apply_fp8_base(runtime, components.unet, None if text_embedding else components.text_encoder)
+    compile_unet(components.unet, runtime)
     components.vae.to(device)
-    processes = PartialState(cpu=device.type == "cpu" and launched_processes() > 1, **process_group_kwargs(args))
-    log_process_group_timeout(args, processes.num_processes)
+    processes = PartialState(
+        cpu=device.type == "cpu" and launched_processes() > 1, **process_group_kwargs(runtime.ddp_timeout)
+    )
+    log_process_group_timeout(runtime.ddp_timeout, processes.num_processes)
+    flags = dataset_flags(args)
     dataset = build_train_dataset(
-        args,
+        flags,
         styles,
         components.vae,
         seed=seed,
@@ -74,30 +162,26 @@ def prepare_training_data(
         barrier=processes.wait_for_everyone,
         gather=lambda obj: gather_object([obj]),
     )
-    _warn_unused_settings(args, dataset, processes.num_processes)
-    if args.debug_dataset:
+    _warn_unused_settings(runtime_notes(runtime, processes.num_processes), dataset, lowram=args.lowram)
+    if flags.debug_dataset:
         from library.dataset.debug import debug_dataset
 
         debug_dataset(dataset, out_dir=args.debug_dataset_dir)
         return None
-    dataset = dataset.with_changes(
-        num_processes=launched_processes(), gradient_accumulation_steps=args.gradient_accumulation_steps
+    plan = make_run_plan(
+        dataset.batches_in_epoch(1),
+        processes.num_processes,
+        config.gradient_accumulation_steps,
+        config.max_train_steps,
+        config.max_train_epochs,
     )
-    steps = args.max_train_steps
-    if args.max_train_epochs is not None:
-        steps = args.max_train_epochs * dataset.epoch_start_step(2)  # optimizer steps of one epoch, times epochs
-    return dataset.with_changes(max_train_steps=steps)
+    dataset = dataset.with_changes(plan=plan)
+    return PreparedRun(config, components, dataset, plan, summarize_dataset(dataset), parts_from_args(args, components))
 
 
-def trains_text_embedding(args: argparse.Namespace) -> bool:
-    """Textual inversion (its parser has --token_string) trains the text encoder's embedding through the whole
-    encoder, which therefore keeps full precision under --fp8_base (sd-scripts ignores --fp8_base there)."""
-    return hasattr(args, "token_string")
-
-
-def log_process_group_timeout(args: argparse.Namespace, num_processes: int) -> None:
+def log_process_group_timeout(ddp_timeout: int | None, num_processes: int) -> None:
     """With --ddp_timeout in a multi-process run: log the timeout torch's default process group really has."""
-    if not getattr(args, "ddp_timeout", None) or num_processes < 2:
+    if not ddp_timeout or num_processes < 2:
         return
     import torch.distributed as dist
 
@@ -106,15 +190,16 @@ def log_process_group_timeout(args: argparse.Namespace, num_processes: int) -> N
         backend = group._get_backend(torch.device("cuda" if dist.get_backend() == "nccl" else "cpu"))
         timeout = backend.options._timeout
     except (AttributeError, RuntimeError, ValueError):
-        timeout = process_group_kwargs(args)["timeout"]
-    logger.info(f"--ddp_timeout {args.ddp_timeout}: process group timeout {timeout}")
+        timeout = process_group_kwargs(ddp_timeout)["timeout"]
+    logger.info(f"--ddp_timeout {ddp_timeout}: process group timeout {timeout}")
 
 
-def _warn_unused_settings(args: argparse.Namespace, dataset: TrainDataset, num_processes: int = 1) -> None:
-    """Settings this toolkit accepts from sd-scripts users but does not act on yet: say so, never ignore silently."""
-    for note in runtime_notes(args, num_processes):
+def _warn_unused_settings(notes: Sequence[str], dataset: TrainDataset, *, lowram: bool) -> None:
+    """Settings this toolkit accepts from sd-scripts users but does not act on yet (``notes``, --lowram, a dataset's
+    validation_split): say so, never ignore silently."""
+    for note in notes:
         logger.warning(note)
-    if getattr(args, "lowram", False):
+    if lowram:
         logger.warning("--lowram has no effect here: models are loaded on the CPU, then moved to the device once")
     split = [d.name for d in dataset.datasets if d.validation_split > 0]
     if split:

@@ -21,7 +21,7 @@ from library.engine.data import BatchSource, EpochLoader, dataset_fingerprint, l
 from library.engine.interrupts import StopSignals, TrainingInterrupted, remove_run_temporaries, stop_message
 from library.engine.parts import SampleRequest, TrainingParts
 from library.engine.recipe import Recipe
-from library.engine.schedule import RunPlan, make_run_plan, shard, step_generator
+from library.engine.schedule import RunPlan, make_run_plan, shard
 from library.engine.step import (
     StepModels,
     TrainingDiverged,
@@ -35,6 +35,7 @@ from library.errors import UserError
 from library.models.components import Components
 from library.optimizers import is_schedule_free, register_fused_backward
 from library.saving import remove_output
+from library.seeds import step_generator
 from library.state import (
     Position,
     capture_rng,
@@ -42,7 +43,6 @@ from library.state import (
     load_training_state,
     position_from_step,
     read_train_state,
-    resolve_seed,
     restore_rng,
     save_training_state,
     saved_position,
@@ -85,13 +85,17 @@ def train(
     *,
     tracker_name: str = "network_train",
     summary: str | None = None,
+    plan: RunPlan | None = None,
 ) -> TrainResult:
     """Train ``recipe``'s weights on ``dataset``; writes models and states under ``config.output_dir``.
+
+    ``plan`` is the run's step plan, made once at start-up (``library.engine.launch``); without one (tests that
+    build a source by hand) it is made here from the source's first epoch.
 
     SIGINT and SIGTERM stop training after the current optimizer step (saving a state with --save_state or
     --save_state_on_train_end) and raise :class:`TrainingInterrupted`, which exits with 128 + the signal number."""
     accelerator = make_accelerator(config)
-    run = _Run(config, accelerator, components, dataset, recipe, parts, tracker_name, summary)
+    run = _Run(config, accelerator, components, dataset, recipe, parts, tracker_name, summary, plan)
     try:
         with StopSignals() as signals:
             run.signals = signals
@@ -106,7 +110,7 @@ def train(
 
 
 class _Run:
-    def __init__(self, config, accelerator, components, dataset, recipe, parts, tracker_name, summary):
+    def __init__(self, config, accelerator, components, dataset, recipe, parts, tracker_name, summary, plan):
         self.config: EngineConfig = config
         self.acc: Accelerator = accelerator
         self.components: Components = components
@@ -115,6 +119,7 @@ class _Run:
         self.parts: TrainingParts = parts
         self.tracker_name = tracker_name
         self.summary = summary
+        self.plan: RunPlan | None = plan
         self.saves = config.save_plan
         self.hook_handles: list[Any] = []
         self.signals = StopSignals()
@@ -131,17 +136,21 @@ class _Run:
             remove_run_temporaries(config.output_dir)
         acc.wait_for_everyone()
         resume_data = read_train_state(config.resume) if config.resume else None
-        self.seed = self._seed(resume_data)
+        if config.seed is None:
+            raise ValueError("EngineConfig.seed is chosen once, before the run (library.seeds.resolve_seed)")
+        self.seed = config.seed
         set_seed(self.seed)
         self.weight_dtype = PRECISION[config.mixed_precision]
         self._place_models()
-        self.plan = make_run_plan(
+        self.plan = self.plan or make_run_plan(
             len(self.dataset.batch_plan(1)),
             acc.num_processes,
             config.gradient_accumulation_steps,
             config.max_train_steps,
             config.max_train_epochs,
         )
+        if self.plan.num_processes != acc.num_processes:
+            raise ValueError(f"the run was planned for {self.plan.num_processes} processes, {acc.num_processes} run")
         self.saves = config.save_plan.for_epochs(self.plan.num_epochs)
         modules = self.recipe.trainable_modules()
         if config.full_fp16 or config.full_bf16:
@@ -173,9 +182,6 @@ class _Run:
         self._log_summary(position)
         return self._loop(position)
 
-    def _seed(self, resume_data: dict[str, Any] | None) -> int:
-        return resolve_seed(self.config.seed, (resume_data or {}).get("seed"))
-
     def _fuse_backward(self, optimizer: torch.optim.Optimizer) -> None:
         """--fused_backward_pass: each parameter is stepped by a hook as its gradient arrives (the loop then
         never calls ``optimizer.step()``); refused where gradients are reduced or unscaled after backward."""
@@ -194,18 +200,17 @@ class _Run:
         )
 
     def _place_models(self) -> None:
-        """Freeze the base model in the working precision; the recipe then attaches what is trained.
+        """Freeze the base model (every text encoder of its family) in the working precision; the recipe then
+        attaches what is trained.
 
         With cached latents the VAE is only needed for samples (which move it over while they run), so it is kept
         off the accelerator."""
         c, device = self.components, self.acc.device
         vae_dtype = torch.float32 if self.config.no_half_vae else self.weight_dtype
         vae_device = torch.device("cpu") if self.config.latents_cached else device
-        for module, dtype, place in (
-            (c.vae, vae_dtype, vae_device),
-            (c.unet, self.weight_dtype, device),
-            (c.text_encoder, self.weight_dtype, device),
-        ):
+        placements = [(c.vae, vae_dtype, vae_device), (c.unet, self.weight_dtype, device)]
+        placements += [(encoder, self.weight_dtype, device) for encoder in c.text_encoders]
+        for module, dtype, place in placements:
             module.requires_grad_(False)
             module.to(place)
             if module.dtype != dtype:
@@ -217,16 +222,18 @@ class _Run:
         if self.config.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
             if self.recipe.train_text_encoder:
-                c.text_encoder.gradient_checkpointing_enable()
+                for encoder in c.text_encoders:
+                    encoder.gradient_checkpointing_enable()
         training = self.config.gradient_checkpointing
         c.unet.train(training)
-        c.text_encoder.train(training and self.recipe.train_text_encoder)
+        for encoder in c.text_encoders:
+            encoder.train(training and self.recipe.train_text_encoder)
         self.models = StepModels(
             unet=c.unet,
-            text_encoder=c.text_encoder,
-            tokenizer=c.tokenizer,
+            text_encoders=tuple(c.text_encoders),
+            tokenizers=tuple(c.tokenizers),
             vae=c.vae,
-            vae_scale=float(c.vae.config.scaling_factor),
+            vae_scale=c.family.latent_scale(c.vae),
         )
 
     def _start_position(self, resume_data: dict[str, Any] | None) -> Position:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from library.models.components import Components
+from library.models.family import TextEncoding
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,6 @@ class SampleRequest:
     accelerator: Any = None
 
 
-TextEncoder = Callable[[nn.Module, Any, list[str]], torch.Tensor]
 NoiseFunction = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 OptimizerFactory = Callable[[list[dict[str, Any]], int], tuple[torch.optim.Optimizer, Any]]
 
@@ -55,13 +54,14 @@ OptimizerFactory = Callable[[list[dict[str, Any]], int], tuple[torch.optim.Optim
 class TrainingParts:
     """Functions the loop calls; each is pure apart from the generator it is given.
 
-    ``encode_text(text_encoder, tokenizer, captions)`` gives the UNet's conditioning; ``add_noise(latents,
+    ``encode_text(text_encoders, tokenizers, captions, batch)`` gives the denoiser's ``Conditioning`` (the model
+    family's ``text_encoding``, ``library.models.family.TextEncoding``); ``add_noise(latents,
     generator)`` gives ``(noisy_latents, noise, timesteps, target)`` (``library.noise.NoisedBatch``);
     ``loss(LossInputs)`` gives one loss per sample; ``make_optimizer(param_groups, total_steps)`` gives the
     optimizer and an LR scheduler that the loop steps once per optimizer step.
     """
 
-    encode_text: TextEncoder
+    encode_text: TextEncoding
     add_noise: NoiseFunction
     loss: Callable[[LossInputs], torch.Tensor]
     make_optimizer: OptimizerFactory

@@ -1,9 +1,9 @@
-"""One forward pass: batch → scaled latents → conditioning → noise → UNet prediction → weighted loss."""
+"""One forward pass: batch → scaled latents → the family's conditioning → noise → prediction → weighted loss."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,17 +21,20 @@ class TrainingDiverged(UserError):
 
 @dataclass(frozen=True)
 class StepModels:
-    """The modules a forward pass uses; ``unet``/``text_encoder`` carry the trained parts."""
+    """The modules a forward pass uses, with one text encoder and tokenizer per encoder of the model family;
+    ``unet``/``text_encoders`` carry the trained parts, ``vae_scale`` is the family's latent scale."""
 
     unet: nn.Module
-    text_encoder: nn.Module
-    tokenizer: Any
+    text_encoders: Sequence[nn.Module]
+    tokenizers: Sequence[Any]
     vae: nn.Module
     vae_scale: float
 
 
 @dataclass(frozen=True)
 class BatchLoss:
+    """One batch's mean weighted loss and whether its latents were finite (for the divergence message)."""
+
     loss: torch.Tensor
     latents_finite: bool
 
@@ -75,11 +78,11 @@ def batch_loss(
     """The mean of the per-sample losses, each multiplied by its ``loss_weights`` entry."""
     latents = batch_latents(batch, models.vae, models.vae_scale, device, weight_dtype, generator)
     with torch.set_grad_enabled(train_text_encoder):
-        conditioning = parts.encode_text(models.text_encoder, models.tokenizer, list(batch["captions"]))
-    conditioning = conditioning.to(device, dtype=weight_dtype)
+        conditioning = parts.encode_text(models.text_encoders, models.tokenizers, list(batch["captions"]), batch)
+    conditioning = conditioning.to(device, weight_dtype)
     noisy_latents, noise, timesteps, target = parts.add_noise(latents, generator)
     with autocast:
-        model_pred = models.unet(noisy_latents, timesteps, conditioning).sample
+        model_pred = conditioning.predict(models.unet, noisy_latents, timesteps)
     masks = batch.get("alpha_masks")
     per_sample = parts.loss(
         LossInputs(

@@ -1,51 +1,28 @@
-"""Build the loop's TrainingParts from flags with the project's text, noise, loss, optimizer and sampling code."""
+"""Build the loop's TrainingParts with the project's text, noise, loss, optimizer and sampling code.
+
+:func:`parts_from_args` is the edge: it reads the flags into typed settings (``settings_from_flags``) and hands them
+to :func:`parts_from_settings`, which sees no flags."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from functools import partial
 from typing import Any
 
 import torch
 
+from library.config.settings import settings_from_flags
 from library.engine.parts import LossInputs, SampleRequest, TrainingParts
 from library.errors import UserError
 from library.losses import LossSettings, per_sample_loss
 from library.models.components import Components
 from library.noise import NoiseSettings, noise_and_timesteps, training_scheduler
-from library.optimizers import make_optimizer
-from library.schedulers import make_lr_scheduler
-from library.text.encode import TokenCache, encode_prompts
-
-
-def choose_seed(args: argparse.Namespace) -> int:
-    """--seed, else the seed of the state being resumed, else a fresh one (logged, and stored in states)."""
-    from library.state import read_train_state, resolve_seed
-
-    saved = read_train_state(args.resume).get("seed") if args.seed is None and getattr(args, "resume", None) else None
-    return resolve_seed(args.seed, saved)
-
-
-def text_encoding(args: argparse.Namespace, v2: bool):
-    """``encode_text(text_encoder, tokenizer, captions)`` with --max_token_length, --clip_skip, --weighted_captions.
-
-    Token ids are cached per caption (captions repeat every epoch), so each is tokenized once per run."""
-    cache = TokenCache()
-
-    def encode(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
-        return encode_prompts(
-            text_encoder,
-            tokenizer,
-            captions,
-            max_token_length=getattr(args, "max_token_length", None),
-            clip_skip=getattr(args, "clip_skip", None),
-            weighted=bool(getattr(args, "weighted_captions", False)),
-            v2=v2,
-            cache=cache,
-        )
-
-    return encode
+from library.optimizers import OptimizerSettings, optimizer_from_settings
+from library.sampling.flags import SampleFlags
+from library.sampling.generate import SampleSettings
+from library.sampling.hook import make_sample_hook
+from library.schedulers import LRSchedulerSettings, lr_scheduler_from_settings
+from library.text.encode import TextEncodingSettings
 
 
 def _noise(latents: torch.Tensor, generator: torch.Generator, *, scheduler, settings: NoiseSettings):
@@ -58,46 +35,28 @@ def _loss(inputs: LossInputs, *, scheduler, settings: LossSettings) -> torch.Ten
     )
 
 
-def optimizer_factory(args: argparse.Namespace):
-    """``make_optimizer(param_groups, total_steps) -> (optimizer, lr_scheduler)`` from the optimizer flags."""
+def optimizer_factory(optimizer: OptimizerSettings, schedule: LRSchedulerSettings):
+    """``make_optimizer(param_groups, total_steps) -> (optimizer, lr_scheduler)`` from the optimizer settings."""
 
     def build(groups: list[dict[str, Any]], total_steps: int):
-        setup = make_optimizer(
-            getattr(args, "optimizer_type", None),
-            groups,
-            args.learning_rate,
-            getattr(args, "optimizer_args", None),
-            use_8bit_adam=bool(getattr(args, "use_8bit_adam", False)),
-            use_lion_optimizer=bool(getattr(args, "use_lion_optimizer", False)),
-        )
-        scheduler = make_lr_scheduler(
-            setup.lr_scheduler_override or args.lr_scheduler,
-            setup.optimizer,
-            total_steps,
-            warmup_steps=getattr(args, "lr_warmup_steps", 0),
-            decay_steps=getattr(args, "lr_decay_steps", 0),
-            num_cycles=getattr(args, "lr_scheduler_num_cycles", 1) or 1,
-            power=getattr(args, "lr_scheduler_power", 1.0),
-            min_lr_ratio=getattr(args, "lr_scheduler_min_lr_ratio", None),
-            scheduler_type=getattr(args, "lr_scheduler_type", None) or None,
-            scheduler_args=getattr(args, "lr_scheduler_args", None),
-            timescale=getattr(args, "lr_scheduler_timescale", None),
-        )
+        setup = optimizer_from_settings(optimizer, groups)
+        scheduler = lr_scheduler_from_settings(schedule, setup.optimizer, total_steps, setup.lr_scheduler_override)
         return setup.optimizer, scheduler
 
     return build
 
 
-def sampling_hook(args: argparse.Namespace):
-    """Render --sample_prompts with ``library.sampling`` under the run's autocast, logging images to its trackers
-    (None without a prompt file).
+def read_sample_settings(args: argparse.Namespace) -> SampleSettings | None:
+    """The sampling settings the flags ask for (None without --sample_prompts)."""
+    return settings_from_flags(SampleFlags, args).settings()
+
+
+def sampling_hook(settings: SampleSettings | None):
+    """Render the prompt file with ``library.sampling`` under the run's autocast, logging images to its trackers
+    (None without settings).
 
     The prompt file is read and every value checked here, at start-up, so a bad file is one error line before
     step 1; during training a failing sample is one warning and training goes on (``make_sample_hook``)."""
-    from library.sampling import SampleSettings
-    from library.sampling.hook import make_sample_hook
-
-    settings = SampleSettings.from_args(args)
     if settings is None:
         return None
     if not settings.prompts_file.is_file():
@@ -110,16 +69,38 @@ def sampling_hook(args: argparse.Namespace):
     return sample
 
 
-def parts_from_args(args: argparse.Namespace, components: Components) -> TrainingParts:
-    """TrainingParts for SD 1.x/2.x from the noise, loss, optimizer, text and sample flags."""
-    v_pred = components.v_parameterization
-    noise_settings = dataclasses.replace(NoiseSettings.from_args(args), v_parameterization=v_pred)
-    loss_settings = dataclasses.replace(LossSettings.from_args(args), v_parameterization=v_pred)
-    scheduler = training_scheduler(components.scheduler, noise_settings.zero_terminal_snr)
+def parts_from_settings(
+    components: Components,
+    *,
+    text: TextEncodingSettings,
+    noise: NoiseSettings,
+    loss: LossSettings,
+    optimizer: OptimizerSettings,
+    schedule: LRSchedulerSettings,
+    sample: SampleSettings | None,
+) -> TrainingParts:
+    """TrainingParts from typed settings: the model family's text conditioning (token ids cached per caption), the
+    noise and loss (``noise`` and ``loss`` carry the model's v-parameterization), optimizer and sampling."""
+    scheduler = training_scheduler(components.scheduler, noise.zero_terminal_snr)
     return TrainingParts(
-        encode_text=text_encoding(args, components.v2),
-        add_noise=partial(_noise, scheduler=scheduler, settings=noise_settings),
-        loss=partial(_loss, scheduler=scheduler, settings=loss_settings),
-        make_optimizer=optimizer_factory(args),
-        sample=sampling_hook(args),
+        encode_text=components.family.text_encoding(text),
+        add_noise=partial(_noise, scheduler=scheduler, settings=noise),
+        loss=partial(_loss, scheduler=scheduler, settings=loss),
+        make_optimizer=optimizer_factory(optimizer, schedule),
+        sample=sampling_hook(sample),
+    )
+
+
+def parts_from_args(args: argparse.Namespace, components: Components) -> TrainingParts:
+    """TrainingParts from the noise, loss, optimizer, text and sample flags; the v-parameterization is the loaded
+    model's."""
+    v_pred = components.v_parameterization
+    return parts_from_settings(
+        components,
+        text=settings_from_flags(TextEncodingSettings, args),
+        noise=settings_from_flags(NoiseSettings, args, v_parameterization=v_pred),
+        loss=settings_from_flags(LossSettings, args, v_parameterization=v_pred),
+        optimizer=settings_from_flags(OptimizerSettings, args),
+        schedule=settings_from_flags(LRSchedulerSettings, args),
+        sample=read_sample_settings(args),
     )

@@ -260,10 +260,12 @@ def sd2_text_from_ldm(checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch
 
 
 def text_to_ldm(state_dict: Mapping[str, torch.Tensor], v2: bool, num_layers: int) -> dict[str, torch.Tensor]:
+    """An SD1 or SD2 text encoder's state dict -> its single-file keys."""
     return sd2_text_to_ldm(state_dict, num_layers) if v2 else sd1_text_to_ldm(state_dict)
 
 
 def text_from_ldm(checkpoint: Mapping[str, torch.Tensor], v2: bool) -> dict[str, torch.Tensor]:
+    """A single file's SD1 or SD2 text-encoder keys -> the CLIPTextModel state dict."""
     return sd2_text_from_ldm(checkpoint) if v2 else sd1_text_from_ldm(checkpoint)
 
 

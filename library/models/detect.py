@@ -1,4 +1,4 @@
-"""What kind of SD 1.x/2.x model a single file holds: version, prediction type and diffusers configs.
+"""What kind of model a single file or diffusers folder holds: family, prediction type and diffusers configs.
 
 Shapes give channel widths, depths, attention placement and text-encoder width; head counts and group-norm sizes
 cannot be read from shapes, so SD's rules are used unless the file carries the exact configs we write ourselves.
@@ -10,18 +10,16 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from library.errors import UserError
-from library.models.convert import (
-    SD1_TEXT_PREFIX,
-    SD2_TEXT_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    count_openclip_blocks,
-)
+from library.models.convert import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX, count_openclip_blocks
+from library.models.family import ModelFamily, checkpoint_family, diffusers_family
+
+if TYPE_CHECKING:
+    from library.models.components import Components
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +31,13 @@ _PRIVATE_TEXT_KEYS = ("transformers_version", "architectures", "_name_or_path", 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the weights of one model say about it; ``v_parameterization`` is None when they cannot tell."""
+    """What the weights of one model say about it; ``v_parameterization`` is None when they cannot tell.
 
-    v2: bool
+    ``configs`` are diffusers configs by subfolder name: ``unet``, ``vae`` and the family's text encoders."""
+
+    family: ModelFamily
     v_parameterization: bool | None
-    unet_config: dict[str, Any]
-    vae_config: dict[str, Any]
-    text_config: dict[str, Any]
+    configs: dict[str, dict[str, Any]]
     exact: bool = False
     evidence: list[str] = field(default_factory=list)
 
@@ -54,47 +52,47 @@ def text_config_dict(config) -> dict[str, Any]:
     return {k: v for k, v in clean_config(config.to_dict()).items() if k not in _PRIVATE_TEXT_KEYS}
 
 
-def configs_json(unet, vae, text_encoder, v2: bool, prediction_type: str) -> str:
+def configs_json(components: Components) -> str:
     """The exact diffusers configs of a model, stored in files we write so a model round-trips exactly."""
+    c = components
     payload = {
-        "v2": v2,
-        "prediction_type": prediction_type,
-        "unet": clean_config(unet.config),
-        "vae": clean_config(vae.config),
-        "text_encoder": text_config_dict(text_encoder.config),
+        "v2": c.family.v2,
+        "prediction_type": c.prediction_type,
+        "unet": clean_config(c.unet.config),
+        "vae": clean_config(c.vae.config),
     }
+    for folder, text_encoder in zip(c.family.text_encoder_folders, c.text_encoders):
+        payload[folder] = text_config_dict(text_encoder.config)
     return json.dumps(payload, sort_keys=True)
 
 
 def detect_single_file(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> ModelInfo:
-    """Inspect an LDM single-file state dict (and its metadata); raise UserError if it is not an SD1/2 model."""
+    """Inspect a single-file state dict (and its metadata); raise UserError if no family claims it."""
     if f"{UNET_PREFIX}input_blocks.0.0.weight" not in state_dict:
         raise UserError(
             f"{source}: not a Stable Diffusion 1.x/2.x checkpoint (no '{UNET_PREFIX}*' UNet keys); "
             "pass a full model file, a diffusers folder or a Hugging Face model id"
         )
     stored = stored_configs(metadata, source)
-    has_sd1_text = any(k.startswith(SD1_TEXT_PREFIX) for k in state_dict)
-    has_sd2_text = any(k.startswith(SD2_TEXT_PREFIX) for k in state_dict)
-    if not has_sd1_text and not has_sd2_text:
+    found = checkpoint_family(state_dict.keys())
+    if found is None:
         raise UserError(f"{source}: no text encoder weights ('{SD1_TEXT_PREFIX}*' or '{SD2_TEXT_PREFIX}*') found")
-    v2 = has_sd2_text
-    evidence = ["OpenCLIP text encoder keys (SD 2.x)" if v2 else "CLIP ViT-L text encoder keys (SD 1.x)"]
+    family, family_evidence = found
+    evidence = [family_evidence]
     v_pred, why = _prediction_from(state_dict, metadata, stored)
     if why:
         evidence.append(why)
     if stored is not None:
-        return ModelInfo(v2, v_pred, stored["unet"], stored["vae"], stored["text_encoder"], True, evidence)
+        parts = ("unet", "vae", *family.text_encoder_folders)
+        return ModelInfo(family, v_pred, {part: stored[part] for part in parts}, True, evidence)
     try:
-        unet_config = infer_unet_config(state_dict, v2, v_pred)
-        vae_config = infer_vae_config(state_dict, VAE_PREFIX)
-        text_config = infer_text_config(state_dict, v2)
+        configs = family.infer_configs(state_dict, v_pred)
     except (KeyError, IndexError) as e:
         raise UserError(
             f"{source}: unsupported or incomplete SD 1.x/2.x layout (missing {e.args[0] if e.args else e}); "
             "check that the file is complete and is an SD 1.x/2.x model"
         ) from e
-    return ModelInfo(v2, v_pred, unet_config, vae_config, text_config, False, evidence)
+    return ModelInfo(family, v_pred, configs, False, evidence)
 
 
 def stored_configs(metadata: Mapping[str, str], source: str) -> dict[str, Any] | None:
@@ -245,15 +243,16 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def resolve_flags(
-    info_v2: bool, info_v_pred: bool | None, v2: bool | None, v_parameterization: bool | None, source: str
-) -> tuple[bool, bool]:
-    """Combine what the weights say with the ``--v2`` / ``--v_parameterization`` flags (None = not given).
+    family: ModelFamily, info_v_pred: bool | None, v2: bool | None, v_parameterization: bool | None, source: str
+) -> bool:
+    """The prediction type from what the weights say and the ``--v2`` / ``--v_parameterization`` flags (None =
+    not given).
 
-    The weights decide the architecture (the other one cannot be loaded from them); the prediction type follows
-    the flag when given. A flag that contradicts the weights is logged as a warning.
+    The weights decide the family (another one cannot be loaded from them); the prediction type follows the flag
+    when given. A flag that contradicts the weights is logged as a warning.
     """
-    if v2 is not None and v2 != info_v2:
-        said = "SD 2.x (OpenCLIP text encoder)" if info_v2 else "SD 1.x (CLIP ViT-L text encoder)"
+    if v2 is not None and v2 != family.v2:
+        said = family.description
         logger.warning(
             "%s: --v2 is %s but the weights are %s; loading them as %s", source, "set" if v2 else "off", said, said
         )
@@ -265,18 +264,22 @@ def resolve_flags(
                 "set" if v_parameterization else "off",
                 "v" if info_v_pred else "epsilon",
             )
-        return info_v2, v_parameterization
-    if info_v_pred is None and info_v2:
+        return v_parameterization
+    if info_v_pred is None and family.v2:
         logger.warning(
             "%s: cannot tell whether this SD 2.x model is v-prediction; assuming epsilon "
             "(pass --v_parameterization for 768-v models)",
             source,
         )
-    return info_v2, bool(info_v_pred)
+    return bool(info_v_pred)
 
 
-def detect_diffusers(text_config, scheduler_config: Mapping[str, Any] | None) -> tuple[bool, bool | None]:
-    """SD version and prediction type of a diffusers model: OpenCLIP uses GELU where CLIP ViT-L uses quick GELU."""
-    v2 = getattr(text_config, "hidden_act", "quick_gelu") == "gelu"
-    prediction = (scheduler_config or {}).get("prediction_type")
-    return v2, (prediction == "v_prediction") if prediction in ("epsilon", "v_prediction") else None
+def detect_diffusers(configs: Mapping[str, Mapping[str, Any] | None], source: str) -> tuple[ModelFamily, bool | None]:
+    """Family and prediction type of a diffusers model from its ``config.json`` contents by subfolder name (the
+    scheduler's ``scheduler_config.json`` under ``scheduler``; a missing one is None)."""
+    present = {name: config for name, config in configs.items() if config is not None}
+    family = diffusers_family(present)
+    if family is None:
+        raise UserError(f"{source}: not a model of any known family ({', '.join(sorted(present))} configs)")
+    prediction = present.get("scheduler", {}).get("prediction_type")
+    return family, (prediction == "v_prediction") if prediction in ("epsilon", "v_prediction") else None

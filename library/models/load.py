@@ -1,4 +1,4 @@
-"""Loading an SD 1.x/2.x model from a diffusers folder, a Hugging Face repo id or a single checkpoint file."""
+"""Loading a model of any family from a diffusers folder, a Hugging Face repo id or a single checkpoint file."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from library.errors import UserError
 from library.io import atomic_dir, load_pickle_checkpoint, load_safetensors
 from library.models.components import Components
-from library.models.convert import VAE_PREFIX, text_from_ldm, unet_from_ldm, vae_from_ldm
+from library.models.convert import VAE_PREFIX, vae_from_ldm
 from library.models.detect import (
     detect_diffusers,
     detect_single_file,
@@ -25,14 +26,12 @@ from library.models.detect import (
     shapes_agree,
     stored_configs,
 )
-from library.models.tiny import make_tiny_model, sd_scheduler
-from library.text.tokenizer import load_packaged_tokenizer
+from library.models.family import ModelFamily, families, family_named
+from library.models.tiny import tiny_model, tiny_presets
 
 SAFETENSORS_EXTENSIONS = (".safetensors",)
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_TOKENIZER_CACHE_NAMES = {False: "openai_clip-vit-large-patch14", True: "stabilityai_stable-diffusion-2"}
 
 
 def read_checkpoint(path: Path, allow_unsafe_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -88,8 +87,8 @@ def _make_vae(config: Mapping[str, Any], state_dict, source: str) -> Autoencoder
     return _build(lambda: AutoencoderKL(**config), state_dict, "VAE", source)
 
 
-def _make_text_encoder(config: Mapping[str, Any], state_dict, source: str) -> CLIPTextModel:
-    return _build(lambda: CLIPTextModel(CLIPTextConfig(**config)), state_dict, "text encoder", source)
+def _make_text_encoder(cls: type, config: Mapping[str, Any], state_dict, source: str) -> torch.nn.Module:
+    return _build(lambda: cls(cls.config_class(**config)), state_dict, "text encoder", source)
 
 
 def _convert(key_error_source: str, fn, *args):
@@ -99,18 +98,39 @@ def _convert(key_error_source: str, fn, *args):
         raise UserError(f"{key_error_source}: {e.args[0] if e.args else e}; the file does not fit this model") from e
 
 
+@dataclass
+class _Loaded:
+    """What one source gave before the shared steps (VAE replacement, dtype, tokenizers, scheduler)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[CLIPTokenizer | None]
+    family: ModelFamily
+    v_parameterization: bool
+    notes: list[str]
+
+
 def _load_single_file(path: Path, v2: bool | None, v_parameterization: bool | None, allow_unsafe_pickle: bool):
     tensors, metadata = read_checkpoint(path, allow_unsafe_pickle)
     source = str(path)
     info = detect_single_file(tensors, metadata, source)
-    is_v2, v_pred = resolve_flags(info.v2, info.v_parameterization, v2, v_parameterization, source)
-    unet = _make_unet(info.unet_config, _convert(source, unet_from_ldm, tensors, info.unet_config), source)
-    vae = _make_vae(info.vae_config, _convert(source, vae_from_ldm, tensors, info.vae_config), source)
-    text = _make_text_encoder(info.text_config, _convert(source, text_from_ldm, tensors, info.v2), source)
+    family, configs = info.family, info.configs
+    v_pred = resolve_flags(family, info.v_parameterization, v2, v_parameterization, source)
+
+    def part(name: str) -> dict[str, torch.Tensor]:
+        return _convert(source, family.checkpoint_part, tensors, name, configs[name])
+
+    unet = _make_unet(configs["unet"], part("unet"), source)
+    vae = _make_vae(configs["vae"], part("vae"), source)
+    text_encoders = [
+        _make_text_encoder(cls, configs[name], part(name), source)
+        for name, cls in zip(family.text_encoder_folders, family.text_encoder_classes)
+    ]
     notes = [f"detected from {', '.join(info.evidence)}"]
     if not info.exact:
         notes.append("configs inferred from tensor shapes (SD head counts and group norm assumed)")
-    return unet, vae, text, None, is_v2, v_pred, notes
+    return _Loaded(unet, vae, text_encoders, [None] * len(text_encoders), family, v_pred, notes)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -120,8 +140,19 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise UserError(f"{path}: unreadable JSON ({e})") from e
 
 
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """A subfolder's ``config.json`` for family detection; None when absent or unreadable (loading reports that)."""
+    try:
+        return _read_json(path)
+    except UserError:
+        return None
+
+
 def _load_diffusers_dir(folder: Path, v2: bool | None, v_parameterization: bool | None, source: str):
-    for part in ("unet", "vae", "text_encoder"):
+    configs = {p.parent.name: _read_config(p) for p in sorted(folder.glob("*/config.json"))}
+    configs["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
+    family, info_v = detect_diffusers(configs, source)
+    for part in ("unet", "vae", *family.text_encoder_folders):
         if not (folder / part / "config.json").is_file():
             raise UserError(
                 f"{source}: not a diffusers Stable Diffusion folder (missing {part}/config.json); "
@@ -130,15 +161,18 @@ def _load_diffusers_dir(folder: Path, v2: bool | None, v_parameterization: bool 
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         vae = AutoencoderKL.from_pretrained(folder / "vae")
-        text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        text_encoders = [
+            cls.from_pretrained(folder / name)
+            for name, cls in zip(family.text_encoder_folders, family.text_encoder_classes)
+        ]
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{source}: cannot load diffusers model ({str(e).splitlines()[0]})") from e
-    tokenizer = None
-    if (folder / "tokenizer").is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77)
-    info_v2, info_v = detect_diffusers(text.config, _read_json(folder / "scheduler" / "scheduler_config.json"))
-    is_v2, v_pred = resolve_flags(info_v2, info_v, v2, v_parameterization, source)
-    return unet, vae, text, tokenizer, is_v2, v_pred, []
+    tokenizers = [
+        CLIPTokenizer.from_pretrained(folder / name, model_max_length=77) if (folder / name).is_dir() else None
+        for name in family.tokenizer_folders
+    ]
+    v_pred = resolve_flags(family, info_v, v2, v_parameterization, source)
+    return _Loaded(unet, vae, text_encoders, tokenizers, family, v_pred, [])
 
 
 def _hub_enabled_offline() -> bool:
@@ -184,6 +218,12 @@ def _hub_model_dir(repo_id: str, subfolders: tuple[str, ...], root_weights: bool
     return folder
 
 
+def _hub_subfolders() -> tuple[str, ...]:
+    """The diffusers subfolders a model of any family may need (its family is known only once they are here)."""
+    text = [name for f in families() for name in (*f.text_encoder_folders, *f.tokenizer_folders)]
+    return tuple(dict.fromkeys(["unet", "vae", *text, "scheduler"]))
+
+
 def _is_repo_id(name: str) -> bool:
     return (
         bool(_REPO_ID.match(name))
@@ -192,21 +232,31 @@ def _is_repo_id(name: str) -> bool:
     )
 
 
-def _tokenizer(found: CLIPTokenizer | None, v2: bool, cache_dir: str | os.PathLike | None) -> CLIPTokenizer:
-    """sd-scripts' ``--tokenizer_cache_dir``: reuse a saved tokenizer there, else save the one loaded."""
-    if cache_dir is not None:
-        cache = Path(cache_dir)
-        for candidate in (cache / _TOKENIZER_CACHE_NAMES[v2], cache):
-            if any((candidate / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.json")):
-                return CLIPTokenizer.from_pretrained(candidate, model_max_length=77)
-    tokenizer = found if found is not None else load_packaged_tokenizer(v2=v2)
-    if cache_dir is not None:
-        with atomic_dir(Path(cache_dir) / _TOKENIZER_CACHE_NAMES[v2]) as tmp:
-            tokenizer.save_pretrained(tmp)
-    return tokenizer
+def _tokenizers(
+    found: list[CLIPTokenizer | None], family: ModelFamily, cache_dir: str | os.PathLike | None
+) -> list[CLIPTokenizer]:
+    """sd-scripts' ``--tokenizer_cache_dir``: reuse each tokenizer saved there, else save the one loaded (or the
+    packaged one when the model has none)."""
+    out = []
+    for index, (tokenizer, cache_name) in enumerate(zip(found, family.tokenizer_cache_names)):
+        cached = _cached_tokenizer(Path(cache_dir), cache_name) if cache_dir is not None else None
+        if cached is not None:
+            out.append(cached)
+            continue
+        if tokenizer is None:
+            tokenizer = family.packaged_tokenizers()[index]
+        if cache_dir is not None:
+            with atomic_dir(Path(cache_dir) / cache_name) as tmp:
+                tokenizer.save_pretrained(tmp)
+        out.append(tokenizer)
+    return out
 
 
-TINY_MODELS = {"tiny-sd1": False, "tiny-sd2": True}  # name -> v2; an existing file or folder of that name wins
+def _cached_tokenizer(cache: Path, cache_name: str) -> CLIPTokenizer | None:
+    for candidate in (cache / cache_name, cache):
+        if any((candidate / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.json")):
+            return CLIPTokenizer.from_pretrained(candidate, model_max_length=77)
+    return None
 
 
 def load_model(
@@ -219,7 +269,8 @@ def load_model(
     allow_unsafe_pickle: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> Components:
-    """Load an SD 1.x/2.x model: a diffusers folder, a Hub repo id (through the normal cache) or a single file.
+    """Load a model: a diffusers folder, a Hub repo id (through the normal cache), a single file or a built-in
+    tiny model name (``tiny-sd1``; an existing file or folder of that name wins).
 
     ``v2`` / ``v_parameterization`` are the flags (None when not given); ``vae`` replaces the VAE.
     """
@@ -230,29 +281,30 @@ def load_model(
     elif path.is_dir():
         parts = _load_diffusers_dir(path, v2, v_parameterization, name)
     elif _is_repo_id(name):
-        parts = _load_diffusers_dir(_hub_model_dir(name, _COMPONENTS), v2, v_parameterization, name)
-    elif name in TINY_MODELS:
-        tiny = make_tiny_model(v2=TINY_MODELS[name], v_parameterization=v_parameterization)
+        parts = _load_diffusers_dir(_hub_model_dir(name, _hub_subfolders()), v2, v_parameterization, name)
+    elif name in tiny_presets():
+        tiny = tiny_model(family_named(name.removeprefix("tiny-")), v_parameterization)
         note = f"{name}: tiny random-weight model built on the spot (for demos and tests)"
-        parts = (tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.v2, tiny.v_parameterization, [note])
+        parts = _Loaded(
+            tiny.unet, tiny.vae, tiny.text_encoders, tiny.tokenizers, tiny.family, tiny.v_parameterization, [note]
+        )
     else:
         raise UserError(f"{name}: model file or folder not found; check --pretrained_model_name_or_path")
-    unet, base_vae, text_encoder, tokenizer, is_v2, v_pred, notes = parts
     if vae is not None:
-        base_vae = load_vae(vae, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle, reference=base_vae.config)
-        notes.append(f"VAE replaced from {vae}")
-    for model in (unet, base_vae, text_encoder):
+        parts.vae = load_vae(vae, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle, reference=parts.vae.config)
+        parts.notes.append(f"VAE replaced from {vae}")
+    for model in (parts.unet, parts.vae, *parts.text_encoders):
         _to_dtype(model, dtype)
     return Components(
-        unet=unet,
-        vae=base_vae,
-        text_encoder=text_encoder,
-        tokenizer=_tokenizer(tokenizer, is_v2, tokenizer_cache_dir),
-        scheduler=sd_scheduler(v_pred),
-        v2=is_v2,
-        v_parameterization=v_pred,
+        unet=parts.unet,
+        vae=parts.vae,
+        text_encoders=parts.text_encoders,
+        tokenizers=_tokenizers(parts.tokenizers, parts.family, tokenizer_cache_dir),
+        scheduler=parts.family.noise_scheduler(parts.v_parameterization),
+        family=parts.family,
+        v_parameterization=parts.v_parameterization,
         source=name,
-        notes=notes,
+        notes=parts.notes,
     )
 
 

@@ -1,4 +1,4 @@
-"""Saving an SD 1.x/2.x model as an LDM single file (.ckpt / .safetensors) or a diffusers folder, atomically."""
+"""Saving a model as a single file in its family's layout (.ckpt / .safetensors) or a diffusers folder, atomically."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from library.errors import UserError
 from library.io import atomic_dir, atomic_save, save_safetensors
 from library.models.components import Components
-from library.models.convert import ldm_state_dict
 from library.models.detect import CONFIG_KEY, configs_json
 
 SAVE_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
@@ -71,9 +70,8 @@ def save_model(
 
 
 def _save_single_file(components, path, save_as, dtype, metadata, epoch, global_step) -> None:
-    c = components
-    state_dict = _cast(ldm_state_dict(c.unet, c.vae, c.text_encoder, c.v2), dtype)
-    configs = configs_json(c.unet, c.vae, c.text_encoder, c.v2, c.prediction_type)
+    state_dict = _cast(components.family.to_checkpoint(components), dtype)
+    configs = configs_json(components)
     if save_as == "safetensors":
         save_safetensors(state_dict, path, metadata={**dict(metadata or {}), CONFIG_KEY: configs})
         return
@@ -89,7 +87,7 @@ def _write_weights(state_dict: dict[str, torch.Tensor], folder: Path, stem: str,
 
 
 def _save_diffusers(components: Components, path: Path, safe: bool, dtype: torch.dtype | None) -> None:
-    """A diffusers folder; the text encoder keeps the ``text_model.`` key names every transformers version reads."""
+    """A diffusers folder; text encoders keep the ``text_model.`` key names every transformers version reads."""
     c = components
     with atomic_dir(path) as tmp:
         c.to_pipeline().save_config(tmp)
@@ -97,15 +95,17 @@ def _save_diffusers(components: Components, path: Path, safe: bool, dtype: torch
             (tmp / name).mkdir()
             model.save_config(tmp / name)
             _write_weights(_cast(model.state_dict(), dtype), tmp / name, "diffusion_pytorch_model", safe)
-        (tmp / "text_encoder").mkdir()
-        text_config = copy.deepcopy(c.text_encoder.config)
-        text_config.architectures = [type(c.text_encoder).__name__]
-        text_config.save_pretrained(tmp / "text_encoder")
-        text_sd = {
-            k if k.startswith("text_model.") else f"text_model.{k}": v
-            for k, v in c.text_encoder.state_dict().items()
-            if not k.endswith("position_ids")
-        }
-        _write_weights(_cast(text_sd, dtype), tmp / "text_encoder", "model", safe)
-        c.tokenizer.save_pretrained(tmp / "tokenizer")
+        for name, text_encoder in zip(c.family.text_encoder_folders, c.text_encoders):
+            (tmp / name).mkdir()
+            text_config = copy.deepcopy(text_encoder.config)
+            text_config.architectures = [type(text_encoder).__name__]
+            text_config.save_pretrained(tmp / name)
+            text_sd = {
+                k if k.startswith("text_model.") else f"text_model.{k}": v
+                for k, v in text_encoder.state_dict().items()
+                if not k.endswith("position_ids")
+            }
+            _write_weights(_cast(text_sd, dtype), tmp / name, "model", safe)
+        for name, tokenizer in zip(c.family.tokenizer_folders, c.tokenizers):
+            tokenizer.save_pretrained(tmp / name)
         c.scheduler.save_pretrained(tmp / "scheduler")

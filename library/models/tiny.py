@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion models with SD 1.x / 2.x architecture and random weights, for tests and the demo.
+"""Tiny models of each family (SD 1.x / 2.x architecture) with random weights, for tests and the demo.
 
 They keep SD's layout (4 UNet blocks of 2 layers, a VAE that downsamples 8x, a CLIP text encoder with the real
 49408-token tokenizer) at a few hundred thousand parameters, so every code path runs in well under a second.
@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig
 
 from library.models.components import Components
-from library.text.tokenizer import load_packaged_tokenizer
+from library.models.family import ModelFamily, families, family_named
 
 TEXT_WIDTH = 32
 
 
 def tiny_unet_config(v2: bool = False) -> dict:
+    """UNet2DConditionModel kwargs of the tiny SD1 (or SD2: linear projections, per-block heads) UNet."""
     return dict(
         sample_size=8,
         in_channels=4,
@@ -33,6 +34,7 @@ def tiny_unet_config(v2: bool = False) -> dict:
 
 
 def tiny_vae_config() -> dict:
+    """AutoencoderKL kwargs of the tiny VAE (4 levels, so it downsamples 8x like SD's)."""
     return dict(
         in_channels=3,
         out_channels=3,
@@ -48,6 +50,7 @@ def tiny_vae_config() -> dict:
 
 
 def tiny_text_encoder_config(v2: bool = False) -> CLIPTextConfig:
+    """The tiny CLIP text encoder's config (SD2: GELU and ``!`` padding, as OpenCLIP)."""
     return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=TEXT_WIDTH,
@@ -89,25 +92,36 @@ def _perturb_norms(model: torch.nn.Module) -> None:
                 module.bias.normal_(0.0, 0.1)
 
 
-def make_tiny_model(v2: bool = False, v_parameterization: bool | None = None, seed: int = 0) -> Components:
-    """Build a tiny SD1 (or SD2, v-prediction by default) model with reproducible random weights."""
+def tiny_presets() -> tuple[str, ...]:
+    """The names of the built-in tiny models, ``tiny-<family name>`` for every family."""
+    return tuple(sorted(f"tiny-{family.name}" for family in families()))
+
+
+def tiny_model(family: ModelFamily, v_parameterization: bool | None = None, seed: int = 0) -> Components:
+    """A tiny model of ``family`` with reproducible random weights (v-prediction by default for SD 2.x only)."""
     if v_parameterization is None:
-        v_parameterization = v2
+        v_parameterization = family.v2
+    configs = family.tiny_configs()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**tiny_unet_config(v2))
-        vae = AutoencoderKL(**tiny_vae_config())
-        text_encoder = CLIPTextModel(tiny_text_encoder_config(v2))
-        for model in (unet, vae, text_encoder):
+        unet = UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        text_encoders = [cls(configs[f]) for f, cls in zip(family.text_encoder_folders, family.text_encoder_classes)]
+        for model in (unet, vae, *text_encoders):
             _perturb_norms(model)
             model.eval()
     return Components(
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=load_packaged_tokenizer(v2=v2),
-        scheduler=sd_scheduler(v_parameterization),
-        v2=v2,
+        text_encoders=text_encoders,
+        tokenizers=family.packaged_tokenizers(),
+        scheduler=family.noise_scheduler(v_parameterization),
+        family=family,
         v_parameterization=v_parameterization,
-        source=f"tiny-sd{'2' if v2 else '1'}",
+        source=f"tiny-{family.name}",
     )
+
+
+def make_tiny_model(v2: bool = False, v_parameterization: bool | None = None, seed: int = 0) -> Components:
+    """Build a tiny SD1 (or SD2, v-prediction by default) model with reproducible random weights."""
+    return tiny_model(family_named("sd2" if v2 else "sd1"), v_parameterization, seed)

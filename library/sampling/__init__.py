@@ -1,6 +1,6 @@
 """Sample images during training, with sd-scripts' prompt files, samplers, cadence and file names."""
 
-from library.sampling.flags import add_sample_arguments
+from library.sampling.flags import SampleFlags, add_sample_arguments
 from library.sampling.generate import (
     Sample,
     SampleSettings,
@@ -21,6 +21,7 @@ from library.sampling.trackers import log_images_to_trackers
 __all__ = [
     "SAMPLER_NAMES",
     "Sample",
+    "SampleFlags",
     "SamplePrompt",
     "SampleSettings",
     "add_sample_arguments",

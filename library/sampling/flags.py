@@ -1,11 +1,17 @@
-"""sd-scripts' flags for sample images during training (names and defaults as in its train_util)."""
+"""sd-scripts' flags for sample images during training (names and defaults as in its train_util), and their values."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from library.config.values import POSITIVE_INT
+from library.sampling.generate import SampleSettings
 from library.sampling.samplers import SAMPLER_NAMES
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,3 +36,36 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(SAMPLER_NAMES),
         help="sampler (scheduler) for sample images",
     )
+
+
+@dataclass(frozen=True)
+class SampleFlags:
+    """The flags sampling reads, under their own names (``settings_from_flags`` fills it); see :meth:`settings`."""
+
+    sample_prompts: str | None = None
+    output_dir: str | None = None
+    output_name: str | None = None
+    sample_sampler: str = "ddim"
+    max_token_length: int | None = None
+    clip_skip: int | None = None
+    seed: int | None = None
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None
+    sample_at_first: bool = False
+
+    def settings(self) -> SampleSettings | None:
+        """The :class:`SampleSettings` these flags ask for; None without ``--sample_prompts``."""
+        if not self.sample_prompts:
+            return None
+        return SampleSettings(
+            prompts_file=Path(self.sample_prompts),
+            output_dir=Path(self.output_dir or "."),
+            output_name=self.output_name,
+            default_sampler=self.sample_sampler or "ddim",
+            max_token_length=self.max_token_length,
+            clip_skip=self.clip_skip,
+            training_seed=self.seed,
+            every_n_steps=self.sample_every_n_steps,
+            every_n_epochs=self.sample_every_n_epochs,
+            at_first=self.sample_at_first,
+        )

@@ -25,16 +25,18 @@ from PIL import Image
 
 from library.io import atomic_path
 from library.models.components import Components
+from library.models.family import Conditioning
 from library.sampling.prompts import SamplePrompt, load_prompts, one_line, resolve_prompt
 from library.sampling.samplers import make_sampler
-from library.text.encode import encode_prompts
+from library.text.encode import TextEncodingSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """What sampling needs from the run's configuration (sd-scripts' flag names in comments)."""
+    """What sampling needs from the run's configuration (sd-scripts' flag names in comments; built from them by
+    ``library.sampling.flags.SampleFlags.settings``)."""
 
     prompts_file: Path  # --sample_prompts
     output_dir: Path  # --output_dir
@@ -47,26 +49,6 @@ class SampleSettings:
     every_n_steps: int | None = None  # --sample_every_n_steps
     every_n_epochs: int | None = None  # --sample_every_n_epochs
     at_first: bool = False  # --sample_at_first
-
-    @classmethod
-    def from_args(cls, args: Any) -> SampleSettings | None:
-        """Settings from an argparse namespace (or any object with sd-scripts' attribute names); None without
-        ``--sample_prompts``."""
-        prompts = getattr(args, "sample_prompts", None)
-        if not prompts:
-            return None
-        return cls(
-            prompts_file=Path(prompts),
-            output_dir=Path(getattr(args, "output_dir", None) or "."),
-            output_name=getattr(args, "output_name", None),
-            default_sampler=getattr(args, "sample_sampler", None) or "ddim",
-            max_token_length=getattr(args, "max_token_length", None),
-            clip_skip=getattr(args, "clip_skip", None),
-            training_seed=getattr(args, "seed", None),
-            every_n_steps=getattr(args, "sample_every_n_steps", None),
-            every_n_epochs=getattr(args, "sample_every_n_epochs", None),
-            at_first=bool(getattr(args, "sample_at_first", False)),
-        )
 
 
 @dataclass(frozen=True)
@@ -164,19 +146,11 @@ def _on_device(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
             module.to(original)
 
 
-def _encode_pair(components: Components, settings: SampleSettings, prompt: str, negative: str) -> torch.Tensor:
-    """Embeddings of ``[prompt, negative]`` from one call, so both have the same token length."""
-    device = next(components.text_encoder.parameters()).device
-    return encode_prompts(
-        components.text_encoder,
-        components.tokenizer,
-        [prompt, negative],
-        max_token_length=settings.max_token_length,
-        clip_skip=settings.clip_skip,
-        weighted=settings.weighted,
-        v2=components.v2,
-        device=device,
-    )
+def _encode_pair(components: Components, settings: SampleSettings, prompt: str, negative: str) -> Conditioning:
+    """The family's conditioning of ``[prompt, negative]`` from one call, so both have the same token length."""
+    text = TextEncodingSettings(settings.max_token_length, settings.clip_skip, weighted_captions=settings.weighted)
+    encode = components.family.text_encoding(text, cached=False)
+    return encode(components.text_encoders, components.tokenizers, [prompt, negative])
 
 
 def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
@@ -187,25 +161,26 @@ def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
 def _denoise(
     components: Components,
     request: SamplePrompt,
-    embeddings: torch.Tensor,
+    conditioning: Conditioning,
     generator: torch.Generator,
     device: torch.device,
 ) -> torch.Tensor:
     """Run the sampler from seeded noise to clean latents (classifier-free guidance when scale > 1)."""
     unet = components.unet
-    scheduler = make_sampler(request.sampler, components.prediction_type, steps=request.sample_steps)
+    scheduler = make_sampler(
+        request.sampler, components.scheduler.config, components.prediction_type, steps=request.sample_steps
+    )
     scheduler.set_timesteps(request.sample_steps, device=device)
     factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     shape = (1, unet.config.in_channels, request.height // factor, request.width // factor)
     latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device) * scheduler.init_noise_sigma
     guided = request.scale > 1.0
-    context = (embeddings if guided else embeddings[:1]).to(device=device, dtype=unet.dtype)
-    context = context.flip(0) if guided else context  # [negative, prompt], the order diffusers uses
+    context = conditioning.rows([1, 0] if guided else [0]).to(device, unet.dtype)  # [negative, prompt] as diffusers
     extra = _step_kwargs(scheduler, generator)
     for t in scheduler.timesteps:
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        prediction = unet(model_input.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        prediction = context.predict(unet, model_input.to(unet.dtype), t).float()
         if guided:
             uncond, cond = prediction.chunk(2)
             prediction = uncond + request.scale * (cond - uncond)
@@ -216,7 +191,8 @@ def _denoise(
 def _decode(components: Components, latents: torch.Tensor) -> Image.Image:
     vae = components.vae
     with _on_device(vae, latents.device):
-        pixels = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+        scale = components.family.latent_scale(vae)
+        pixels = vae.decode((latents / scale).to(vae.dtype)).sample.float()
     array = ((pixels[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(array)
 
@@ -235,8 +211,8 @@ def generate_image(
     device = torch.device(device) if device is not None else next(components.unet.parameters()).device
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad(), (autocast or contextlib.nullcontext)():
-        embeddings = _encode_pair(components, settings, request.prompt, request.negative_prompt or "")
-        latents = _denoise(components, request, embeddings, generator, device)
+        conditioning = _encode_pair(components, settings, request.prompt, request.negative_prompt or "")
+        latents = _denoise(components, request, conditioning, generator, device)
         return _decode(components, latents)
 
 
@@ -303,7 +279,7 @@ def sample_images(
         logger.warning("sample images at %s skipped: %s; training continues", when, error_line(e))
         return []
     results = []
-    with preserved_rng(), eval_mode(components.unet, components.text_encoder, components.vae):
+    with preserved_rng(), eval_mode(components.unet, *components.text_encoders, components.vae):
         for raw in prompts:
             try:
                 results.append(

@@ -1,6 +1,6 @@
 """Sampler names (sd-scripts' ``--sample_sampler`` / ``--ss``) mapped to diffusers schedulers.
 
-Each scheduler is built the way sd-scripts builds it: SD's noise schedule, the class defaults otherwise,
+Each scheduler is built the way sd-scripts builds it: the model's noise schedule, the class defaults otherwise,
 ``clip_sample=True`` where the class has that option, and the model's prediction type. Two names sd-scripts
 documents but rejects (``dpm++_2m_karras``, ``dpm++_2m_sde_karras``) are supported here.
 """
@@ -62,29 +62,20 @@ def check_sampler_name(name: object, where: str) -> str:
     return name
 
 
-def default_schedule() -> dict[str, Any]:
-    """SD 1.x/2.x's training noise schedule (the only one sd-scripts samples with)."""
-    from library.models.tiny import sd_scheduler
-
-    config = sd_scheduler().config
-    return {key: config[key] for key in SCHEDULE_KEYS}
-
-
 def make_sampler(
-    name: str, prediction_type: str = "epsilon", schedule: Mapping[str, Any] | None = None, steps: int | None = None
+    name: str, schedule: Mapping[str, Any], prediction_type: str = "epsilon", steps: int | None = None
 ) -> SchedulerMixin:
     """A fresh diffusers scheduler for sampler ``name`` (schedulers keep per-run state, so never share one).
 
     ``schedule`` holds the noise-schedule keys (``num_train_timesteps``, ``beta_start``, ``beta_end``,
-    ``beta_schedule``); other keys are ignored. It defaults to SD's schedule. PNDM's Runge-Kutta warm-up needs
-    4 steps; for fewer ``steps`` it is skipped (sd-scripts fails there).
+    ``beta_schedule``), e.g. the model's training scheduler's config; other keys are ignored. PNDM's Runge-Kutta
+    warm-up needs 4 steps; for fewer ``steps`` it is skipped (sd-scripts fails there).
     """
     if name not in SAMPLERS:
         raise UserError(f"--sample_sampler: {unknown_sampler_message(name)}")
     class_name, extra = SAMPLERS[name]
     cls = getattr(diffusers, class_name)
-    source = default_schedule() if schedule is None else schedule
-    kwargs: dict[str, Any] = {key: source[key] for key in SCHEDULE_KEYS if key in source}
+    kwargs: dict[str, Any] = {key: schedule[key] for key in SCHEDULE_KEYS if key in schedule}
     kwargs.update(extra)
     kwargs["prediction_type"] = prediction_type
     if "clip_sample" in inspect.signature(cls.__init__).parameters:

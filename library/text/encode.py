@@ -10,6 +10,7 @@ cut in the middle of the prompt ends with EOS, and a chunk holding only padding 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -20,6 +21,15 @@ from library.text.weighting import apply_token_weights, tokenize_weighted
 
 CHUNK_TOKENS = MAX_LENGTH - 2
 MAX_TOKEN_LENGTHS = (75, 150, 225)
+
+
+@dataclass(frozen=True)
+class TextEncodingSettings:
+    """How captions are encoded (``--max_token_length``, ``--clip_skip``, ``--weighted_captions``)."""
+
+    max_token_length: int | None = None
+    clip_skip: int | None = None
+    weighted_captions: bool = False
 
 
 def token_length(max_token_length: int | None) -> int:

@@ -9,27 +9,29 @@ sd-scripts' templates, chosen per sample from the seed, epoch and batch so a res
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import random
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from library.dataset.summary import DatasetSummary
 from library.engine.parts import SampleRequest, TrainingParts
 from library.engine.recipe import ParamGroups, Recipe
 from library.errors import UserError
-from library.metadata import modelspec_from_args
 from library.models.components import Components
+from library.models.family import Conditioning, TextEncoding
 from library.models.save import save_dtype
+from library.modelspec import modelspec_from_settings
+from library.recipes.settings import TextualInversionSettings
+from library.seeds import derive_seed
 from library.textual_inversion import (
     EMBEDDING_KEY,
-    OBJECT_TEMPLATES,
-    STYLE_TEMPLATES,
     XTI_LAYERS,
     AddedTokens,
     add_tokens,
@@ -44,18 +46,10 @@ from library.textual_inversion import (
     xti_token_strings,
 )
 
+if TYPE_CHECKING:
+    from library.sampling import SampleSettings
+
 logger = logging.getLogger("sdtrain")
-
-
-def templates_from_args(args: argparse.Namespace) -> tuple[str, ...] | None:
-    """sd-scripts' imagenet templates for ``--use_object_template`` / ``--use_style_template`` (None: captions)."""
-    if args.use_object_template and args.use_style_template:
-        raise UserError("--use_object_template and --use_style_template exclude each other; pick one")
-    if args.use_object_template:
-        return OBJECT_TEMPLATES
-    if args.use_style_template:
-        return STYLE_TEMPLATES
-    return None
 
 
 def check_token_in_captions(dataset: Any, token_string: str) -> None:
@@ -89,20 +83,9 @@ class TemplateCaptions:
         self.templates = templates
         self.token_string = token_string
 
-    @property
-    def datasets(self) -> Any:
-        return self.inner.datasets
-
-    @property
-    def records(self) -> Any:
-        return self.inner.records
-
-    @property
-    def skipped(self) -> Any:
-        return self.inner.skipped
-
-    def summary(self) -> str:
-        return self.inner.summary() + f"\ncaptions: {len(self.templates)} templates with {self.token_string!r}"
+    def describe(self, summary: DatasetSummary) -> DatasetSummary:
+        """The inner dataset's ``summary`` with a line saying which captions replace its own."""
+        return summary.with_lines(f"captions: {len(self.templates)} templates with {self.token_string!r}")
 
     def fingerprint(self) -> str:
         return f"{self.inner.fingerprint()}:templates:{self.templates[0]}"
@@ -111,8 +94,6 @@ class TemplateCaptions:
         return self.inner.batch_plan(epoch)
 
     def load_batch(self, plan: Any) -> dict[str, Any] | None:
-        from library.dataset.loader import derive_seed
-
         batch = self.inner.load_batch(plan)
         if batch is None:
             return None
@@ -128,18 +109,20 @@ class TextualInversionRecipe(Recipe):
     """Train the embedding of ``--token_string`` (``--num_vectors_per_token`` vectors); with ``xti`` one embedding
     per UNet cross-attention layer (SD 1.x only)."""
 
-    def __init__(self, args: argparse.Namespace, *, xti: bool = False):
-        if not args.token_string:
+    def __init__(self, settings: TextualInversionSettings, *, xti: bool = False):
+        s = settings
+        if not s.token_string:
             raise UserError("--token_string is required: the new word to train, e.g. --token_string mychar")
-        if args.num_vectors_per_token < 1:
-            raise UserError(f"--num_vectors_per_token {args.num_vectors_per_token}: must be 1 or more")
-        self.args = args
+        if s.num_vectors_per_token < 1:
+            raise UserError(f"--num_vectors_per_token {s.num_vectors_per_token}: must be 1 or more")
+        self.settings = settings
         self.xti = xti
-        self.strings = token_strings(args.token_string, args.num_vectors_per_token)
-        self.save_dtype = save_dtype(args.save_precision)
+        self.strings = token_strings(s.token_string, s.num_vectors_per_token)
+        self.save_dtype = save_dtype(s.save_precision)
         self.tokens: AddedTokens | None = None
         self.embedding: nn.Embedding | None = None
         self.original: torch.Tensor | None = None
+        self.components: Components | None = None
 
     @property
     def train_unet(self) -> bool:
@@ -154,14 +137,18 @@ class TextualInversionRecipe(Recipe):
         return self.strings if layer is None else xti_token_strings(self.strings, layer)
 
     def setup(self, components: Components, device: torch.device, weight_dtype: torch.dtype) -> None:
-        args, c = self.args, components
-        if self.xti and c.v2:
-            raise UserError("train_textual_inversion_XTI.py supports SD 1.x only; drop --v2 or use a SD 1.x model")
+        s, c = self.settings, components
+        self.components = c
+        if self.xti and c.family.name != "sd1":
+            raise UserError(
+                f"train_textual_inversion_XTI.py supports SD 1.x only, this model is {c.family.description}; "
+                "use a SD 1.x model or train_textual_inversion.py"
+            )
         c.text_encoder.to(dtype=torch.float32)
-        init_ids = init_token_ids(c.tokenizer, args.init_word)
-        if init_ids is not None and 1 < len(init_ids) != args.num_vectors_per_token:
+        init_ids = init_token_ids(c.tokenizer, s.init_word)
+        if init_ids is not None and 1 < len(init_ids) != s.num_vectors_per_token:
             logger.warning(
-                f"--init_word {args.init_word!r} has {len(init_ids)} tokens for {args.num_vectors_per_token} "
+                f"--init_word {s.init_word!r} has {len(init_ids)} tokens for {s.num_vectors_per_token} "
                 "vectors; its tokens are repeated or truncated"
             )
         layers = XTI_LAYERS if self.xti else (None,)
@@ -169,10 +156,10 @@ class TextualInversionRecipe(Recipe):
         self.tokens = add_tokens(c.tokenizer, c.text_encoder, strings, "--token_string")
         embedding = c.text_encoder.get_input_embeddings()
         if init_ids is not None:
-            init_rows(embedding.weight.data, self.tokens.ids, init_ids, args.num_vectors_per_token)
-        if args.weights:
-            self._load_weights(embedding.weight.data, args.weights)
-        logger.info(f"added {len(strings)} tokens for {args.token_string!r}: ids {self.tokens.ids[0]}…")
+            init_rows(embedding.weight.data, self.tokens.ids, init_ids, s.num_vectors_per_token)
+        if s.weights:
+            self._load_weights(embedding.weight.data, s.weights)
+        logger.info(f"added {len(strings)} tokens for {s.token_string!r}: ids {self.tokens.ids[0]}…")
         embedding.requires_grad_(True)
         self.embedding = embedding
         self.original = embedding.weight.detach().clone()
@@ -182,11 +169,11 @@ class TextualInversionRecipe(Recipe):
             install_layer_conditioning(c.unet)
 
     def _load_weights(self, weight: torch.Tensor, path: str) -> None:
-        n, width = self.args.num_vectors_per_token, weight.shape[1]
+        n, width, unsafe = self.settings.num_vectors_per_token, weight.shape[1], self.settings.allow_unsafe_pickle
         if self.xti:
-            loaded = load_xti_embeddings(path, getattr(self.args, "allow_unsafe_pickle", False))
+            loaded = load_xti_embeddings(path, unsafe)
         else:
-            loaded = {None: load_embedding(path, getattr(self.args, "allow_unsafe_pickle", False))}
+            loaded = {None: load_embedding(path, unsafe)}
         for layer, emb in loaded.items():
             if tuple(emb.shape) != (n, width):
                 raise UserError(
@@ -209,10 +196,10 @@ class TextualInversionRecipe(Recipe):
         return [self.embedding]
 
     def param_groups(self) -> ParamGroups:
-        return ParamGroups([{"params": [self.embedding.weight], "lr": self.args.learning_rate}], ["textencoder"])
+        return ParamGroups([{"params": [self.embedding.weight], "lr": self.settings.learning_rate}], ["textencoder"])
 
     def fingerprint(self) -> dict[str, Any]:
-        readable = {"token_string": self.args.token_string, "num_vectors": len(self.strings), "xti": self.xti}
+        readable = {"token_string": self.settings.token_string, "num_vectors": len(self.strings), "xti": self.xti}
         return {**readable, **super().fingerprint()}
 
     def after_optimizer_step(self, device: torch.device) -> dict[str, float]:
@@ -231,39 +218,54 @@ class TextualInversionRecipe(Recipe):
         return {layer: weight[self.rows(layer)].clone() for layer in XTI_LAYERS}
 
     def save(self, path: Path, *, epoch: int, step: int, final: bool) -> None:
-        metadata = None if self.xti else modelspec_from_args(self.args, lora=False, textual_inversion=True)
+        c = self.components
+        metadata = None
+        if not self.xti:
+            metadata = modelspec_from_settings(
+                self.settings.metadata, c.family, c.v_parameterization, lora=False, textual_inversion=True
+            )
         save_embedding_file(path, self.embeddings(), self.save_dtype, metadata)
         logger.info(f"saved {path}")
 
-    def training_parts(self, parts: TrainingParts) -> TrainingParts:
-        """``parts`` with captions expanded to the new tokens (per XTI layer) and samples that know the token."""
+    def training_parts(self, parts: TrainingParts, samples: SampleSettings | None) -> TrainingParts:
+        """``parts`` with captions expanded to the new tokens (per XTI layer) and samples (made with ``samples``,
+        the flags' sample settings) that know the token."""
         encode = partial(_encode_expanded, parts.encode_text, self)
         sample = parts.sample
         if sample is not None:
-            sample = None if self.xti else partial(_sample_expanded, self)
+            sample = None if self.xti or samples is None else partial(_sample_expanded, self, samples)
             if self.xti:
                 logger.warning("sample images are not supported by train_textual_inversion_XTI.py; none are made")
         return dataclasses.replace(parts, encode_text=encode, sample=sample)
 
 
-def _encode_expanded(base, recipe: TextualInversionRecipe, text_encoder, tokenizer, captions: list[str]):
-    token = recipe.args.token_string
+def _encode_expanded(
+    base: TextEncoding,
+    recipe: TextualInversionRecipe,
+    text_encoders: Sequence[nn.Module],
+    tokenizers: Sequence[Any],
+    captions: list[str],
+    batch: Mapping[str, Any] | None = None,
+) -> Conditioning:
+    """``base``'s conditioning of the captions with the token string expanded (XTI: per layer, stacked)."""
+    token = recipe.settings.token_string
     if not recipe.xti:
-        return base(text_encoder, tokenizer, [expand_text(c, token, recipe.strings) for c in captions])
+        return base(text_encoders, tokenizers, [expand_text(c, token, recipe.strings) for c in captions], batch)
     from library.xti import layer_conditioning
 
-    return layer_conditioning(
-        lambda texts: base(text_encoder, tokenizer, texts),
+    states = layer_conditioning(
+        lambda texts: base(text_encoders, tokenizers, texts, batch).hidden_states,
         captions,
         lambda caption, layer: expand_text(caption, token, recipe.layer_tokens(layer)),
     )
+    return Conditioning(states)
 
 
-def _sample_expanded(recipe: TextualInversionRecipe, request: SampleRequest) -> None:
-    from library.sampling import SampleSettings, sample_images
+def _sample_expanded(recipe: TextualInversionRecipe, settings: SampleSettings, request: SampleRequest) -> None:
+    from library.sampling import sample_images
 
-    settings = SampleSettings.from_args(recipe.args)
-    replacement = (recipe.args.token_string, " ".join(recipe.strings)) if len(recipe.strings) > 1 else None
+    token = recipe.settings.token_string
+    replacement = (token, " ".join(recipe.strings)) if len(recipe.strings) > 1 else None
     sample_images(
         request.components,
         settings,

@@ -1,15 +1,14 @@
 """Full-weight training (``train_db.py``, ``fine_tune.py``): the UNet and optionally the text encoder are trained
 and whole models are saved in sd-scripts' formats (ckpt, safetensors, diffusers, diffusers_safetensors).
 
-This module holds the recipe and the short launch sequence both scripts share (seed, model, dataset, loop).
+This module holds the recipe, its settings and the end of the run both scripts share (text encoding, loop).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,15 @@ import torch
 from torch import nn
 
 from library.engine.config import EngineConfig
-from library.engine.loop import TrainResult, train
+from library.engine.launch import PreparedRun
+from library.engine.parts import TrainingParts
 from library.engine.recipe import ParamGroups, Recipe
 from library.errors import UserError
-from library.metadata import modelspec_from_args
 from library.models.components import Components
+from library.models.family import Conditioning, TextEncoding
 from library.models.save import SAVE_FORMATS, save_model
+from library.modelspec import modelspec_from_settings
+from library.recipes.settings import FullModelSettings
 from library.text.encode import MAX_LENGTH, encode_token_ids
 
 logger = logging.getLogger("sdtrain")
@@ -48,18 +50,27 @@ def text_encoder_steps_for_db(stop_text_encoder_training: int | None) -> int | N
     return max(stop_text_encoder_training, 0)
 
 
-def unpadded_text_encoding(args: argparse.Namespace, v2: bool) -> Callable[[nn.Module, Any, list[str]], torch.Tensor]:
-    """--no_token_padding: captions are padded to the batch's longest (Diffusers' DreamBooth), not to 77 tokens."""
-    if args.max_token_length is not None or args.weighted_captions:
+def unpadded_text_encoding(settings: FullModelSettings) -> TextEncoding:
+    """--no_token_padding: captions are padded to the batch's longest (Diffusers' DreamBooth), not to 77 tokens;
+    for a model with one text encoder (SD 1.x/2.x, where unchunked ids are encoded alike)."""
+    if settings.max_token_length is not None or settings.weighted_captions:
         raise UserError(
             "--no_token_padding works with plain captions of up to 75 tokens; drop --max_token_length "
             "and --weighted_captions, or drop --no_token_padding"
         )
 
-    def encode(text_encoder: nn.Module, tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    def encode(
+        text_encoders: Sequence[nn.Module],
+        tokenizers: Sequence[Any],
+        captions: list[str],
+        batch: Mapping[str, Any] | None = None,
+    ) -> Conditioning:
+        if len(text_encoders) != 1:
+            raise UserError(f"--no_token_padding works with one text encoder, this model has {len(text_encoders)}")
+        (text_encoder,), (tokenizer,) = text_encoders, tokenizers
         device = next(text_encoder.parameters()).device
         ids = tokenizer(captions, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt").input_ids
-        return encode_token_ids(text_encoder, ids.to(device), clip_skip=args.clip_skip, v2=v2)
+        return Conditioning(encode_token_ids(text_encoder, ids.to(device), clip_skip=settings.clip_skip))
 
     return encode
 
@@ -71,20 +82,12 @@ class FullRecipe(Recipe):
     Steps are the loop's global steps (:meth:`on_step_start`), so resumed runs and steps skipped under
     ``--nan_policy skip`` count as the loop counts them."""
 
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        config: EngineConfig,
-        *,
-        text_encoder_steps: int | None,
-        learning_rate_te: float | None = None,
-    ):
+    def __init__(self, settings: FullModelSettings, config: EngineConfig, *, text_encoder_steps: int | None):
         if text_encoder_steps is not None and text_encoder_steps < 0:
             raise ValueError("text_encoder_steps must be None or 0 or more")
-        self.args = args
+        self.settings = settings
         self.config = config
         self.text_encoder_steps = text_encoder_steps
-        self.learning_rate_te = learning_rate_te
         self.components: Components | None = None
         self.step = 0
 
@@ -111,7 +114,7 @@ class FullRecipe(Recipe):
 
     def trainable_modules(self) -> list[nn.Module]:
         c = self.components
-        return [c.unet, c.text_encoder] if self.text_encoder_trained else [c.unet]
+        return [c.unet, *c.text_encoders] if self.text_encoder_trained else [c.unet]
 
     def param_groups(self) -> ParamGroups:
         """One group as sd-scripts builds it, or UNet and text encoder apart when --learning_rate_te is given."""
@@ -119,11 +122,12 @@ class FullRecipe(Recipe):
         unet = list(c.unet.parameters())
         if not self.text_encoder_trained:
             return ParamGroups([{"params": unet}], ["unet"])
-        text = list(c.text_encoder.parameters())
-        if self.learning_rate_te is None:
+        text = [p for encoder in c.text_encoders for p in encoder.parameters()]
+        s = self.settings
+        if s.learning_rate_te is None:
             return ParamGroups([{"params": unet + text}], ["unet"])
         return ParamGroups(
-            [{"params": unet, "lr": self.args.learning_rate}, {"params": text, "lr": self.learning_rate_te}],
+            [{"params": unet, "lr": s.learning_rate}, {"params": text, "lr": s.learning_rate_te}],
             ["unet", "textencoder"],
         )
 
@@ -134,7 +138,8 @@ class FullRecipe(Recipe):
     def on_epoch_start(self, epoch: int) -> None:
         c, checkpointing = self.components, self.config.gradient_checkpointing
         c.unet.train()
-        c.text_encoder.train(checkpointing or self.train_text_encoder)
+        for encoder in c.text_encoders:
+            encoder.train(checkpointing or self.train_text_encoder)
 
     def on_step_start(self, global_step: int) -> None:
         """From global step ``text_encoder_steps`` on (0-based: after that many steps, skipped ones included) the
@@ -144,12 +149,12 @@ class FullRecipe(Recipe):
         if was_training and not self.train_text_encoder:
             logger.info(f"stop text encoder training at step {global_step} (--stop_text_encoder_training)")
             if not self.config.gradient_checkpointing:
-                self.components.text_encoder.train(False)
+                for encoder in self.components.text_encoders:
+                    encoder.train(False)
 
     def save(self, path: Path, *, epoch: int, step: int, final: bool) -> None:
         c = self.components
-        described = argparse.Namespace(**{**vars(self.args), "v2": c.v2, "v_parameterization": c.v_parameterization})
-        modelspec = modelspec_from_args(described, lora=False)
+        modelspec = modelspec_from_settings(self.settings.metadata, c.family, c.v_parameterization, lora=False)
         save_model(
             c,
             path,
@@ -162,40 +167,14 @@ class FullRecipe(Recipe):
         logger.info(f"saved {path}")
 
 
-def train_full_model(
-    args: argparse.Namespace,
-    load: Callable[[int], Components],
-    *,
-    styles: set[str],
-    text_encoder_steps: int | None,
-    tracker_name: str,
-) -> TrainResult:
-    """Seed → ``load(seed)`` → dataset of ``styles`` → the shared loop with a :class:`FullRecipe`."""
-    from library.dataset.loader import skipped_summary
-    from library.engine.launch import prepare_training_data
-    from library.engine.wiring import choose_seed, parts_from_args
+def with_save_format(run: PreparedRun, settings: FullModelSettings) -> PreparedRun:
+    """The run with sd-scripts' saved-format rule applied, now that the base model's kind of source is known."""
+    save_as = resolve_save_format(run.config.save_model_as, settings.use_safetensors, run.components.source)
+    return dataclasses.replace(run, config=dataclasses.replace(run.config, save_model_as=save_as))
 
-    for flag in ("fp8_base", "fp8_base_unet"):
-        if getattr(args, flag, False):
-            raise UserError(
-                f"--{flag} stores a frozen base model in fp8 (train_network.py); this script trains the UNet's own "
-                f"weights, which stay in full precision: drop --{flag}"
-            )
-    if args.learning_rate_te is not None and args.learning_rate_te < 0:
-        raise UserError(f"--learning_rate_te {args.learning_rate_te}: must be 0 or more")
-    seed = choose_seed(args)
-    config = dataclasses.replace(EngineConfig.from_args(args), seed=seed)
-    components = load(seed)
-    save_as = resolve_save_format(args.save_model_as, bool(args.use_safetensors), components.source)
-    config = dataclasses.replace(config, save_model_as=save_as)
-    dataset = prepare_training_data(args, styles, components, seed)
-    if dataset is None:
-        return None
-    parts = parts_from_args(args, components)
-    if getattr(args, "no_token_padding", False):
-        parts = dataclasses.replace(parts, encode_text=unpadded_text_encoding(args, components.v2))
-    recipe = FullRecipe(args, config, text_encoder_steps=text_encoder_steps, learning_rate_te=args.learning_rate_te)
-    result = train(config, components, dataset, recipe, parts, tracker_name=tracker_name, summary=dataset.summary())
-    if dataset.skipped:
-        logger.warning(skipped_summary(dataset.skipped))
-    return result
+
+def full_model_parts(run: PreparedRun, settings: FullModelSettings) -> TrainingParts:
+    """The run's parts, with --no_token_padding's text encoding when it is set."""
+    if not settings.no_token_padding:
+        return run.parts
+    return dataclasses.replace(run.parts, encode_text=unpadded_text_encoding(settings))

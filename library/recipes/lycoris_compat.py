@@ -206,38 +206,38 @@ def create_network(
     vae: nn.Module,
     text_encoder: Any,
     unet: nn.Module,
-    **kwargs: Any,
+    **options: Any,
 ) -> Any:
     """``module.create_network(…)`` (sd-scripts' interface); for LyCORIS with a preset that targets each module once,
     starting from LyCORIS's defaults and leaving no preset behind."""
     args = (multiplier, network_dim, network_alpha, vae, text_encoder, unet)
     cls = network_class(module)
     if cls is None:
-        return module.create_network(*args, **kwargs)
-    name = str(kwargs.get("preset") or "full")
+        return module.create_network(*args, **options)
+    name = str(options.get("preset") or "full")
     preset = resolve_preset(name)
     fixed = deduplicated_preset(preset, text_encoder, unet)
     with preset_scope(cls, fixed):
         if fixed == preset and name in builtin_presets():
-            return module.create_network(*args, **kwargs)
+            return module.create_network(*args, **options)
         with tempfile.TemporaryDirectory(prefix="lycoris-preset-") as folder:
             path = Path(folder) / "preset.toml"
             path.write_text(toml.dumps(fixed))
-            return module.create_network(*args, **{**kwargs, "preset": str(path)})
+            return module.create_network(*args, **{**options, "preset": str(path)})
 
 
 def create_network_from_weights(
-    module: Any, multiplier: float, file: str, vae: nn.Module, text_encoder: Any, unet: nn.Module, **kwargs: Any
+    module: Any, multiplier: float, file: str, vae: nn.Module, text_encoder: Any, unet: nn.Module, **options: Any
 ) -> Any:
     """``module.create_network_from_weights(…)`` (sd-scripts' interface); for LyCORIS with an empty preset for the
     throw-away network it builds first (its defaults would fail on SD UNets)."""
     args = (multiplier, file, vae, text_encoder, unet)
     cls = network_class(module)
     if cls is None:
-        return module.create_network_from_weights(*args, **kwargs)
+        return module.create_network_from_weights(*args, **options)
     with preset_scope(cls, default_preset() | EMPTY_PRESET):
         try:
-            return module.create_network_from_weights(*args, **kwargs)
+            return module.create_network_from_weights(*args, **options)
         except TypeError as e:
             if "make_module_from_state_dict" not in str(e):
                 raise
