@@ -22,7 +22,7 @@ import train_network
 import train_textual_inversion
 from library.cli import run_cli
 from library.config import runtime_flags
-from library.config.runtime_flags import RuntimeSettings
+from library.config.runtime_flags import DistributedSettings, RuntimeSettings
 from library.config.settings import settings_from_flags
 from library.engine import EngineConfig
 from library.engine.launch import load_base_model, model_source, prepare_run
@@ -99,7 +99,7 @@ def test_ddp_timeout_refuses_values_outside_0_to_43200_minutes(value):
         train_network.setup_parser().parse_args(["--ddp_timeout", value])
     assert train_network.setup_parser().parse_args(["--ddp_timeout", "43200"]).ddp_timeout == 43200
     unset = train_network.setup_parser().parse_args(["--ddp_timeout", "0"])  # sd-scripts: 0 means torch's default
-    settings = settings_from_flags(RuntimeSettings, unset)
+    settings = settings_from_flags(DistributedSettings, unset)
     assert runtime_flags.process_group_kwargs(settings.ddp_timeout) == {}
     assert runtime_flags.accelerate_kwargs_handlers(settings) == []
 
@@ -190,7 +190,8 @@ def test_fp8_base_trains_a_lora_on_float8_base_weights(model_dir, data_dir, tmp_
     assert all(torch.isfinite(t).all() for t in tensors.values())
     messages = [r.getMessage() for r in caplog.records]
     assert "fp8 base: UNet and text encoder weights stored in float8_e4m3fn, computed in torch.bfloat16" in messages
-    assert runtime_flags.runtime_notes(settings_from_flags(RuntimeSettings, args), 1)[0] in messages
+    distributed = settings_from_flags(DistributedSettings, args)
+    assert runtime_flags.runtime_notes(settings_from_flags(RuntimeSettings, args), distributed, 1)[0] in messages
     assert "--cpu_offload_checkpointing applies to FLUX/SD3 only in sd-scripts; it has no effect on SD1/2" in messages
 
 
@@ -231,12 +232,23 @@ def test_deepspeed_without_the_package_stops_the_real_entry_script(tmp_path):
 
 def test_deepspeed_refuses_gradient_accumulation_the_loop_would_double(tmp_path):
     with pytest.raises(UserError, match=r"^--deepspeed with --gradient_accumulation_steps 2: DeepSpeed accumulates"):
-        EngineConfig(output_dir=tmp_path, deepspeed=True, gradient_accumulation_steps=2).validate()
+        EngineConfig(
+            output_dir=tmp_path, distributed=DistributedSettings(deepspeed=True), gradient_accumulation_steps=2
+        ).validate()
 
 
-def _deepspeed_args(**changes) -> EngineConfig:
+def _deepspeed_args(
+    *, mixed_precision: str = "no", gradient_accumulation_steps: int = 1, max_grad_norm: float = 1.0, **changes
+) -> EngineConfig:
     """The engine's config (what the accelerator set-up passes) for ``--deepspeed --train_batch_size 3``."""
-    return EngineConfig(output_dir=Path("o"), **{"deepspeed": True, "train_batch_size": 3, **changes})
+    return EngineConfig(
+        output_dir=Path("o"),
+        train_batch_size=3,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        max_grad_norm=max_grad_norm,
+        distributed=DistributedSettings(**{"deepspeed": True, **changes}),
+    )
 
 
 def test_deepspeed_plugin_config_matches_sd_scripts():
@@ -278,7 +290,8 @@ def test_deepspeed_fp16_master_weights_only_with_zero2_cpu_offload(caplog):
 
 def test_accelerator_gets_ddp_kwargs_and_no_dynamo(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
-    config = EngineConfig(output_dir=tmp_path, ddp_timeout=7, ddp_gradient_as_bucket_view=True, ddp_static_graph=True)
+    ddp = DistributedSettings(ddp_timeout=7, ddp_gradient_as_bucket_view=True, ddp_static_graph=True)
+    config = EngineConfig(output_dir=tmp_path, distributed=ddp)
     accelerator = make_accelerator(config)
     try:
         assert accelerator.init_handler.timeout == datetime.timedelta(minutes=7)
@@ -295,13 +308,13 @@ def test_accelerator_gets_ddp_kwargs_and_no_dynamo(tmp_path, monkeypatch):
 
 def test_runtime_notes_name_each_flag_without_effect():
     args = train_network.setup_parser().parse_args(["--ddp_static_graph", "--ddp_timeout", "3", "--zero3_init_flag"])
-    settings = settings_from_flags(RuntimeSettings, args)
-    assert runtime_flags.runtime_notes(settings, 1) == [
+    settings, distributed = settings_from_flags(RuntimeSettings, args), settings_from_flags(DistributedSettings, args)
+    assert runtime_flags.runtime_notes(settings, distributed, 1) == [
         "--ddp_static_graph has no effect in a one-process run",
         "--ddp_timeout has no effect in a one-process run",
         "DeepSpeed settings (--zero_stage, --offload_*, --zero3_*) have no effect without --deepspeed",
     ]
-    two = runtime_flags.runtime_notes(settings, 2)
+    two = runtime_flags.runtime_notes(settings, distributed, 2)
     assert len(two) == 2 and two[0].startswith("--ddp_static_graph: passed to accelerate's DDP wrapper, but")
 
 

@@ -113,19 +113,13 @@ def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass(frozen=True)
-class RuntimeSettings:
-    """The flags of :func:`add_runtime_arguments` (and ``--mixed_precision``), under their own names."""
+class DistributedSettings:
+    """How processes are joined (--ddp_*) and how DeepSpeed shards the run (--deepspeed, --zero_stage, --offload_*,
+    --zero3_*), under the flags' names; the engine's config holds the one copy."""
 
-    mixed_precision: str = "no"
-    torch_compile: bool = False
-    dynamo_backend: str = "inductor"
-    fp8_base: bool = False
-    fp8_base_unet: bool = False
     ddp_timeout: int | None = None
     ddp_gradient_as_bucket_view: bool = False
     ddp_static_graph: bool = False
-    highvram: bool = False
-    cpu_offload_checkpointing: bool = False
     deepspeed: bool = False
     zero_stage: int = 2
     offload_optimizer_device: str | None = None
@@ -137,27 +131,23 @@ class RuntimeSettings:
     fp16_master_weights_and_gradients: bool = False
 
 
-class DdpSettings(Protocol):
-    """The DDP flags accelerate's kwargs handlers take; :class:`RuntimeSettings` and the engine's config have them."""
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The compile, fp8 and memory flags of :func:`add_runtime_arguments` (and ``--mixed_precision``)."""
 
-    ddp_timeout: int | None
-    ddp_gradient_as_bucket_view: bool
-    ddp_static_graph: bool
+    mixed_precision: str = "no"
+    torch_compile: bool = False
+    dynamo_backend: str = "inductor"
+    fp8_base: bool = False
+    fp8_base_unet: bool = False
+    highvram: bool = False
+    cpu_offload_checkpointing: bool = False
 
 
-class DeepSpeedSettings(Protocol):
-    """What a DeepSpeed plugin is built from: the DeepSpeed flags and the loop's batch, precision and clipping
-    (the engine's config has them all)."""
+class DeepSpeedLoop(Protocol):
+    """What a DeepSpeed plugin takes from the loop's settings besides :class:`DistributedSettings`."""
 
-    deepspeed: bool
-    zero_stage: int
-    offload_optimizer_device: str | None
-    offload_optimizer_nvme_path: str | None
-    offload_param_device: str | None
-    offload_param_nvme_path: str | None
-    zero3_init_flag: bool
-    zero3_save_16bit_model: bool
-    fp16_master_weights_and_gradients: bool
+    distributed: DistributedSettings
     train_batch_size: int
     gradient_accumulation_steps: int
     max_grad_norm: float
@@ -204,7 +194,7 @@ def process_group_kwargs(ddp_timeout: int | None) -> dict[str, Any]:
     return {} if not ddp_timeout else {"timeout": datetime.timedelta(minutes=ddp_timeout)}
 
 
-def accelerate_kwargs_handlers(settings: DdpSettings) -> list[Any]:
+def accelerate_kwargs_handlers(settings: DistributedSettings) -> list[Any]:
     """accelerate's ``InitProcessGroupKwargs`` (--ddp_timeout) and ``DistributedDataParallelKwargs``
     (--ddp_gradient_as_bucket_view, --ddp_static_graph), each only when its flags are given (as sd-scripts)."""
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -224,18 +214,19 @@ def deepspeed_installed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def deepspeed_plugin(settings: DeepSpeedSettings, world_size: int):
+def deepspeed_plugin(loop: DeepSpeedLoop, world_size: int):
     """accelerate's ``DeepSpeedPlugin`` built from the flags as sd-scripts' ``deepspeed_utils`` builds it (None
     without --deepspeed): batch sizes for ``world_size`` processes, the mixed precision, fp16 loss scale from 2**0,
     and fp16 master weights only where DeepSpeed supports them (ZeRO 2 with CPU optimizer offload)."""
+    settings = loop.distributed
     if not settings.deepspeed:
         return None
     from accelerate import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin(
         zero_stage=settings.zero_stage,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        gradient_clipping=settings.max_grad_norm,
+        gradient_accumulation_steps=loop.gradient_accumulation_steps,
+        gradient_clipping=loop.max_grad_norm,
         offload_optimizer_device=settings.offload_optimizer_device,
         offload_optimizer_nvme_path=settings.offload_optimizer_nvme_path,
         offload_param_device=settings.offload_param_device,
@@ -244,12 +235,12 @@ def deepspeed_plugin(settings: DeepSpeedSettings, world_size: int):
         zero3_save_16bit_model=settings.zero3_save_16bit_model,
     )
     config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = settings.train_batch_size
-    config["train_batch_size"] = settings.train_batch_size * settings.gradient_accumulation_steps * world_size
-    plugin.set_mixed_precision(settings.mixed_precision)
-    if settings.mixed_precision == "fp16":
+    config["train_micro_batch_size_per_gpu"] = loop.train_batch_size
+    config["train_batch_size"] = loop.train_batch_size * loop.gradient_accumulation_steps * world_size
+    plugin.set_mixed_precision(loop.mixed_precision)
+    if loop.mixed_precision == "fp16":
         config["fp16"]["initial_scale_power"] = 0
-    if settings.full_fp16 or settings.fp16_master_weights_and_gradients:
+    if loop.full_fp16 or settings.fp16_master_weights_and_gradients:
         if settings.offload_optimizer_device == "cpu" and settings.zero_stage == 2:
             config["fp16"]["fp16_master_weights_and_grads"] = True
         else:
@@ -260,7 +251,7 @@ def deepspeed_plugin(settings: DeepSpeedSettings, world_size: int):
     return plugin
 
 
-def check_deepspeed(settings: DeepSpeedSettings) -> None:
+def check_deepspeed(settings: DistributedSettings) -> None:
     """--deepspeed needs the deepspeed package; say so in one line instead of failing inside accelerate."""
     if settings.deepspeed and not deepspeed_installed():
         raise UserError(
@@ -306,7 +297,7 @@ def apply_fp8_base(settings: RuntimeSettings, unet: nn.Module, text_encoder: nn.
     return stored
 
 
-def runtime_notes(settings: RuntimeSettings, num_processes: int) -> list[str]:
+def runtime_notes(settings: RuntimeSettings, distributed: DistributedSettings, num_processes: int) -> list[str]:
     """One line for each given flag that does nothing in this run, and why (logged at start-up)."""
     notes = []
     if settings.highvram:
@@ -316,7 +307,7 @@ def runtime_notes(settings: RuntimeSettings, num_processes: int) -> list[str]:
         )
     if settings.cpu_offload_checkpointing:
         notes.append("--cpu_offload_checkpointing applies to FLUX/SD3 only in sd-scripts; it has no effect on SD1/2")
-    ddp = [f for f in ("ddp_gradient_as_bucket_view", "ddp_static_graph") if getattr(settings, f)]
+    ddp = [f for f in ("ddp_gradient_as_bucket_view", "ddp_static_graph") if getattr(distributed, f)]
     if ddp and num_processes > 1:
         notes.append(
             f"--{' and --'.join(ddp)}: passed to accelerate's DDP wrapper, but this trainer averages gradients "
@@ -324,14 +315,14 @@ def runtime_notes(settings: RuntimeSettings, num_processes: int) -> list[str]:
         )
     elif ddp:
         notes.append(f"--{' and --'.join(ddp)} has no effect in a one-process run")
-    if settings.ddp_timeout and num_processes == 1:
+    if distributed.ddp_timeout and num_processes == 1:
         notes.append("--ddp_timeout has no effect in a one-process run")
-    if not settings.deepspeed and _deepspeed_settings_given(settings):
+    if not distributed.deepspeed and _deepspeed_settings_given(distributed):
         notes.append("DeepSpeed settings (--zero_stage, --offload_*, --zero3_*) have no effect without --deepspeed")
     return notes
 
 
-def _deepspeed_settings_given(settings: RuntimeSettings) -> bool:
+def _deepspeed_settings_given(settings: DistributedSettings) -> bool:
     paths = (settings.offload_optimizer_nvme_path, settings.offload_param_nvme_path)
     devices = (settings.offload_optimizer_device, settings.offload_param_device)
     flags = (settings.zero3_init_flag, settings.zero3_save_16bit_model, settings.fp16_master_weights_and_gradients)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from library.config.runtime_flags import check_deepspeed
+from library.config.runtime_flags import DistributedSettings, check_deepspeed
 from library.config.settings import settings_from_flags
 from library.errors import UserError
 from library.saving import SavePlan, check_output_location
@@ -58,18 +58,7 @@ class EngineConfig:
     max_data_loader_n_workers: int | None = None
     persistent_data_loader_workers: bool = False
     train_batch_size: int = 1
-    ddp_timeout: int | None = None
-    ddp_gradient_as_bucket_view: bool = False
-    ddp_static_graph: bool = False
-    deepspeed: bool = False
-    zero_stage: int = 2
-    offload_optimizer_device: str | None = None
-    offload_optimizer_nvme_path: str | None = None
-    offload_param_device: str | None = None
-    offload_param_nvme_path: str | None = None
-    zero3_init_flag: bool = False
-    zero3_save_16bit_model: bool = False
-    fp16_master_weights_and_gradients: bool = False
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
     latents_cached: bool = False  # every batch brings cached latents: the VAE can leave the accelerator
     tracker_config: dict[str, Any] = field(default_factory=dict)  # flags logged as hyperparameters (--log_config)
 
@@ -83,6 +72,7 @@ class EngineConfig:
             "max_grad_norm": args.max_grad_norm or 0.0,
             "latents_cached": bool(args.cache_latents or args.cache_latents_to_disk),
             "tracker_config": _loggable(vars(args)) if args.log_config else {},
+            "distributed": settings_from_flags(DistributedSettings, args),
         }
         if args.deepspeed:
             computed["max_data_loader_n_workers"] = 1  # sd-scripts' rule: more workers die under DeepSpeed
@@ -110,13 +100,13 @@ class EngineConfig:
                 raise UserError(f"--{name} {value}: must be 0 or more")
         if self.save_n_epoch_ratio is not None and self.save_n_epoch_ratio < 0:
             raise UserError(f"--save_n_epoch_ratio {self.save_n_epoch_ratio}: must be 0 (off) or more")
-        if self.deepspeed and self.gradient_accumulation_steps > 1:
+        if self.distributed.deepspeed and self.gradient_accumulation_steps > 1:
             raise UserError(
                 f"--deepspeed with --gradient_accumulation_steps {self.gradient_accumulation_steps}: DeepSpeed "
                 "accumulates inside its engine, which this trainer's loop does not drive; use 1 (raise "
                 "--train_batch_size instead) or drop --deepspeed"
             )
-        check_deepspeed(self)
+        check_deepspeed(self.distributed)
         if self.save_last_n_steps is not None and not self.save_every_n_steps:
             raise UserError("--save_last_n_steps needs --save_every_n_steps (it keeps only recent step saves)")
         if self.full_fp16 and self.mixed_precision != "fp16":

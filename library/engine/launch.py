@@ -148,9 +148,9 @@ def prepare_run(
     compile_unet(components.unet, runtime)
     components.vae.to(device)
     processes = PartialState(
-        cpu=device.type == "cpu" and launched_processes() > 1, **process_group_kwargs(runtime.ddp_timeout)
+        cpu=device.type == "cpu" and launched_processes() > 1, **process_group_kwargs(config.distributed.ddp_timeout)
     )
-    log_process_group_timeout(runtime.ddp_timeout, processes.num_processes)
+    log_process_group_timeout(config.distributed.ddp_timeout, processes.num_processes)
     flags = dataset_flags(args)
     dataset = build_train_dataset(
         flags,
@@ -162,7 +162,9 @@ def prepare_run(
         barrier=processes.wait_for_everyone,
         gather=lambda obj: gather_object([obj]),
     )
-    _warn_unused_settings(runtime_notes(runtime, processes.num_processes), dataset, lowram=args.lowram)
+    _warn_unused_settings(
+        runtime_notes(runtime, config.distributed, processes.num_processes), dataset, lowram=args.lowram
+    )
     if flags.debug_dataset:
         from library.dataset.debug import debug_dataset
 

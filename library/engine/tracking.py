@@ -72,7 +72,7 @@ def make_accelerator(config: EngineConfig, now: float | None = None) -> Accelera
         gradient_accumulation_steps=1,
         log_with=kinds,
         project_dir=None if logging_dir is None else str(logging_dir),
-        kwargs_handlers=accelerate_kwargs_handlers(config),
+        kwargs_handlers=accelerate_kwargs_handlers(config.distributed),
         dynamo_backend="no",
         deepspeed_plugin=deepspeed_plugin(config, launched_processes()),
     )
