@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from library.cli import run_cli
 from library.config import engine_flags
 from library.config.config_file import parse_args_with_config
 from library.config.parsers import training_parser
+from library.config.sdxl_flags import SD_FAMILIES
 from library.config.settings import settings_from_flags
 from library.config.values import Range
 from library.errors import UserError
@@ -51,8 +52,11 @@ def main(argv: Sequence[str], *, xti: bool = False) -> None:
     run(args, xti=xti)
 
 
-def run(args: argparse.Namespace, *, xti: bool = False) -> TextualInversionRecipe:
-    """Train with parsed flags (``xti``: one embedding per cross-attention layer); returns the trained recipe."""
+def run(
+    args: argparse.Namespace, *, xti: bool = False, families: Collection[str] = SD_FAMILIES
+) -> TextualInversionRecipe:
+    """Train with parsed flags on a model of ``families`` (``xti``: one embedding per cross-attention layer);
+    returns the trained recipe."""
     if xti and args.v2:
         raise UserError("--v2: train_textual_inversion_XTI.py supports SD 1.x only; use train_textual_inversion.py")
     from library.engine.launch import prepare_run
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace, *, xti: bool = False) -> TextualInversionRecip
         args = argparse.Namespace(**{**vars(args), "output_name": args.token_string})
     settings = settings_from_flags(TextualInversionSettings, args, metadata=settings_from_flags(MetadataSettings, args))
     recipe = TextualInversionRecipe(settings, xti=xti)
-    prepared = prepare_run(args, {"dreambooth", "finetune"}, text_embedding=True)
+    prepared = prepare_run(args, {"dreambooth", "finetune"}, text_embedding=True, families=families)
     if prepared is None:
         return recipe
     source, summary = prepared.dataset, prepared.summary

@@ -51,7 +51,8 @@ def build_modelspec(
         arch += "/textual-inversion"
     if not lora and not textual_inversion and is_stable_diffusion_ckpt is None:
         is_stable_diffusion_ckpt = True
-    impl = IMPL_STABILITY_AI if textual_inversion or is_stable_diffusion_ckpt else IMPL_DIFFUSERS
+    stability = textual_inversion or is_stable_diffusion_ckpt or (lora and family.sgm_lora_names)
+    impl = IMPL_STABILITY_AI if stability else IMPL_DIFFUSERS
     if title is None:
         title = ("LoRA" if lora else "TextualInversion" if textual_inversion else "Checkpoint") + f"@{timestamp}"
     md = {

@@ -8,7 +8,8 @@ UNet cross-attention layer (see ``library.xti``).
 Files: sd-scripts writes ``{"emb_params": (N, width)}`` (safetensors, or ``torch.save`` for ``.pt``/``.ckpt``),
 which A1111, ComfyUI and diffusers' ``load_textual_inversion(path, token=…)`` load; XTI files hold one
 ``(N, width)`` tensor per layer name (``IN01`` … ``OUT11``). Reading also accepts A1111's ``string_to_param``
-layout and diffusers' one-token ``{token: tensor}`` files.
+layout and diffusers' one-token ``{token: tensor}`` files. An SDXL embedding is one file holding both encoders'
+vectors, ``{"clip_l": (N, 768), "clip_g": (N, 1280)}`` (sd-scripts' sdxl_train_textual_inversion.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from library.errors import UserError
 from library.io import atomic_save, load_pickle_checkpoint, load_safetensors
 
 EMBEDDING_KEY = "emb_params"
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # text encoder 1 (CLIP ViT-L), text encoder 2 (OpenCLIP ViT-bigG)
 
 XTI_LAYERS = (
     "IN01",
@@ -191,6 +193,8 @@ def load_embedding(path: str | Path, allow_unsafe_pickle: bool = False) -> torch
     tensors = read_embedding_file(path, allow_unsafe_pickle)
     if EMBEDDING_KEY in tensors:
         emb = tensors[EMBEDDING_KEY]
+    elif any(key in tensors for key in SDXL_EMBEDDING_KEYS):
+        raise UserError(f"{path}: an SDXL embedding (clip_l/clip_g); use it with an SDXL model and its scripts")
     elif len(tensors) == 1:
         emb = next(iter(tensors.values()))
     else:
@@ -220,3 +224,46 @@ def save_embedding_file(
         atomic_save(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata or None))
     else:
         atomic_save(path, lambda tmp: torch.save(clean, tmp))
+
+
+def save_sdxl_embedding(
+    path: str | Path,
+    embeddings: Sequence[torch.Tensor],
+    dtype: torch.dtype | None,
+    metadata: dict[str, str] | None,
+) -> None:
+    """Write an SDXL embedding as sd-scripts does: ``clip_l`` and ``clip_g``, ``(N, width)`` each, in one file.
+
+    ``embeddings`` are the two text encoders' new rows in encoder order; both must hold the same N vectors.
+    """
+    if len(embeddings) != len(SDXL_EMBEDDING_KEYS) or any(e.dim() != 2 for e in embeddings):
+        raise ValueError(f"an SDXL embedding is two (num_vectors, width) tensors, got {[e.shape for e in embeddings]}")
+    if embeddings[0].shape[0] != embeddings[1].shape[0]:
+        raise ValueError(f"clip_l and clip_g need the same number of vectors: {[e.shape for e in embeddings]}")
+    save_embedding_file(path, dict(zip(SDXL_EMBEDDING_KEYS, embeddings)), dtype, metadata)
+
+
+def load_sdxl_embedding(
+    path: str | Path, widths: Sequence[int] | None = None, allow_unsafe_pickle: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SDXL embedding as ``(clip_l, clip_g)``, ``(N, width)`` each; ``widths`` (the encoders' hidden sizes)
+    are checked when given. SD 1.x/2.x files (``emb_params``) and files lacking either tensor are refused."""
+    tensors = read_embedding_file(path, allow_unsafe_pickle)
+    missing = [key for key in SDXL_EMBEDDING_KEYS if key not in tensors]
+    if len(missing) == len(SDXL_EMBEDDING_KEYS):
+        kind = "an SD 1.x/2.x embedding (emb_params)" if EMBEDDING_KEY in tensors else f"tensors {sorted(tensors)[:3]}"
+        raise UserError(f"{path}: holds {kind}, not an SDXL one (clip_l + clip_g); use an embedding made for SDXL")
+    if missing:
+        raise UserError(f"{path}: an incomplete SDXL embedding (no {missing[0]} tensor); it needs clip_l and clip_g")
+    pair = tuple(t.unsqueeze(0) if t.dim() == 1 else t for t in (tensors[k] for k in SDXL_EMBEDDING_KEYS))
+    if pair[0].shape[0] != pair[1].shape[0]:
+        n_l, n_g = pair[0].shape[0], pair[1].shape[0]
+        raise UserError(f"{path}: clip_l has {n_l} vectors but clip_g {n_g}; an SDXL embedding needs the same count")
+    if widths is not None:
+        for key, tensor, width in zip(SDXL_EMBEDDING_KEYS, pair, widths):
+            if tensor.shape[-1] != width:
+                raise UserError(
+                    f"{path}: {key} vectors are {tensor.shape[-1]} wide but the text encoder's are {width}; "
+                    "the embedding is for another model"
+                )
+    return pair

@@ -1,8 +1,9 @@
-"""sd-scripts' LoRA network (``--network_module networks.lora``) for SD 1.x/2.x models of any width.
+"""sd-scripts' LoRA network (``--network_module networks.lora``) for SD 1.x/2.x and SDXL models of any width.
 
 Same module interface, key names, scale rule (alpha / dim), initialisation, dropouts, block-wise dims and learning
 rates, LoRA+ groups and file layout as kohya sd-scripts, so files and habits move between the two unchanged.
-Block indices follow sd-scripts' scheme (SD1: 12 down, 1 mid, 12 up), derived from the UNet's structure.
+SDXL UNet modules are named after sd-scripts' SGM-layout UNet (``lora_unet_input_blocks_…``, see sdxl_names.py)
+and two text encoders are ``lora_te1``/``lora_te2``; block indices follow sd-scripts' schemes (lora_blocks.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ import torch
 from library.errors import UserError
 from library.io import atomic_save, load_pickle_checkpoint, load_safetensors, save_safetensors
 from library.metadata import precalculate_safetensors_hashes
+from library.models.sgm_names import SgmNames, is_sdxl_unet
+from networks.lora_blocks import (
+    LR_WEIGHT_KEYS,
+    block_slots,
+    get_block_index,
+    parse_block_lr_weight,
+    parse_number,
+    parse_number_list,
+    unet_block_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +38,10 @@ LORA_PREFIX_TEXT_ENCODER = "lora_te"
 UNET_TARGET_REPLACE_MODULE = ("Transformer2DModel",)
 UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGET_REPLACE_MODULE = ("CLIPAttention", "CLIPMLP")
-RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
-LR_WEIGHT_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 KNOWN_NETWORK_ARGS = frozenset(
     "conv_dim conv_alpha block_dims block_alphas conv_block_dims conv_block_alphas block_lr_zero_threshold "
     "rank_dropout module_dropout loraplus_lr_ratio loraplus_unet_lr_ratio loraplus_text_encoder_lr_ratio".split()
 ).union(LR_WEIGHT_KEYS)
-LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 
 
 class LoRAModule(torch.nn.Module):
@@ -145,33 +153,8 @@ def normalize_lora_key(key: str) -> str:
     return f"{m.group(1)}text_model_{key[len(m.group(1)) :]}" if m else key
 
 
-def unet_block_layout(unet: torch.nn.Module) -> tuple[int, int]:
-    """(down slots, layers per block + 1) of sd-scripts' block scheme: SD1's 4 blocks of 2 layers give (12, 3)."""
-    layers = unet.config.layers_per_block
-    if not isinstance(layers, int):
-        raise UserError(
-            f"block-wise network args need a UNet with one layers_per_block for every block, got {layers}; "
-            "drop block_dims/block_alphas/*_lr_weight from --network_args"
-        )
-    stride = layers + 1
-    return len(unet.config.down_block_types) * stride, stride
-
-
-def get_block_index(lora_name: str, layout: tuple[int, int] = (12, 3)) -> int:
-    """sd-scripts' block index of a UNet LoRA (down 1..n, mid n, up n+1..2n); -1 when the name has no block."""
-    n_down, stride = layout
-    m = RE_UPDOWN.search(lora_name)
-    if m:
-        kind, i, part, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
-        idx = stride * i + (stride - 1 if part in ("upsamplers", "downsamplers") else j)
-        return 1 + idx if kind == "down" else n_down + 1 + idx
-    if "mid_block_" in lora_name:
-        return n_down
-    return -1
-
-
 class LoRANetwork(torch.nn.Module):
-    """All LoRA modules of one SD 1.x/2.x model; its state dict is the LoRA file (``lora_unet_…``, ``lora_te_…``)."""
+    """One model's LoRA modules; the state dict is the LoRA file (``lora_unet_…``, ``lora_te_…``, ``lora_te1_…``)."""
 
     def __init__(
         self,
@@ -215,6 +198,9 @@ class LoRANetwork(torch.nn.Module):
                 return lora_dim, alpha
             return conv_lora_dim, conv_alpha
 
+        sgm = SgmNames(unet.config) if unet is not None and is_sdxl_unet(unet) else None
+        self.sdxl_diffusers_names: dict[str, str] = {}  # diffusers-spelled SDXL UNet LoRA name → ours (SGM)
+
         def create_modules(prefix: str, root: torch.nn.Module, targets: Iterable[str], is_unet: bool):
             loras, targets = [], tuple(targets)
             for name, module in root.named_modules():
@@ -226,8 +212,13 @@ class LoRANetwork(torch.nn.Module):
                     is_conv = isinstance(child, torch.nn.Conv2d)
                     if not (is_linear or is_conv):
                         continue
-                    lora_name = f"{prefix}.{path}.{child_name}".replace(".", "_")
-                    dim, a = dim_alpha(lora_name, is_unet, is_linear or (is_conv and child.kernel_size == (1, 1)))
+                    lora_name = diffusers_name = f"{prefix}.{path}.{child_name}".replace(".", "_")
+                    if is_unet and sgm is not None:  # sd-scripts names SDXL LoRA after its SGM-layout UNet
+                        lora_name = f"{prefix}.{sgm.to_sgm(f'{path}.{child_name}')}".replace(".", "_")
+                        self.sdxl_diffusers_names[diffusers_name] = lora_name
+                    # a file may spell SDXL UNet modules the diffusers way
+                    key = diffusers_name if modules_dim is not None and lora_name not in modules_dim else lora_name
+                    dim, a = dim_alpha(key, is_unet, is_linear or (is_conv and child.kernel_size == (1, 1)))
                     if not dim:
                         continue
                     loras.append(
@@ -259,9 +250,21 @@ class LoRANetwork(torch.nn.Module):
         for lora in self.text_encoder_loras + self.unet_loras:
             lora.multiplier = multiplier
 
+    def own_names(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A LoRA state dict in this network's names: text-encoder keys normalised and, for SDXL, UNet keys in
+        diffusers spelling (``lora_unet_down_blocks_…``) renamed to sd-scripts' SGM names, as sd-scripts does."""
+        sd = normalize_state_dict(sd)
+        if not self.sdxl_diffusers_names:
+            return sd
+        renamed = {}
+        for key, value in sd.items():
+            head, dot, tail = key.partition(".")
+            renamed[self.sdxl_diffusers_names.get(head, head) + dot + tail] = value
+        return renamed
+
     def load_weights(self, file: str | os.PathLike):
         """Load a LoRA file into this network (non-strict, as sd-scripts); returns the missing/unexpected keys."""
-        sd = normalize_state_dict(load_lora_state_dict(file))
+        sd = self.own_names(load_lora_state_dict(file))
         own = self.state_dict()
         if own and not any(k in own for k in sd):
             raise UserError(f"{file}: no key of this file matches the network; is it a LoRA for this model type?")
@@ -291,7 +294,7 @@ class LoRANetwork(torch.nn.Module):
 
     def merge_to(self, text_encoder, unet, weights_sd: dict[str, torch.Tensor], dtype=None, device="cpu") -> None:
         """Add the LoRA weights of ``weights_sd`` (times the multiplier) into the base models' weights."""
-        weights_sd = normalize_state_dict(weights_sd)
+        weights_sd = self.own_names(weights_sd)
         has_te = any(k.startswith(LORA_PREFIX_TEXT_ENCODER) for k in weights_sd)
         has_unet = any(k.startswith(LORA_PREFIX_UNET) for k in weights_sd)
         for lora in (self.text_encoder_loras if has_te else []) + (self.unet_loras if has_unet else []):
@@ -414,76 +417,6 @@ def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {normalize_lora_key(k): v for k, v in sd.items()}
 
 
-def _num(kwargs: dict, key: str, kind: type):
-    """One numeric network arg (``None``/``none``/empty mean unset)."""
-    value = kwargs.get(key)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-        return None
-    try:
-        return kind(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise UserError(f"--network_args {key}={value}: not a valid {kind.__name__}; write e.g. {key}=4") from None
-
-
-def _num_list(kwargs: dict, key: str, kind: type, length: int) -> list | None:
-    value = kwargs.get(key)
-    if value is None:
-        return None
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        parsed = [kind(str(s).strip()) for s in items]
-    except (TypeError, ValueError):
-        raise UserError(f"--network_args {key}={value}: expected {length} comma-separated numbers") from None
-    if len(parsed) != length:
-        raise UserError(
-            f"--network_args {key}: {len(parsed)} values given, this UNet has {length} blocks "
-            f"(down, mid, up in sd-scripts' order); give {length} comma-separated values"
-        )
-    return parsed
-
-
-def _lr_weight_list(kwargs: dict, key: str, length: int) -> list[float] | None:
-    """A per-block lr weight list: numbers (missing entries 0, short lists padded with 1) or a preset name."""
-    value = kwargs.get(key)
-    if value is None:
-        return None
-    text = str(value).strip()
-    name, _, base = text.partition("+")
-    if name in LR_WEIGHT_PRESETS:
-        base_lr = float(base) if base else 0.0
-        steps = [i / (length - 1) for i in range(length)] if length > 1 else [0.0]
-        curves = {
-            "cosine": [math.sin(math.pi * s / 2) for s in reversed(steps)],
-            "sine": [math.sin(math.pi * s / 2) for s in steps],
-            "linear": list(steps),
-            "reverse_linear": list(reversed(steps)),
-            "zeros": [0.0] * length,
-        }
-        return [w + base_lr for w in curves[name]]
-    try:
-        weights = [float(s) if s.strip() else 0.0 for s in text.split(",")]
-    except ValueError:
-        raise UserError(
-            f"--network_args {key}={value}: give comma-separated numbers or one of {', '.join(LR_WEIGHT_PRESETS)}"
-        ) from None
-    if len(weights) > length:
-        logger.warning(f"{key} has {len(weights)} values; values after the {length}th are ignored")
-    return (weights + [1.0] * length)[:length]
-
-
-def parse_block_lr_weight(kwargs: dict, layout: tuple[int, int]) -> list[float] | None:
-    """sd-scripts' down/mid/up lr weights as one list over all block indices, or None when none is given."""
-    n_down = layout[0]
-    down = _lr_weight_list(kwargs, "down_lr_weight", n_down)
-    mid = _lr_weight_list(kwargs, "mid_lr_weight", 1)
-    up = _lr_weight_list(kwargs, "up_lr_weight", n_down)
-    if down is None and mid is None and up is None:
-        return None
-    threshold = _num(kwargs, "block_lr_zero_threshold", float) or 0.0
-    weights = (down or [1.0] * n_down) + (mid or [1.0]) + (up or [1.0] * n_down)
-    return [w if w > threshold else 0.0 for w in weights]
-
-
 def create_network(
     multiplier: float,
     network_dim: int | None,
@@ -502,21 +435,21 @@ def create_network(
             )
     network_dim = 4 if network_dim is None else int(network_dim)
     network_alpha = 1.0 if network_alpha is None else float(network_alpha)
-    conv_dim = _num(kwargs, "conv_dim", int)
-    conv_alpha = _num(kwargs, "conv_alpha", float)
+    conv_dim = parse_number(kwargs, "conv_dim", int)
+    conv_alpha = parse_number(kwargs, "conv_alpha", float)
     if conv_dim is not None and conv_alpha is None:
         conv_alpha = 1.0
     block_wise = any(kwargs.get(k) is not None for k in ("block_dims",) + LR_WEIGHT_KEYS)
     block_dims = block_alphas = conv_block_dims = conv_block_alphas = block_lr_weight = None
     if block_wise:
         layout = unet_block_layout(unet)
-        n = 2 * layout[0] + 1
+        n = sum(block_slots(layout))
         block_lr_weight = parse_block_lr_weight(kwargs, layout)
-        block_dims = _num_list(kwargs, "block_dims", int, n) or [network_dim] * n
-        block_alphas = _num_list(kwargs, "block_alphas", float, n) or [network_alpha] * n
-        conv_block_dims = _num_list(kwargs, "conv_block_dims", int, n)
+        block_dims = parse_number_list(kwargs, "block_dims", int, n) or [network_dim] * n
+        block_alphas = parse_number_list(kwargs, "block_alphas", float, n) or [network_alpha] * n
+        conv_block_dims = parse_number_list(kwargs, "conv_block_dims", int, n)
         if conv_block_dims is not None:
-            conv_block_alphas = _num_list(kwargs, "conv_block_alphas", float, n) or [conv_alpha or 1.0] * n
+            conv_block_alphas = parse_number_list(kwargs, "conv_block_alphas", float, n) or [conv_alpha or 1.0] * n
         elif conv_dim is not None:
             conv_block_dims, conv_block_alphas = [conv_dim] * n, [conv_alpha] * n
         if block_lr_weight is not None:
@@ -532,8 +465,8 @@ def create_network(
         lora_dim=network_dim,
         alpha=network_alpha,
         dropout=neuron_dropout,
-        rank_dropout=_num(kwargs, "rank_dropout", float),
-        module_dropout=_num(kwargs, "module_dropout", float),
+        rank_dropout=parse_number(kwargs, "rank_dropout", float),
+        module_dropout=parse_number(kwargs, "module_dropout", float),
         conv_lora_dim=conv_dim,
         conv_alpha=conv_alpha,
         block_dims=block_dims,
@@ -541,7 +474,7 @@ def create_network(
         conv_block_dims=conv_block_dims,
         conv_block_alphas=conv_block_alphas,
     )
-    ratios = [_num(kwargs, f"loraplus_{k}lr_ratio", float) for k in ("", "unet_", "text_encoder_")]
+    ratios = [parse_number(kwargs, f"loraplus_{k}lr_ratio", float) for k in ("", "unet_", "text_encoder_")]
     if any(r is not None for r in ratios):
         network.set_loraplus_lr_ratio(*ratios)
     if block_lr_weight is not None:
@@ -577,7 +510,7 @@ def create_network_from_weights(
     if unet is not None and any(kwargs.get(k) is not None for k in LR_WEIGHT_KEYS):
         network.block_layout = unet_block_layout(unet)
         network.set_block_lr_weight(parse_block_lr_weight(kwargs, network.block_layout))
-    ratios = [_num(kwargs, f"loraplus_{k}lr_ratio", float) for k in ("", "unet_", "text_encoder_")]
+    ratios = [parse_number(kwargs, f"loraplus_{k}lr_ratio", float) for k in ("", "unet_", "text_encoder_")]
     if any(r is not None for r in ratios):
         network.set_loraplus_lr_ratio(*ratios)
     return network, weights_sd

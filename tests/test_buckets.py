@@ -10,6 +10,7 @@ from library.dataset.buckets import (
     BucketAssignment,
     BucketSettings,
     crop_ltrb,
+    crop_top_left,
     make_bucket_resolutions,
     select_bucket,
     validate_settings,
@@ -115,6 +116,17 @@ def test_crop_ltrb_matches_sd_scripts_convention():
     assert crop_ltrb((640, 384), (300, 300)) == (128, 0, 512, 384)
     # bucket taller than the image: fitted to the width
     assert crop_ltrb((384, 640), (400, 200)) == (0, 224, 384, 416)
+
+
+def test_crop_top_left_as_sd_scripts_passes_it():
+    # wide image in a wider bucket: fitted width 192 * 301 / 200 = 288.96, left (320 - 288.96) // 2 = 15; flipped,
+    # sd-scripts takes int(320 - (15 + 288.96)) = 16 (not 320 minus the rounded right edge, 17)
+    assert crop_top_left((320, 192), (301, 200), flipped=False) == (0, 15)
+    assert crop_top_left((320, 192), (301, 200), flipped=True) == (0, 16)
+    # tall image in a taller bucket: fitted height 192 * 301 / 200 = 288.96, top (320 - 288.96) // 2 = 15
+    assert crop_top_left((192, 320), (200, 301), flipped=False) == (15, 0)
+    assert crop_top_left((192, 320), (200, 301), flipped=True) == (15, 0)
+    assert crop_top_left((1024, 1024), (1024, 1024), flipped=True) == (0, 0)
 
 
 @pytest.mark.parametrize(

@@ -447,7 +447,10 @@ def test_bucket_step_errors_name_the_key_or_flag(tmp_path):
     folder = image_folder(tmp_path)
     src = tmp_path / "dataset.toml"
     sub = f"[[datasets.subsets]]\nimage_dir = '{folder}'\n"
-    rule = "must be a positive multiple of 8 when buckets are on (every bucket side is a multiple of it); use 64"
+    rule = (
+        "must be a positive multiple of 8 when buckets are on (every bucket side is a multiple of it); "
+        "use 64, or 32 for SDXL"
+    )
     assert error_of(tmp_path, f"[[datasets]]\nenable_bucket = true\nbucket_reso_steps = 1\n{sub}") == (
         f"{src}: datasets[0]: bucket_reso_steps = 1 {rule}, as sd-scripts does"
     )

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from library.errors import UserError
 from library.models.tiny import make_tiny_model
 from library.recipes.network import parse_network_args
-from networks import lora
+from networks import lora, lora_blocks
 
 TE_MODULES = 4 * 6  # 4 CLIP layers x (q, k, v, out_proj, fc1, fc2)
 UNET_MODULES = 16 * 12  # 16 Transformer2DModels x (proj_in/out, 2 x attn q/k/v/out, ff proj, ff out)
@@ -177,18 +177,18 @@ def test_module_dropout_one_skips_lora_in_train(tiny_sd1):
 
 
 def test_block_index_scheme():
-    assert lora.get_block_index("lora_unet_down_blocks_0_resnets_0_conv1") == 1
-    assert lora.get_block_index("lora_unet_down_blocks_0_downsamplers_0_conv") == 3
-    assert lora.get_block_index("lora_unet_down_blocks_3_resnets_1_conv2") == 11
-    assert lora.get_block_index("lora_unet_mid_block_attentions_0_proj_in") == 12
-    assert lora.get_block_index("lora_unet_up_blocks_0_upsamplers_0_conv") == 15
-    assert lora.get_block_index("lora_unet_up_blocks_3_attentions_2_proj_out") == 24
-    assert lora.get_block_index("lora_unet_up_blocks_1_attentions_1_proj_out", (16, 4)) == 16 + 1 + 4 + 1
+    assert lora_blocks.get_block_index("lora_unet_down_blocks_0_resnets_0_conv1") == 1
+    assert lora_blocks.get_block_index("lora_unet_down_blocks_0_downsamplers_0_conv") == 3
+    assert lora_blocks.get_block_index("lora_unet_down_blocks_3_resnets_1_conv2") == 11
+    assert lora_blocks.get_block_index("lora_unet_mid_block_attentions_0_proj_in") == 12
+    assert lora_blocks.get_block_index("lora_unet_up_blocks_0_upsamplers_0_conv") == 15
+    assert lora_blocks.get_block_index("lora_unet_up_blocks_3_attentions_2_proj_out") == 24
+    assert lora_blocks.get_block_index("lora_unet_up_blocks_1_attentions_1_proj_out", (16, 4)) == 16 + 1 + 4 + 1
 
 
 def test_block_dims_and_alphas(tiny_sd1):
     c = tiny_sd1
-    assert lora.unet_block_layout(c.unet) == (12, 3)
+    assert lora_blocks.unet_block_layout(c.unet) == (12, 3)
     dims = [i % 5 + 1 for i in range(25)]
     dims[4] = 0  # down_blocks_1 layer 0: no LoRA
     alphas = [float(i) + 0.5 for i in range(25)]
@@ -230,7 +230,7 @@ def test_block_lr_weights_give_one_group_per_block(tiny_sd1):
     assert blocks == {1, 2, 4, 5, 7, 8, 12, 16, 17, 18, 19, 20, 21, 22, 23, 24}  # no attentions in down 3 / up 0
     sizes = {d: len(g["params"]) for d, g in zip(desc, params)}
     assert sizes["unet_block4"] == 12 * 2
-    cos = lora._lr_weight_list({"down_lr_weight": "cosine"}, "down_lr_weight", 12)
+    cos = lora_blocks.lr_weight_list({"down_lr_weight": "cosine"}, "down_lr_weight", 12)
     assert cos[0] == pytest.approx(1.0) and cos[-1] == pytest.approx(0.0)
     assert cos[5] == pytest.approx(math.sin(math.pi * (6 / 11) / 2))
 

@@ -212,7 +212,7 @@ def test_bad_inputs_give_one_line_user_errors(tmp_path):
     cases = {
         tmp_path / "missing.safetensors": r"missing.safetensors: model file or folder not found",
         tmp_path / "cut.safetensors": r"cut.safetensors: truncated safetensors file",
-        tmp_path / "notmodel.safetensors": r"notmodel.safetensors: not a Stable Diffusion 1.x/2.x checkpoint",
+        tmp_path / "notmodel.safetensors": r"notmodel.safetensors: not a Stable Diffusion 1.x/2.x/XL checkpoint",
         tmp_path / "model.txt": r"model.txt: unknown model file extension '.txt'",
         tmp_path / "cut.ckpt": r"cut.ckpt: not a readable checkpoint \(truncated, corrupt or not a pickle\)",
         tmp_path / "garbage.ckpt": r"garbage.ckpt: not a readable checkpoint",

@@ -197,7 +197,7 @@ def test_fp8_base_trains_a_lora_on_float8_base_weights(model_dir, data_dir, tmp_
 
 def test_fp8_base_unet_keeps_the_text_encoder(sd1):
     settings = RuntimeSettings(fp8_base=False, fp8_base_unet=True, mixed_precision="fp16")
-    assert runtime_flags.apply_fp8_base(settings, sd1.unet, sd1.text_encoder) == ["UNet"]
+    assert runtime_flags.apply_fp8_base(settings, sd1.unet, sd1.text_encoders) == ["UNet"]
     assert sd1.unet.conv_out.weight.dtype == torch.float8_e4m3fn
     assert sd1.text_encoder.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
     assert sd1.unet.dtype == torch.float16  # what the loop reads: it does not cast the fp8 weights back

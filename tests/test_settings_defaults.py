@@ -19,7 +19,15 @@ import pytest
 from library.config.settings import settings_from_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train_network", "train_db", "fine_tune", "train_textual_inversion"]
+SCRIPTS = [
+    "train_network",
+    "train_db",
+    "fine_tune",
+    "train_textual_inversion",
+    "sdxl_train_network",
+    "sdxl_train",
+    "sdxl_train_textual_inversion",
+]
 CALL = re.compile(r"settings_from_flags\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
 
 

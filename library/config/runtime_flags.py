@@ -13,6 +13,7 @@ import argparse
 import datetime
 import importlib.util
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -279,20 +280,21 @@ def store_in_fp8(module: nn.Module, compute_dtype: torch.dtype) -> None:
     )
 
 
-def apply_fp8_base(settings: RuntimeSettings, unet: nn.Module, text_encoder: nn.Module | None) -> list[str]:
-    """--fp8_base (UNet and text encoder) / --fp8_base_unet (UNet only): store the frozen base weights in fp8.
+def apply_fp8_base(settings: RuntimeSettings, unet: nn.Module, text_encoders: Sequence[nn.Module]) -> list[str]:
+    """--fp8_base (UNet and text encoders) / --fp8_base_unet (UNet only): store the frozen base weights in fp8.
 
-    ``text_encoder`` is None where the text encoder must keep full precision (textual inversion trains through
-    its embedding). Returns the names of the models now stored in fp8."""
+    ``text_encoders`` is empty where they must keep full precision (textual inversion trains through the
+    embedding). Returns the names of the models now stored in fp8."""
     check_fp8(settings)
     if not (settings.fp8_base or settings.fp8_base_unet):
         return []
     compute = {"fp16": torch.float16, "bf16": torch.bfloat16}[settings.mixed_precision]
     store_in_fp8(unet, compute)
     stored = ["UNet"]
-    if text_encoder is not None and settings.fp8_base and not settings.fp8_base_unet:
-        store_in_fp8(text_encoder, compute)
-        stored.append("text encoder")
+    if text_encoders and settings.fp8_base and not settings.fp8_base_unet:
+        for encoder in text_encoders:
+            store_in_fp8(encoder, compute)
+        stored.append("text encoder" if len(text_encoders) == 1 else "text encoders")
     logger.info(f"fp8 base: {' and '.join(stored)} weights stored in float8_e4m3fn, computed in {compute}")
     return stored
 

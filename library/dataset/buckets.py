@@ -63,12 +63,13 @@ class BucketAssignment:
 def check_step(step: int, where: str, name: str = "bucket_reso_steps") -> None:
     """Bucket sides move in steps that are a positive multiple of 8 (the VAE's stride); ``name`` is the key or flag.
 
-    sd-scripts' SD scripts demand a multiple of 64; any multiple of 8 gives valid latents, so 8..56 are allowed here.
+    sd-scripts demands a multiple of 64 (SD 1.x/2.x) or 32 (SDXL); any multiple of 8 gives valid latents (diffusers'
+    UNet accepts latent sizes off its downsampling grid), so smaller steps are allowed here.
     """
     if step <= 0 or step % LATENT_STRIDE:
         raise UserError(
             f"{where}: {name} = {step} must be a positive multiple of {LATENT_STRIDE} when buckets are on "
-            "(every bucket side is a multiple of it); use 64, as sd-scripts does"
+            "(every bucket side is a multiple of it); use 64, or 32 for SDXL, as sd-scripts does"
         )
 
 
@@ -232,3 +233,18 @@ def crop_ltrb(bucket: tuple[int, int], image_size: tuple[int, int]) -> tuple[int
     left = (bucket[0] - fitted_w) // 2
     top = (bucket[1] - fitted_h) // 2
     return int(left), int(top), int(left + fitted_w), int(top + fitted_h)
+
+
+def crop_top_left(bucket: tuple[int, int], image_size: tuple[int, int], flipped: bool) -> tuple[int, int]:
+    """SDXL's ``crop_top_left`` (top, left) as sd-scripts passes it: the top-left of ``crop_ltrb`` (a random crop's
+    offset is not reflected, as in sd-scripts); when flipped, left is the bucket width minus the unrounded right edge.
+    """
+    bucket_aspect = bucket[0] / bucket[1]
+    image_aspect = image_size[0] / image_size[1]
+    if bucket_aspect > image_aspect:
+        fitted_w, fitted_h = bucket[1] * image_aspect, bucket[1]
+    else:
+        fitted_w, fitted_h = bucket[0], bucket[0] / image_aspect
+    left = (bucket[0] - fitted_w) // 2
+    top = (bucket[1] - fitted_h) // 2
+    return int(top), int(bucket[0] - (left + fitted_w) if flipped else left)

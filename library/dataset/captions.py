@@ -111,3 +111,27 @@ def process_caption(
     if subset.secondary_separator:
         caption = caption.replace(subset.secondary_separator, subset.caption_separator)
     return caption
+
+
+CHANGING_CAPTION_KEYS = (
+    "shuffle_caption",
+    "caption_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate",
+    "token_warmup_step",
+    "enable_wildcard",
+)
+
+
+def changing_caption_key(subset: SubsetConfig) -> str | None:
+    """The first setting of ``subset`` that makes its captions change between steps (shuffle, dropout, token
+    warm-up, wildcards), or None when each image always gets the same caption."""
+    return next((key for key in CHANGING_CAPTION_KEYS if getattr(subset, key)), None)
+
+
+def fixed_caption(record: ImageRecord, subset: SubsetConfig) -> str:
+    """The caption ``record`` is trained with at every step, for a subset with no ``changing_caption_key``."""
+    if changing_caption_key(subset) is not None:
+        raise ValueError(f"{subset.name}: captions change between steps ({changing_caption_key(subset)})")
+    rng = random.Random(0)  # unused: nothing random is on
+    return process_caption(pick_caption(record, subset, rng), subset, rng, epoch=1, step=0)

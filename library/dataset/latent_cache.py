@@ -1,8 +1,9 @@
 """Latent caching (``--cache_latents`` in memory, ``--cache_latents_to_disk`` as sd-scripts' npz files).
 
 File format (sd-scripts compatible): ``<stem>_<WWWW>x<HHHH>_sd.npz`` beside the image (original image size in the
-name) with ``latents`` (4, h, w) float32 unscaled (``vae.encode(x).latent_dist.sample()``), ``original_size``,
-``crop_ltrb``, optional ``latents_flipped`` and ``alpha_mask`` (H, W; the product of the alpha, ``-masklabel`` and
+name; SDXL's end ``_sdxl.npz``: the caller passes the suffix as ``CacheJob.suffix``) with ``latents`` (4, h, w)
+float32 unscaled (``vae.encode(x).latent_dist.sample()``), ``original_size``, ``crop_ltrb``, optional
+``latents_flipped`` and ``alpha_mask`` (H, W; the product of the alpha, ``-masklabel`` and
 conditioning masks). We add ``cache_key``: a JSON string naming
 everything the latents depend on (image size + mtime, bucket, crop, flip, mask, interpolation, VAE weights), and
 ``content_hash``: a CRC-32 of the bytes of the image and its mask/conditioning files, so an image edited in
@@ -38,7 +39,7 @@ from library.io import atomic_path
 
 logger = logging.getLogger("sdtrain.dataset")
 
-NPZ_SUFFIX = "_sd.npz"
+NPZ_SUFFIX = "_sd.npz"  # sd-scripts' SdSdxlLatentsCachingStrategy: "_sd.npz" for SD 1.x/2.x, "_sdxl.npz" for SDXL
 _LOADER_THREADS = 2
 KEY_VERSION = 1
 _HASH_BLOCK = 1 << 20
@@ -57,6 +58,7 @@ class CacheJob:
     mask_path: Path | None = None
     interpolation: str | None = None
     conditioning_path: Path | None = None  # --masked_loss mask image from conditioning_data_dir
+    suffix: str = NPZ_SUFFIX  # the model family's cache file suffix (sd-scripts: "_sd.npz", SDXL "_sdxl.npz")
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,10 @@ class CacheReport:
     unreadable: int = 0
 
 
-def npz_path_for(image_path: Path, original_size: tuple[int, int]) -> Path:
-    """sd-scripts' cache file name: ``<stem>_<WWWW>x<HHHH>_sd.npz`` next to the image."""
-    return image_path.with_name(f"{image_path.stem}_{original_size[0]:04d}x{original_size[1]:04d}{NPZ_SUFFIX}")
+def npz_path_for(image_path: Path, original_size: tuple[int, int], suffix: str = NPZ_SUFFIX) -> Path:
+    """sd-scripts' cache file name: ``<stem>_<WWWW>x<HHHH><suffix>`` next to the image (suffix ``_sd.npz`` for
+    SD 1.x/2.x, ``_sdxl.npz`` for SDXL)."""
+    return image_path.with_name(f"{image_path.stem}_{original_size[0]:04d}x{original_size[1]:04d}{suffix}")
 
 
 def refuse_incompatible(datasets: Sequence[DatasetConfig], flag: str = "--cache_latents") -> None:
@@ -259,7 +262,7 @@ def cache_latents(
         _refuse_folders(jobs)
     for i, job in enumerate(jobs):
         key = job_key(job, vae_id)
-        path = npz_path_for(job.path, job.original_size)
+        path = npz_path_for(job.path, job.original_size, job.suffix)
         if to_disk and path.exists() and (skip_check or _usable(path, job, key, report)):
             report.entries[i] = path
             report.reused += 1
@@ -302,7 +305,7 @@ def cache_latents(
 def _refuse_folders(jobs: Sequence[CacheJob]) -> None:
     """A folder where a cache file belongs would fail every write; name it before any encoding starts."""
     for job in jobs:
-        path = npz_path_for(job.path, job.original_size)
+        path = npz_path_for(job.path, job.original_size, job.suffix)
         if path.is_dir():
             raise UserError(
                 f"{path}: a folder is where this latent cache file should be written; remove or rename it and rerun"
@@ -353,7 +356,7 @@ def _encode_chunk(
             prepared.crop_ltrb,
         )
         if to_disk:
-            path = npz_path_for(job.path, job.original_size)
+            path = npz_path_for(job.path, job.original_size, job.suffix)
             _write_npz(path, entry, key, digest)
             report.entries[i] = path
         else:

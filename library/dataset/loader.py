@@ -24,12 +24,19 @@ import torch
 
 from library.config.dataset_config import DatasetFlags, load_dataset_configs
 from library.config.dataset_schema import clip
-from library.dataset.buckets import BucketAssignment, BucketSettings, make_bucket_resolutions, select_bucket
+from library.dataset.buckets import (
+    BucketAssignment,
+    BucketSettings,
+    crop_top_left,
+    make_bucket_resolutions,
+    select_bucket,
+)
 from library.dataset.buckets import validate_settings as validate_bucket_settings
 from library.dataset.captions import pick_caption, process_caption
 from library.dataset.epoch import epoch_samples
 from library.dataset.images import ImageLoadError, check_interpolation, prepare_image
 from library.dataset.latent_cache import (
+    NPZ_SUFFIX,
     CacheJob,
     LatentEntry,
     cache_latents_shared,
@@ -187,12 +194,16 @@ class TrainDataset:
 
     def load_batch(self, plan: BatchPlan) -> dict[str, Any] | None:
         """Load one planned batch; images that cannot be read are skipped with one warning (listed in
-        ``batch["skipped"]``); None when none of its images could be read."""
+        ``batch["skipped"]``); None when none of its images could be read.
+
+        SDXL's size conditioning comes as sd-scripts makes it, one (int, int) pair per sample: ``original_sizes_hw``
+        (the image before resizing), ``crop_top_lefts`` (``buckets.crop_top_left``) and ``target_sizes_hw`` (the
+        bucket); SD 1.x/2.x ignore them."""
         d = plan.dataset_index
         dataset, recs = self.datasets[d], self.records[d]
         cached = self.latents is not None and all((d, i) in self.latents for i in plan.items)
         latents, images, masks, captions, weights, multipliers, paths, flipped, skipped = ([] for _ in range(9))
-        originals, crops = [], []
+        originals, crops, targets = [], [], []
         for n, i in enumerate(plan.items):
             record = recs[i]
             subset = dataset.subsets[record.subset_index]
@@ -204,7 +215,7 @@ class TrainDataset:
                 latents.append(entry.latents_flipped if flip else entry.latents)
                 mask = entry.alpha_mask.unsqueeze(0) if entry.alpha_mask is not None else None
                 masks.append(mask.flip(-1) if flip and mask is not None else mask)
-                original, crop = entry.original_size, entry.crop_ltrb
+                original = entry.original_size
             else:
                 assignment = self.assignments[d][i]
                 try:
@@ -231,7 +242,7 @@ class TrainDataset:
                     continue
                 images.append(prepared.image)
                 masks.append(prepared.mask)
-                original, crop = prepared.original_size, prepared.crop_ltrb
+                original = prepared.original_size
             caption_rng = random.Random(derive_seed(self.seed, "caption", plan.epoch, plan.index, n))
             caption = pick_caption(record, subset, caption_rng)
             captions.append(
@@ -243,8 +254,9 @@ class TrainDataset:
             multipliers.append(dataset.network_multiplier)
             paths.append(str(record.path))
             flipped.append(flip)
-            originals.append(tuple(original))
-            crops.append(tuple(crop))
+            originals.append((int(original[1]), int(original[0])))
+            crops.append(crop_top_left(plan.bucket, original, flip))
+            targets.append((plan.bucket[1], plan.bucket[0]))
         if not paths:
             return None
         return {
@@ -257,8 +269,9 @@ class TrainDataset:
             "paths": paths,
             "bucket": plan.bucket,
             "flipped": flipped,
-            "original_sizes": originals,
-            "crop_ltrb": crops,
+            "original_sizes_hw": originals,
+            "crop_top_lefts": crops,
+            "target_sizes_hw": targets,
             "skipped": skipped,
             "epoch": plan.epoch,
             "index": plan.index,
@@ -287,11 +300,13 @@ def attach_latent_cache(
     num_processes: int = 1,
     barrier: Callable[[], None] | None = None,
     gather: Callable[[Any], list[Any]] | None = None,
+    latents_npz_suffix: str = NPZ_SUFFIX,
 ) -> TrainDataset:
     """Encode (or reuse) the latents of every record; images that cannot be decoded are dropped and listed.
 
     Under several processes each encodes its share (``latent_cache.cache_latents_shared``: ``barrier`` is needed
-    for a disk cache, ``gather`` to share an in-memory one), and every process ends with the same dataset."""
+    for a disk cache, ``gather`` to share an in-memory one), and every process ends with the same dataset.
+    ``latents_npz_suffix`` ends the disk cache's file names (sd-scripts: ``_sd.npz``, SDXL ``_sdxl.npz``)."""
     refuse_incompatible(train.datasets, flag)
     jobs: list[CacheJob] = []
     where: list[tuple[int, int]] = []
@@ -310,6 +325,7 @@ def attach_latent_cache(
                     record.mask_path,
                     dataset.resize_interpolation,
                     record.conditioning_path,
+                    latents_npz_suffix,
                 )
             )
             where.append((d, i))
@@ -374,13 +390,15 @@ def build_train_dataset(
     num_processes: int = 1,
     barrier: Callable[[], None] | None = None,
     gather: Callable[[Any], list[Any]] | None = None,
+    latents_npz_suffix: str = NPZ_SUFFIX,
 ) -> TrainDataset:
     """Flags/TOML -> dataset configs -> scanned records -> buckets -> (latent cache when asked and ``vae`` given).
 
     Latents are not cached with ``--debug_dataset`` (it shows the processed images). ``seed`` is the run's one
     seed (``library.seeds.resolve_seed``). ``process_index``/``num_processes``/``barrier``/``gather`` split latent
     caching across the processes of a data-parallel run (see ``attach_latent_cache``). ``--dataset_class`` swaps in
-    a TrainDataset subclass.
+    a TrainDataset subclass. ``latents_npz_suffix`` names the model family's latent cache files (``_sd.npz``;
+    SDXL ``_sdxl.npz``, as sd-scripts).
     """
     cls = load_dataset_class(flags.dataset_class) if flags.dataset_class else TrainDataset
     train = cls.from_settings(flags, allowed_styles, seed=seed)
@@ -405,6 +423,7 @@ def build_train_dataset(
             num_processes=num_processes,
             barrier=barrier,
             gather=gather,
+            latents_npz_suffix=latents_npz_suffix,
         )
     return train
 

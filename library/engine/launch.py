@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from library.config.dataset_config import dataset_flags
+from library.config.dataset_config import DatasetFlags, dataset_flags, load_dataset_configs
 from library.config.runtime_flags import (
     RuntimeSettings,
     apply_fp8_base,
@@ -20,6 +21,7 @@ from library.config.runtime_flags import (
     process_group_kwargs,
     runtime_notes,
 )
+from library.config.sdxl_flags import SD_FAMILIES
 from library.config.settings import settings_from_flags
 from library.dataset.loader import TrainDataset, build_train_dataset
 from library.dataset.summary import DatasetSummary, summarize_dataset
@@ -33,7 +35,15 @@ from library.engine.schedule import RunPlan, make_run_plan
 from library.engine.tracking import launch_device, launched_processes
 from library.errors import UserError
 from library.models.components import Components
+from library.models.family import TextEncoding
 from library.seeds import choose_seed
+from library.text.encode import TextEncodingSettings
+from library.text.output_cache import (
+    OutputLayout,
+    TextOutputCacheSettings,
+    cache_text_outputs,
+    check_text_output_cache,
+)
 
 logger = logging.getLogger("sdtrain")
 
@@ -119,11 +129,15 @@ def prepare_run(
     *,
     load: Callable[[int], Components] | None = None,
     text_embedding: bool = False,
+    families: Collection[str] = SD_FAMILIES,
+    text_trained_by: str | None = None,
 ) -> PreparedRun | None:
-    """Seed, loop settings, base model (``load(seed)``, else the model the flags name), attention, fp8 storage and
-    compilation, the dataset of ``styles`` with its latents cached across processes, the step plan and the loop's
-    parts. ``text_embedding``: textual inversion trains the embedding through the whole text encoder, which
-    therefore keeps full precision under --fp8_base (sd-scripts ignores --fp8_base there).
+    """Seed, loop settings, base model (``load(seed)``, else the model the flags name; refused unless its family is
+    one of ``families``), attention, fp8 storage and compilation, the dataset of ``styles`` with its latents cached
+    across processes, the step plan and the loop's parts. ``text_embedding``: textual inversion trains the
+    embedding through the whole text encoder, which therefore keeps full precision under --fp8_base (sd-scripts
+    ignores --fp8_base there). ``text_trained_by``: the flag that trains a text encoder in this run, which
+    --cache_text_encoder_outputs excludes.
 
     Returns None after ``--debug_dataset`` has printed the batches: sd-scripts then exits without training.
     """
@@ -143,8 +157,9 @@ def prepare_run(
             "float32 weights; use --mixed_precision bf16 or no on the CPU (fp16 needs a GPU)"
         )
     components = load(seed) if load is not None else load_base_model(model_source(args))
+    check_family(components, families)
     attention_from_settings(settings_from_flags(AttentionSettings, args), components.unet, device)
-    apply_fp8_base(runtime, components.unet, None if text_embedding else components.text_encoder)
+    apply_fp8_base(runtime, components.unet, [] if text_embedding else components.text_encoders)
     compile_unet(components.unet, runtime)
     components.vae.to(device)
     processes = PartialState(
@@ -152,10 +167,13 @@ def prepare_run(
     )
     log_process_group_timeout(config.distributed.ddp_timeout, processes.num_processes)
     flags = dataset_flags(args)
+    text_cache = settings_from_flags(TextOutputCacheSettings, args)
+    check_text_output_cache(text_cache, load_dataset_configs(flags, styles), text_encoder_trained_by=text_trained_by)
     dataset = build_train_dataset(
         flags,
         styles,
         components.vae,
+        latents_npz_suffix=components.family.latents_npz_suffix,
         seed=seed,
         process_index=processes.process_index,
         num_processes=processes.num_processes,
@@ -178,7 +196,56 @@ def prepare_run(
         config.max_train_epochs,
     )
     dataset = dataset.with_changes(plan=plan)
-    return PreparedRun(config, components, dataset, plan, summarize_dataset(dataset), parts_from_args(args, components))
+    parts = parts_from_args(args, components)
+    if text_cache.enabled:
+        text_id = f"{components.family.name}:{settings_from_flags(TextEncodingSettings, args)!r}"
+        encode = cached_text_encoding(dataset, parts, components, text_cache, text_id, flags, processes, device)
+        parts = dataclasses.replace(parts, encode_text=encode)
+    return PreparedRun(config, components, dataset, plan, summarize_dataset(dataset), parts)
+
+
+def cached_text_encoding(
+    dataset: TrainDataset,
+    parts: TrainingParts,
+    components: Components,
+    settings: TextOutputCacheSettings,
+    settings_id: str,
+    flags: DatasetFlags,
+    processes: Any,
+    device: torch.device,
+) -> TextEncoding:
+    """--cache_text_encoder_outputs[_to_disk]: every caption encoded once on ``device`` before training (the
+    family decides what depends on the caption only, e.g. not SDXL's size embedding), served from the cache;
+    ``settings_id`` names the encoding settings, so changed ones re-encode files cached on disk."""
+    for encoder in components.text_encoders:
+        encoder.to(device)
+    family = components.family
+    return cache_text_outputs(
+        dataset,
+        parts.encode_text,
+        components.text_encoders,
+        components.tokenizers,
+        settings_id=settings_id,
+        to_disk=settings.cache_text_encoder_outputs_to_disk,
+        layout=OutputLayout.per_encoder(components.text_encoders, extras=family.text_output_extras()),
+        finish=family.finish_conditioning,
+        skip_check=flags.skip_cache_check,
+        process_index=processes.process_index,
+        num_processes=processes.num_processes,
+        barrier=processes.wait_for_everyone,
+    )
+
+
+def check_family(components: Components, families: Collection[str]) -> None:
+    """Refuse a base model this script does not train: SDXL trains with the sdxl_* scripts, SD 1.x/2.x without."""
+    family = components.family
+    if family.name in families:
+        return
+    scripts = "the sdxl_* scripts" if family.name == "sdxl" else "the scripts without the sdxl_ prefix"
+    raise UserError(
+        f"{components.source or 'the base model'} is an {family.description} model, which this script does not "
+        f"train; train it with {scripts} (e.g. {'sdxl_' if family.name == 'sdxl' else ''}train_network.py)"
+    )
 
 
 def log_process_group_timeout(ddp_timeout: int | None, num_processes: int) -> None:

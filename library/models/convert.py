@@ -53,6 +53,8 @@ def unet_module_pairs(config: Mapping[str, Any]) -> Pairs:
         ("conv_norm_out", "out.0"),
         ("conv_out", "out.2"),
     ]
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled-text and size embedding
+        pairs += [("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")]
     index = 1
     for i, block_type in enumerate(down_types):
         for j in range(layers[i]):

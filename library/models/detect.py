@@ -70,27 +70,35 @@ def detect_single_file(state_dict: Mapping[str, torch.Tensor], metadata: Mapping
     """Inspect a single-file state dict (and its metadata); raise UserError if no family claims it."""
     if f"{UNET_PREFIX}input_blocks.0.0.weight" not in state_dict:
         raise UserError(
-            f"{source}: not a Stable Diffusion 1.x/2.x checkpoint (no '{UNET_PREFIX}*' UNet keys); "
+            f"{source}: not a Stable Diffusion 1.x/2.x/XL checkpoint (no '{UNET_PREFIX}*' UNet keys); "
             "pass a full model file, a diffusers folder or a Hugging Face model id"
         )
     stored = stored_configs(metadata, source)
     found = checkpoint_family(state_dict.keys())
     if found is None:
-        raise UserError(f"{source}: no text encoder weights ('{SD1_TEXT_PREFIX}*' or '{SD2_TEXT_PREFIX}*') found")
+        raise UserError(
+            f"{source}: no text encoder weights ('{SD1_TEXT_PREFIX}*', '{SD2_TEXT_PREFIX}*' or "
+            "'conditioner.embedders.*') found; pass a full model file with its text encoders"
+        )
     family, family_evidence = found
     evidence = [family_evidence]
     v_pred, why = _prediction_from(state_dict, metadata, stored)
     if why:
         evidence.append(why)
+    if "ztsnr" in state_dict:
+        evidence.append("'ztsnr' key: trained with zero terminal SNR (add --zero_terminal_snr to train it so)")
+    parts = ("unet", "vae", *family.text_encoder_folders)
     if stored is not None:
-        parts = ("unet", "vae", *family.text_encoder_folders)
+        missing = [part for part in parts if not isinstance(stored.get(part), dict)]
+        if missing:
+            raise UserError(f"{source}: metadata '{CONFIG_KEY}' lacks {', '.join(missing)}; remove it or re-save")
         return ModelInfo(family, v_pred, {part: stored[part] for part in parts}, True, evidence)
     try:
         configs = family.infer_configs(state_dict, v_pred)
     except (KeyError, IndexError) as e:
         raise UserError(
-            f"{source}: unsupported or incomplete SD 1.x/2.x layout (missing {e.args[0] if e.args else e}); "
-            "check that the file is complete and is an SD 1.x/2.x model"
+            f"{source}: unsupported or incomplete {family.description} layout (missing "
+            f"{e.args[0] if e.args else e}); check that the file is complete"
         ) from e
     return ModelInfo(family, v_pred, configs, False, evidence)
 
@@ -125,7 +133,8 @@ def _prediction_from(state_dict, metadata, stored) -> tuple[bool | None, str]:
     return None, ""
 
 
-def _max_index(state_dict: Mapping[str, torch.Tensor], head: str) -> int:
+def max_index(state_dict: Mapping[str, torch.Tensor], head: str) -> int:
+    """The largest N of keys ``head + "N.…"`` (-1 when there is none)."""
     indices = [int(k[len(head) :].split(".")[0]) for k in state_dict if k.startswith(head)]
     return max(indices, default=-1)
 
@@ -146,7 +155,7 @@ def infer_unet_config(state_dict: Mapping[str, torch.Tensor], v2: bool, v_pred: 
         for k in state_dict
         if k.startswith(p + "input_blocks.") and k.endswith(".0.op.weight")
     )
-    last_input = _max_index(state_dict, p + "input_blocks.")
+    last_input = max_index(state_dict, p + "input_blocks.")
     layers = (downsamplers[0] - 1) if downsamplers else last_input
     levels = len(downsamplers) + 1
     channels, attention = [], []
@@ -171,7 +180,7 @@ def infer_unet_config(state_dict: Mapping[str, torch.Tensor], v2: bool, v_pred: 
         "cross_attention_dim": int(state_dict[cross_key].shape[1]) if cross_key else (1024 if v2 else 768),
         "attention_head_dim": heads,
         "use_linear_projection": bool(proj_key is not None and state_dict[proj_key].ndim == 2),
-        "transformer_layers_per_block": max(1, _max_index(state_dict, blocks_head) + 1),
+        "transformer_layers_per_block": max(1, max_index(state_dict, blocks_head) + 1),
     }
 
 
@@ -180,7 +189,7 @@ def infer_vae_config(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dic
     p = prefix
     if f"{p}encoder.conv_in.weight" not in state_dict or f"{p}encoder.down.0.block.0.conv1.weight" not in state_dict:
         raise KeyError("no LDM VAE keys")
-    levels = _max_index(state_dict, p + "encoder.down.") + 1
+    levels = max_index(state_dict, p + "encoder.down.") + 1
     channels = [int(state_dict[f"{p}encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(levels)]
     return {
         "in_channels": int(state_dict[p + "encoder.conv_in.weight"].shape[1]),
@@ -188,7 +197,7 @@ def infer_vae_config(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dic
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "block_out_channels": channels,
-        "layers_per_block": _max_index(state_dict, p + "encoder.down.0.block.") + 1,
+        "layers_per_block": max_index(state_dict, p + "encoder.down.0.block.") + 1,
         "latent_channels": int(state_dict[p + "post_quant_conv.weight"].shape[0]),
         "norm_num_groups": _norm_groups(channels),
         "sample_size": 512,
@@ -211,7 +220,7 @@ def infer_text_config(state_dict: Mapping[str, torch.Tensor], v2: bool) -> dict[
         )
         token = state_dict[p + "embeddings.token_embedding.weight"]
         positions = state_dict[p + "embeddings.position_embedding.weight"].shape[0]
-        layers = _max_index(state_dict, p + "encoder.layers.") + 1
+        layers = max_index(state_dict, p + "encoder.layers.") + 1
         intermediate = state_dict[p + "encoder.layers.0.mlp.fc1.weight"].shape[0]
         projection = None
     width = int(token.shape[1])

@@ -1,8 +1,8 @@
 """The model-family seam: what differs between SD 1.x, SD 2.x (and later SDXL, SD3, FLUX) behind one interface.
 
 Loading, saving, the training loop, sampling and metadata ask a ``ModelFamily`` instead of branching on the model
-kind. Each family module (``library.models.sd``) implements it; ``families()`` lists them in detection order, so a
-new family is one new module and one entry there.
+kind. Each family module (``library.models.sd``, ``library.models.sdxl``) implements it; ``families()`` lists
+them in detection order, so a new family is one new module and one entry there.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class TextEncoding(Protocol):
     """Captions to ``Conditioning`` through the given (possibly trained or wrapped) text encoders and tokenizers.
 
     ``batch`` is the training batch the captions came from: SDXL reads its original sizes, crops and target sizes
-    there for the size embeddings; SD 1.x/2.x ignore it (sampling passes None).
+    there for the size embeddings (``original_sizes_hw``, ``crop_top_lefts``, ``target_sizes_hw``: one (h, w),
+    (top, left), (h, w) pair per caption); SD 1.x/2.x ignore it. Sampling passes ``size_batch(height, width, n)``.
     """
 
     def __call__(
@@ -91,6 +92,9 @@ class ModelFamily(ABC):
       text encoders, in order (SD: one; SDXL: ``text_encoder`` and ``text_encoder_2``).
       ``tokenizer_folders`` / ``tokenizer_cache_names``: the tokenizers' diffusers subfolders and their folder
       names under ``--tokenizer_cache_dir``, one per text encoder.
+      ``latents_npz_suffix``: the end of sd-scripts' latent cache file names (``_sd.npz``; SDXL ``_sdxl.npz``).
+      ``sgm_lora_names``: sd-scripts trains this family's LoRA on Stability's SGM UNet (SDXL), so LoRA keys use SGM
+      module names and its modelspec names Stability's implementation.
     """
 
     name: str
@@ -100,6 +104,17 @@ class ModelFamily(ABC):
     text_encoder_classes: tuple[type, ...]
     tokenizer_folders: tuple[str, ...]
     tokenizer_cache_names: tuple[str, ...]
+    latents_npz_suffix: str
+    sgm_lora_names: bool
+
+    def text_output_extras(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """Caption-only tensors in ``Conditioning.unet_kwargs`` that --cache_text_encoder_outputs keeps, as
+        (sd-scripts' array name, key path); SD has none, SDXL its pooled output (``pool2``)."""
+        return ()
+
+    def finish_conditioning(self, conditioning: Conditioning, batch: Mapping[str, Any] | None) -> Conditioning:
+        """Add what depends on the batch rather than the captions to cached text outputs (SDXL: ``time_ids``)."""
+        return conditioning
 
     @abstractmethod
     def recognise_checkpoint(self, keys: Collection[str]) -> str | None:
@@ -164,8 +179,19 @@ class ModelFamily(ABC):
 def families() -> tuple[ModelFamily, ...]:
     """Every family, in the order detection tries them (a file or folder goes to the first that claims it)."""
     from library.models.sd import SD1, SD2
+    from library.models.sdxl import SDXL
 
-    return (SD2, SD1)
+    return (SDXL, SD2, SD1)
+
+
+def size_batch(height: int, width: int, count: int) -> dict[str, list[tuple[int, int]]]:
+    """The size entries of a batch of ``count`` images generated at ``height`` x ``width`` (original and target
+    size the image size, crop (0, 0)), for encoding sample prompts of any family (SD 1.x/2.x ignore them)."""
+    return {
+        "original_sizes_hw": [(height, width)] * count,
+        "crop_top_lefts": [(0, 0)] * count,
+        "target_sizes_hw": [(height, width)] * count,
+    }
 
 
 def family_named(name: str) -> ModelFamily:

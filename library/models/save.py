@@ -86,6 +86,15 @@ def _write_weights(state_dict: dict[str, torch.Tensor], folder: Path, stem: str,
         torch.save(state_dict, folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin"))
 
 
+def _text_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A text encoder's weights under the names every transformers version reads: ``text_model.*`` (transformers
+    5 drops that prefix for CLIPTextModel only), with ``text_projection`` left at the top level where it lives."""
+    state = {k: v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    if any(k.startswith("text_model.") for k in state):
+        return state
+    return {f"text_model.{k}": v for k, v in state.items()}
+
+
 def _save_diffusers(components: Components, path: Path, safe: bool, dtype: torch.dtype | None) -> None:
     """A diffusers folder; text encoders keep the ``text_model.`` key names every transformers version reads."""
     c = components
@@ -100,12 +109,7 @@ def _save_diffusers(components: Components, path: Path, safe: bool, dtype: torch
             text_config = copy.deepcopy(text_encoder.config)
             text_config.architectures = [type(text_encoder).__name__]
             text_config.save_pretrained(tmp / name)
-            text_sd = {
-                k if k.startswith("text_model.") else f"text_model.{k}": v
-                for k, v in text_encoder.state_dict().items()
-                if not k.endswith("position_ids")
-            }
-            _write_weights(_cast(text_sd, dtype), tmp / name, "model", safe)
+            _write_weights(_cast(_text_state_dict(text_encoder), dtype), tmp / name, "model", safe)
         for name, tokenizer in zip(c.family.tokenizer_folders, c.tokenizers):
             tokenizer.save_pretrained(tmp / name)
         c.scheduler.save_pretrained(tmp / "scheduler")

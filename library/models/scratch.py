@@ -1,8 +1,8 @@
 """A randomly initialised model of a given architecture (``fine_tune.py --from_scratch_config``).
 
 The architecture comes from a folder holding ``unet/``, ``vae/`` and the text encoders' ``config.json`` files (a
-diffusers model folder works; its weights are ignored) or from a preset name (``tiny-sd1``, ``tiny-sd2``). The
-tokenizers are the packaged ones, so nothing is downloaded.
+diffusers model folder works; its weights are ignored) or from a preset name (``tiny-sd1``, ``tiny-sd2``,
+``tiny-sdxl``). The tokenizers are the packaged ones, so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(
             f"{FLAG} {path.parent.parent}: missing {path.parent.name}/config.json; a folder needs "
-            "unet/, vae/ and text_encoder/ config.json files (or use a preset: tiny-sd1, tiny-sd2)"
+            f"unet/, vae/ and text encoder config.json files (or use a preset: {', '.join(tiny_presets())})"
         )
     try:
         return json.loads(path.read_text(encoding="utf-8"))

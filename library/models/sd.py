@@ -76,6 +76,8 @@ class StableDiffusion(ModelFamily):
     text_encoder_folders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     text_encoder_classes: ClassVar[tuple[type, ...]] = (CLIPTextModel,)
     tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    latents_npz_suffix: ClassVar[str] = "_sd.npz"
+    sgm_lora_names: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"StableDiffusion({self.name!r})"
@@ -86,7 +88,10 @@ class StableDiffusion(ModelFamily):
         return self.checkpoint_evidence if any(k.startswith(self.text_prefix) for k in keys) else None
 
     def claims_diffusers(self, configs: Mapping[str, Mapping[str, Any]]) -> bool:
-        """OpenCLIP (SD 2.x) uses GELU where CLIP ViT-L (SD 1.x) uses quick GELU."""
+        """OpenCLIP (SD 2.x) uses GELU where CLIP ViT-L (SD 1.x) uses quick GELU; a second text encoder or a
+        ``text_time`` UNet embedding is SDXL's, never SD's."""
+        if "text_encoder_2" in configs or configs.get("unet", {}).get("addition_embed_type") is not None:
+            return False
         return (configs.get("text_encoder", {}).get("hidden_act", "quick_gelu") == "gelu") == self.v2
 
     def infer_configs(self, state_dict: Mapping[str, torch.Tensor], v_parameterization: bool | None) -> dict:

@@ -1,7 +1,9 @@
-"""Tiny models of each family (SD 1.x / 2.x architecture) with random weights, for tests and the demo.
+"""Tiny models of each family (SD 1.x / 2.x / XL architecture) with random weights, for tests and the demo.
 
-They keep SD's layout (4 UNet blocks of 2 layers, a VAE that downsamples 8x, a CLIP text encoder with the real
-49408-token tokenizer) at a few hundred thousand parameters, so every code path runs in well under a second.
+They keep each family's layout (SD: 4 UNet blocks of 2 layers; SDXL: 3 blocks, the first without attention, deeper
+transformers lower down and the ``text_time`` embedding; a VAE that downsamples 8x; CLIP text encoders with the
+real 49408-token tokenizer) at a few million parameters, mostly token embeddings, so a step runs in well under a
+second.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from library.models.components import Components
 from library.models.family import ModelFamily, families, family_named
 
 TEXT_WIDTH = 32
+SDXL_POOLED_WIDTH = 16
+SDXL_TIME_WIDTH = 8
 
 
 def tiny_unet_config(v2: bool = False) -> dict:
@@ -33,8 +37,8 @@ def tiny_unet_config(v2: bool = False) -> dict:
     )
 
 
-def tiny_vae_config() -> dict:
-    """AutoencoderKL kwargs of the tiny VAE (4 levels, so it downsamples 8x like SD's)."""
+def tiny_vae_config(scaling_factor: float = 0.18215) -> dict:
+    """AutoencoderKL kwargs of the tiny VAE (4 levels, so it downsamples 8x like SD's; SDXL: 0.13025 scale)."""
     return dict(
         in_channels=3,
         out_channels=3,
@@ -45,8 +49,39 @@ def tiny_vae_config() -> dict:
         norm_num_groups=8,
         latent_channels=4,
         sample_size=64,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
+
+
+def tiny_sdxl_unet_config() -> dict:
+    """UNet2DConditionModel kwargs of the tiny SDXL UNet: SDXL's block types, linear projections, per-block
+    transformer depth and ``text_time`` embedding (pooled G projection + 6 size numbers of 8 sinusoids each)."""
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=2,
+        norm_num_groups=16,
+        cross_attention_dim=2 * TEXT_WIDTH,
+        attention_head_dim=(1, 2, 2),
+        transformer_layers_per_block=(1, 1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_WIDTH,
+        projection_class_embeddings_input_dim=SDXL_POOLED_WIDTH + 6 * SDXL_TIME_WIDTH,
+    )
+
+
+def tiny_sdxl_text_encoder_configs() -> tuple[CLIPTextConfig, CLIPTextConfig]:
+    """The tiny CLIP ViT-L-like (quick GELU) and OpenCLIP ViT-bigG-like (GELU, projection) encoders' configs."""
+    clip_l = tiny_text_encoder_config(False)
+    clip_l.num_attention_heads, clip_l.num_hidden_layers = 2, 3
+    clip_g = tiny_text_encoder_config(True)
+    clip_g.num_attention_heads, clip_g.projection_dim = 2, SDXL_POOLED_WIDTH
+    return clip_l, clip_g
 
 
 def tiny_text_encoder_config(v2: bool = False) -> CLIPTextConfig:

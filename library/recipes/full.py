@@ -112,24 +112,48 @@ class FullRecipe(Recipe):
             module.to(dtype=torch.float32)
             module.requires_grad_(True)
 
+    def trained_text_encoders(self) -> list[tuple[nn.Module, float | None]]:
+        """The text encoders this run trains, each with its learning rate (None: the shared one).
+
+        One encoder (SD 1.x/2.x): --learning_rate_te, else in the UNet's group. Several (SDXL, sdxl_train.py):
+        encoder i at --learning_rate_te<i>, else --learning_rate; one whose rate is 0 stays frozen."""
+        if not self.text_encoder_trained:
+            return []
+        c, s = self.components, self.settings
+        if len(c.text_encoders) == 1:
+            return [(c.text_encoders[0], s.learning_rate_te)]
+        rates = (s.learning_rate_te1, s.learning_rate_te2)
+        chosen = [(e, s.learning_rate if r is None else r) for e, r in zip(c.text_encoders, rates, strict=True)]
+        return [(encoder, rate) for encoder, rate in chosen if rate != 0]
+
     def trainable_modules(self) -> list[nn.Module]:
-        c = self.components
-        return [c.unet, *c.text_encoders] if self.text_encoder_trained else [c.unet]
+        return [self.components.unet, *(encoder for encoder, _ in self.trained_text_encoders())]
 
     def param_groups(self) -> ParamGroups:
-        """One group as sd-scripts builds it, or UNet and text encoder apart when --learning_rate_te is given."""
-        c = self.components
-        unet = list(c.unet.parameters())
-        if not self.text_encoder_trained:
-            return ParamGroups([{"params": unet}], ["unet"])
-        text = [p for encoder in c.text_encoders for p in encoder.parameters()]
-        s = self.settings
-        if s.learning_rate_te is None:
-            return ParamGroups([{"params": unet + text}], ["unet"])
-        return ParamGroups(
-            [{"params": unet, "lr": s.learning_rate}, {"params": text, "lr": s.learning_rate_te}],
-            ["unet", "textencoder"],
-        )
+        """One group as sd-scripts builds it, or UNet and text encoder apart when --learning_rate_te is given;
+        for SDXL a group per text encoder (``textencoder1``/``2``) and with --block_lr a group per UNet block."""
+        c, s = self.components, self.settings
+        if s.block_lrs is not None:
+            from library.models.sdxl_blocks import block_param_groups
+
+            groups, names = block_param_groups(c.unet, s.block_lrs)
+        else:
+            groups, names = [{"params": list(c.unet.parameters())}], ["unet"]
+        encoders = self.trained_text_encoders()
+        if len(c.text_encoders) == 1:
+            if encoders and encoders[0][1] is None:
+                groups[0]["params"] = groups[0]["params"] + list(encoders[0][0].parameters())
+            elif encoders:
+                groups = [{**g, "lr": g.get("lr", s.learning_rate)} for g in groups]
+                groups.append({"params": list(encoders[0][0].parameters()), "lr": encoders[0][1]})
+                names.append("textencoder")
+            return ParamGroups(groups, names)
+        groups = [{**g, "lr": g.get("lr", s.learning_rate)} for g in groups]
+        for encoder, rate in encoders:
+            index = c.text_encoders.index(encoder) + 1
+            groups.append({"params": list(encoder.parameters()), "lr": rate})
+            names.append(f"textencoder{index}")
+        return ParamGroups(groups, names)
 
     def fingerprint(self) -> dict[str, Any]:
         trains = "unet + text encoder" if self.text_encoder_trained else "unet"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from library.config.sdxl_flags import UNET_BLOCKS_FOR_BLOCK_LR
 from library.errors import UserError
 from library.metadata import MetadataSettings
 from library.textual_inversion import OBJECT_TEMPLATES, STYLE_TEMPLATES
@@ -49,6 +50,9 @@ class FullModelSettings:
 
     learning_rate: float = 2e-06
     learning_rate_te: float | None = None
+    learning_rate_te1: float | None = None
+    learning_rate_te2: float | None = None
+    block_lr: str | None = None
     train_text_encoder: bool = False
     stop_text_encoder_training: int | None = None
     no_token_padding: bool = False
@@ -70,6 +74,12 @@ class FullModelSettings:
                 )
         if self.learning_rate_te is not None and self.learning_rate_te < 0:
             raise UserError(f"--learning_rate_te {self.learning_rate_te}: must be 0 or more")
+        parse_block_lr(self.block_lr)
+
+    @property
+    def block_lrs(self) -> tuple[float, ...] | None:
+        """--block_lr as 23 learning rates (sdxl_train.py), None without it."""
+        return parse_block_lr(self.block_lr)
 
 
 @dataclass(frozen=True)
@@ -100,3 +110,19 @@ class TextualInversionSettings:
         if self.use_style_template:
             return STYLE_TEMPLATES
         return None
+
+
+def parse_block_lr(value: str | None) -> tuple[float, ...] | None:
+    """sdxl_train.py's ``--block_lr``: 23 comma-separated learning rates of 0 or more (0 freezes that block)."""
+    if value is None:
+        return None
+    try:
+        rates = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        rates = ()
+    if len(rates) != UNET_BLOCKS_FOR_BLOCK_LR or any(not 0 <= r < float("inf") for r in rates):
+        raise UserError(
+            f"--block_lr {value[:80]}: give {UNET_BLOCKS_FOR_BLOCK_LR} comma-separated learning rates of 0 or more "
+            "(0 freezes that block)"
+        )
+    return rates

@@ -25,7 +25,7 @@ from PIL import Image
 
 from library.io import atomic_path
 from library.models.components import Components
-from library.models.family import Conditioning
+from library.models.family import Conditioning, size_batch
 from library.sampling.prompts import SamplePrompt, load_prompts, one_line, resolve_prompt
 from library.sampling.samplers import make_sampler
 from library.text.encode import TextEncodingSettings
@@ -146,11 +146,14 @@ def _on_device(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
             module.to(original)
 
 
-def _encode_pair(components: Components, settings: SampleSettings, prompt: str, negative: str) -> Conditioning:
-    """The family's conditioning of ``[prompt, negative]`` from one call, so both have the same token length."""
+def _encode_pair(components: Components, settings: SampleSettings, request: SamplePrompt) -> Conditioning:
+    """The family's conditioning of ``[prompt, negative]`` from one call, so both have the same token length; the
+    image size is the size conditioning of families that have one (SDXL: original and target size, no crop)."""
     text = TextEncodingSettings(settings.max_token_length, settings.clip_skip, weighted_captions=settings.weighted)
     encode = components.family.text_encoding(text, cached=False)
-    return encode(components.text_encoders, components.tokenizers, [prompt, negative])
+    captions = [request.prompt, request.negative_prompt or ""]
+    sizes = size_batch(request.height, request.width, len(captions))
+    return encode(components.text_encoders, components.tokenizers, captions, sizes)
 
 
 def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
@@ -211,7 +214,7 @@ def generate_image(
     device = torch.device(device) if device is not None else next(components.unet.parameters()).device
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad(), (autocast or contextlib.nullcontext)():
-        conditioning = _encode_pair(components, settings, request.prompt, request.negative_prompt or "")
+        conditioning = _encode_pair(components, settings, request)
         latents = _denoise(components, request, conditioning, generator, device)
         return _decode(components, latents)
 
