@@ -158,6 +158,12 @@ def prepare_run(
         )
     components = load(seed) if load is not None else load_base_model(model_source(args))
     check_family(components, families)
+    if components.family.fp16_vae_overflows and config.mixed_precision == "fp16" and not config.no_half_vae:
+        logger.warning(
+            "--mixed_precision fp16 without --no_half_vae: the %s VAE overflows in float16 (NaN latents and "
+            "losses); add --no_half_vae, or give an fp16-safe VAE with --vae",
+            components.family.name.upper(),
+        )
     attention_from_settings(settings_from_flags(AttentionSettings, args), components.unet, device)
     apply_fp8_base(runtime, components.unet, [] if text_embedding else components.text_encoders)
     compile_unet(components.unet, runtime)

@@ -95,6 +95,7 @@ class ModelFamily(ABC):
       ``latents_npz_suffix``: the end of sd-scripts' latent cache file names (``_sd.npz``; SDXL ``_sdxl.npz``).
       ``sgm_lora_names``: sd-scripts trains this family's LoRA on Stability's SGM UNet (SDXL), so LoRA keys use SGM
       module names and its modelspec names Stability's implementation.
+      ``fp16_vae_overflows``: its stock VAE gives inf/NaN in float16 (SDXL), so fp16 runs want ``--no_half_vae``.
     """
 
     name: str
@@ -106,6 +107,7 @@ class ModelFamily(ABC):
     tokenizer_cache_names: tuple[str, ...]
     latents_npz_suffix: str
     sgm_lora_names: bool
+    fp16_vae_overflows: bool
 
     def text_output_extras(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """Caption-only tensors in ``Conditioning.unet_kwargs`` that --cache_text_encoder_outputs keeps, as

@@ -78,6 +78,7 @@ class StableDiffusion(ModelFamily):
     tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer",)
     latents_npz_suffix: ClassVar[str] = "_sd.npz"
     sgm_lora_names: ClassVar[bool] = False
+    fp16_vae_overflows: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"StableDiffusion({self.name!r})"

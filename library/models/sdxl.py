@@ -124,6 +124,7 @@ class StableDiffusionXL(ModelFamily):
     )
     latents_npz_suffix: str = "_sdxl.npz"
     sgm_lora_names: bool = True
+    fp16_vae_overflows: bool = True
 
     def text_output_extras(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         return (("pool2", ("added_cond_kwargs", "text_embeds")),)
