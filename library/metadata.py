@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -215,183 +215,136 @@ class MetadataSettings:
     metadata_merged_from: str | None = None
     metadata_preprocessor: str | None = None
     metadata_is_negative_embedding: str | None = None
+    learning_rate: float = 2e-06
+    text_encoder_lr: Any = None
+    unet_lr: float | None = None
+    network_module: str = "networks.lora"
+    network_dim: int | None = None
+    network_alpha: float = 1
+    network_dropout: float | None = None
+    scale_weight_norms: float | None = None
 
 
 @dataclass
 class TrainingFacts:
-    """What ``ss_*`` records about a run. Field names are sd-scripts' flag names, except ``base_model_version``
-    (its ``ss_`` key); ``v2`` and ``base_model_version`` are the model family's. Build it with ``from_settings``."""
+    """What ``ss_*`` records about a run: the recorded ``flags``, and what the run computed (counts, optimizer,
+    seed; ``v2`` and ``base_model_version`` are the model family's). Build it with ``from_settings``."""
 
     session_id: int = 0
     training_started_at: float = 0.0
-    output_name: str | None = None
-    learning_rate: float | None = None
-    text_encoder_lr: Any = None
-    unet_lr: float | None = None
     num_train_images: int = 0
     num_validation_images: int = 0
     num_reg_images: int = 0
     num_batches_per_epoch: int = 0
     num_epochs: int = 0
-    gradient_checkpointing: bool = False
-    gradient_accumulation_steps: int = 1
     max_train_steps: int | None = None
-    lr_warmup_steps: Any = 0
-    lr_scheduler: str = "constant"
-    network_module: str | None = None
-    network_dim: int | None = None
-    network_alpha: float | None = None
-    network_dropout: float | None = None
     network_args: dict[str, str] | None = None
-    mixed_precision: str = "no"
-    full_fp16: bool = False
     v2: bool = False
     base_model_version: str = ""
-    clip_skip: int | None = None
-    max_token_length: int | None = None
-    cache_latents: bool = False
     seed: int | None = None
-    lowram: bool = False
-    noise_offset: float | None = None
-    multires_noise_iterations: int | None = None
-    multires_noise_discount: float = 0.3
-    adaptive_noise_scale: float | None = None
-    zero_terminal_snr: bool = False
-    training_comment: str | None = None
     commit_hash: str | None = None
     optimizer_name: str = ""
     optimizer_args: str = ""
-    max_grad_norm: float = 1.0
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    face_crop_aug_range: Any = None
-    prior_loss_weight: float = 1.0
-    min_snr_gamma: float | None = None
-    scale_weight_norms: float | None = None
-    ip_noise_gamma: float | None = None
-    debiased_estimation_loss: bool = False
-    noise_offset_random_strength: bool = False
-    ip_noise_gamma_random_strength: bool = False
-    loss_type: str = "l2"
-    huber_schedule: str = "snr"
-    huber_scale: float = 1.0
-    huber_c: float = 0.1
-    fp8_base: bool = False
-    fp8_base_unet: bool = False
-    validation_seed: int | None = None
-    validation_split: float = 0.0
-    max_validation_steps: int | None = None
-    validate_every_n_epochs: int | None = None
-    validate_every_n_steps: int | None = None
-    resize_interpolation: str | None = None
-    train_batch_size: int = 1
     num_processes: int = 1
-    resolution: Any = None
-    color_aug: bool = False
-    flip_aug: bool = False
-    random_crop: bool = False
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    pretrained_model_name_or_path: str | None = None
-    vae: str | None = None
+    flags: MetadataSettings = field(default_factory=MetadataSettings)
 
     @classmethod
     def from_settings(
         cls, settings: MetadataSettings, family: ModelFamily, v_parameterization: bool, **computed: Any
     ) -> TrainingFacts:
-        """Take every field the flags' ``settings`` have, the model ``family``'s ``ss_v2`` and
-        ``ss_base_model_version``, and override with ``computed`` (counts, optimizer, ids)."""
-        values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
-        values["optimizer_args"] = ",".join(settings.optimizer_args or [])
-        values["v2"] = family.v2
-        values["base_model_version"] = family.base_model_version(v_parameterization)
-        values.update(computed)
-        return cls(**values)
+        """The recorded flags (``settings``), the model ``family``'s ``ss_v2`` and ``ss_base_model_version``, and
+        what the run computed (counts, optimizer, ids)."""
+        return cls(
+            flags=settings,
+            optimizer_args=",".join(settings.optimizer_args or []),
+            v2=family.v2,
+            base_model_version=family.base_model_version(v_parameterization),
+            **computed,
+        )
 
 
 def build_training_metadata(
     facts: TrainingFacts, datasets: list[DatasetMetadata] | None = None, use_user_config: bool = True
 ) -> dict[str, str]:
     """The ``ss_*`` dict train_network writes before the first save (without the per-save step/epoch keys)."""
-    f = facts
+    f, s = facts, facts.flags
     optimizer = f.optimizer_name + (f"({f.optimizer_args})" if f.optimizer_args else "")
     md: dict[str, Any] = {
         "ss_session_id": f.session_id,
         "ss_training_started_at": f.training_started_at,
-        "ss_output_name": f.output_name,
-        "ss_learning_rate": f.learning_rate,
-        "ss_text_encoder_lr": f.text_encoder_lr,
-        "ss_unet_lr": f.unet_lr,
+        "ss_output_name": s.output_name,
+        "ss_learning_rate": s.learning_rate,
+        "ss_text_encoder_lr": s.text_encoder_lr,
+        "ss_unet_lr": s.unet_lr,
         "ss_num_train_images": f.num_train_images,
         "ss_num_validation_images": f.num_validation_images,
         "ss_num_reg_images": f.num_reg_images,
         "ss_num_batches_per_epoch": f.num_batches_per_epoch,
         "ss_num_epochs": f.num_epochs,
-        "ss_gradient_checkpointing": f.gradient_checkpointing,
-        "ss_gradient_accumulation_steps": f.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": s.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": s.gradient_accumulation_steps,
         "ss_max_train_steps": f.max_train_steps,
-        "ss_lr_warmup_steps": f.lr_warmup_steps,
-        "ss_lr_scheduler": f.lr_scheduler,
-        "ss_network_module": f.network_module,
-        "ss_network_dim": f.network_dim,
-        "ss_network_alpha": f.network_alpha,
-        "ss_network_dropout": f.network_dropout,
-        "ss_mixed_precision": f.mixed_precision,
-        "ss_full_fp16": bool(f.full_fp16),
+        "ss_lr_warmup_steps": s.lr_warmup_steps,
+        "ss_lr_scheduler": s.lr_scheduler,
+        "ss_network_module": s.network_module,
+        "ss_network_dim": s.network_dim,
+        "ss_network_alpha": s.network_alpha,
+        "ss_network_dropout": s.network_dropout,
+        "ss_mixed_precision": s.mixed_precision,
+        "ss_full_fp16": bool(s.full_fp16),
         "ss_v2": bool(f.v2),
         "ss_base_model_version": f.base_model_version,
-        "ss_clip_skip": f.clip_skip,
-        "ss_max_token_length": f.max_token_length,
-        "ss_cache_latents": bool(f.cache_latents),
+        "ss_clip_skip": s.clip_skip,
+        "ss_max_token_length": s.max_token_length,
+        "ss_cache_latents": bool(s.cache_latents),
         "ss_seed": f.seed,
-        "ss_lowram": f.lowram,
-        "ss_noise_offset": f.noise_offset,
-        "ss_multires_noise_iterations": f.multires_noise_iterations,
-        "ss_multires_noise_discount": f.multires_noise_discount,
-        "ss_adaptive_noise_scale": f.adaptive_noise_scale,
-        "ss_zero_terminal_snr": f.zero_terminal_snr,
-        "ss_training_comment": f.training_comment,
+        "ss_lowram": s.lowram,
+        "ss_noise_offset": s.noise_offset,
+        "ss_multires_noise_iterations": s.multires_noise_iterations,
+        "ss_multires_noise_discount": s.multires_noise_discount,
+        "ss_adaptive_noise_scale": s.adaptive_noise_scale,
+        "ss_zero_terminal_snr": s.zero_terminal_snr,
+        "ss_training_comment": s.training_comment,
         "ss_sd_scripts_commit_hash": f.commit_hash,
         "ss_optimizer": optimizer,
-        "ss_max_grad_norm": f.max_grad_norm,
-        "ss_caption_dropout_rate": f.caption_dropout_rate,
-        "ss_caption_dropout_every_n_epochs": f.caption_dropout_every_n_epochs,
-        "ss_caption_tag_dropout_rate": f.caption_tag_dropout_rate,
-        "ss_face_crop_aug_range": f.face_crop_aug_range,
-        "ss_prior_loss_weight": f.prior_loss_weight,
-        "ss_min_snr_gamma": f.min_snr_gamma,
-        "ss_scale_weight_norms": f.scale_weight_norms,
-        "ss_ip_noise_gamma": f.ip_noise_gamma,
-        "ss_debiased_estimation": bool(f.debiased_estimation_loss),
-        "ss_noise_offset_random_strength": f.noise_offset_random_strength,
-        "ss_ip_noise_gamma_random_strength": f.ip_noise_gamma_random_strength,
-        "ss_loss_type": f.loss_type,
-        "ss_huber_schedule": f.huber_schedule,
-        "ss_huber_scale": f.huber_scale,
-        "ss_huber_c": f.huber_c,
-        "ss_fp8_base": bool(f.fp8_base),
-        "ss_fp8_base_unet": bool(f.fp8_base_unet),
-        "ss_validation_seed": f.validation_seed,
-        "ss_validation_split": f.validation_split,
-        "ss_max_validation_steps": f.max_validation_steps,
-        "ss_validate_every_n_epochs": f.validate_every_n_epochs,
-        "ss_validate_every_n_steps": f.validate_every_n_steps,
-        "ss_resize_interpolation": f.resize_interpolation,
+        "ss_max_grad_norm": s.max_grad_norm,
+        "ss_caption_dropout_rate": s.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": s.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": s.caption_tag_dropout_rate,
+        "ss_face_crop_aug_range": s.face_crop_aug_range,
+        "ss_prior_loss_weight": s.prior_loss_weight,
+        "ss_min_snr_gamma": s.min_snr_gamma,
+        "ss_scale_weight_norms": s.scale_weight_norms,
+        "ss_ip_noise_gamma": s.ip_noise_gamma,
+        "ss_debiased_estimation": bool(s.debiased_estimation_loss),
+        "ss_noise_offset_random_strength": s.noise_offset_random_strength,
+        "ss_ip_noise_gamma_random_strength": s.ip_noise_gamma_random_strength,
+        "ss_loss_type": s.loss_type,
+        "ss_huber_schedule": s.huber_schedule,
+        "ss_huber_scale": s.huber_scale,
+        "ss_huber_c": s.huber_c,
+        "ss_fp8_base": bool(s.fp8_base),
+        "ss_fp8_base_unet": bool(s.fp8_base_unet),
+        "ss_validation_seed": s.validation_seed,
+        "ss_validation_split": s.validation_split,
+        "ss_max_validation_steps": s.max_validation_steps,
+        "ss_validate_every_n_epochs": s.validate_every_n_epochs,
+        "ss_validate_every_n_steps": s.validate_every_n_steps,
+        "ss_resize_interpolation": s.resize_interpolation,
     }
     if datasets:
         md.update(_datasets_metadata(f, datasets) if use_user_config else _legacy_dataset_metadata(f, datasets[0]))
     if f.network_args:
         md["ss_network_args"] = json.dumps(f.network_args)
-    if f.pretrained_model_name_or_path is not None:
-        name = f.pretrained_model_name_or_path
+    if s.pretrained_model_name_or_path is not None:
+        name = s.pretrained_model_name_or_path
         if os.path.exists(name):
             md["ss_sd_model_hash"] = model_hash(name)
             md["ss_new_sd_model_hash"] = calculate_sha256(name)
             name = os.path.basename(os.path.normpath(name))
         md["ss_sd_model_name"] = name
-    if f.vae is not None:
-        name = f.vae
+    if s.vae is not None:
+        name = s.vae
         if os.path.exists(name):
             md["ss_vae_hash"] = model_hash(name)
             md["ss_new_vae_hash"] = calculate_sha256(name)
@@ -461,6 +414,7 @@ def _datasets_metadata(f: TrainingFacts, datasets: list[DatasetMetadata]) -> dic
 
 def _legacy_dataset_metadata(f: TrainingFacts, ds: DatasetMetadata) -> dict[str, Any]:
     """Flat keys sd-scripts writes when the dataset came from ``--train_data_dir`` rather than a TOML config."""
+    s = f.flags
     dirs, reg_dirs = {}, {}
     for subset in ds.subsets:
         info = {"n_repeats": subset.num_repeats, "img_count": subset.img_count}
@@ -469,18 +423,18 @@ def _legacy_dataset_metadata(f: TrainingFacts, ds: DatasetMetadata) -> dict[str,
         else:
             dirs[os.path.basename(subset.metadata_file or "")] = info
     return {
-        "ss_batch_size_per_device": f.train_batch_size,
-        "ss_total_batch_size": f.train_batch_size * f.num_processes * f.gradient_accumulation_steps,
-        "ss_resolution": f.resolution,
-        "ss_color_aug": bool(f.color_aug),
-        "ss_flip_aug": bool(f.flip_aug),
-        "ss_random_crop": bool(f.random_crop),
-        "ss_shuffle_caption": bool(f.shuffle_caption),
+        "ss_batch_size_per_device": s.train_batch_size,
+        "ss_total_batch_size": s.train_batch_size * f.num_processes * s.gradient_accumulation_steps,
+        "ss_resolution": s.resolution,
+        "ss_color_aug": bool(s.color_aug),
+        "ss_flip_aug": bool(s.flip_aug),
+        "ss_random_crop": bool(s.random_crop),
+        "ss_shuffle_caption": bool(s.shuffle_caption),
         "ss_enable_bucket": bool(ds.enable_bucket),
         "ss_bucket_no_upscale": bool(ds.bucket_no_upscale),
         "ss_min_bucket_reso": ds.min_bucket_reso,
         "ss_max_bucket_reso": ds.max_bucket_reso,
-        "ss_keep_tokens": f.keep_tokens,
+        "ss_keep_tokens": s.keep_tokens,
         "ss_dataset_dirs": json.dumps(dirs),
         "ss_reg_dataset_dirs": json.dumps(reg_dirs),
         "ss_tag_frequency": json.dumps(ds.tag_frequency),

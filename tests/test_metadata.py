@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -21,31 +22,37 @@ from networks import lora
 
 
 def facts(**overrides) -> md.TrainingFacts:
-    values = dict(
-        session_id=1234,
-        training_started_at=1700000000.5,
+    """Facts of a typical run; ``overrides`` may name recorded flags (``md.MetadataSettings`` fields) or computed
+    facts alike."""
+    flags = dict(
         output_name="mylora",
         learning_rate=1e-4,
         text_encoder_lr=5e-5,
         unet_lr=None,
+        network_module="networks.lora",
+        network_dim=8,
+        network_alpha=4.0,
+        mixed_precision="fp16",
+        training_comment="hello",
+    )
+    computed = dict(
+        session_id=1234,
+        training_started_at=1700000000.5,
         num_train_images=20,
         num_reg_images=0,
         num_batches_per_epoch=10,
         num_epochs=3,
         max_train_steps=30,
-        network_module="networks.lora",
-        network_dim=8,
-        network_alpha=4.0,
         network_args={"conv_dim": "4"},
-        mixed_precision="fp16",
         seed=42,
         optimizer_name="torch.optim.adamw.AdamW",
         optimizer_args="weight_decay=0.1",
-        training_comment="hello",
         base_model_version="sd_v1",
     )
-    values.update(overrides)
-    return md.TrainingFacts(**values)
+    names = {f.name for f in dataclasses.fields(md.MetadataSettings)}
+    for key, value in overrides.items():
+        (flags if key in names else computed)[key] = value
+    return md.TrainingFacts(flags=md.MetadataSettings(**flags), **computed)
 
 
 def dreambooth_dataset() -> md.DatasetMetadata:
@@ -179,15 +186,55 @@ def test_v2_model_version_comes_from_the_family():
 def test_from_settings_takes_flags_and_computed_values():
     ns = argparse.Namespace(lr_scheduler="cosine", seed=7, output_name="x", unrelated_flag=True, optimizer_args=None)
     settings = settings_from_flags(md.MetadataSettings, ns)
-    f = md.TrainingFacts.from_settings(
-        settings, SD1, False, learning_rate=2e-6, seed=7, num_train_images=5, session_id=9
+    f = md.TrainingFacts.from_settings(settings, SD1, False, seed=7, num_train_images=5, session_id=9)
+    assert (f.flags.learning_rate, f.seed, f.flags.output_name, f.num_train_images, f.session_id) == (
+        2e-6,
+        7,
+        "x",
+        5,
+        9,
     )
-    assert (f.learning_rate, f.seed, f.output_name, f.num_train_images, f.session_id) == (2e-6, 7, "x", 5, 9)
-    assert f.lr_scheduler == "cosine" and f.max_train_steps is None and f.network_args is None
+    assert f.flags.lr_scheduler == "cosine" and f.max_train_steps is None and f.network_args is None
     args = md.TrainingFacts.from_settings(
         md.MetadataSettings(optimizer_args=["weight_decay=0.1", "eps=1e-8"]), SD1, False
     )
     assert md.build_training_metadata(args)["ss_optimizer"] == "(weight_decay=0.1,eps=1e-8)"
+
+
+def test_flags_given_to_train_network_are_recorded_as_given():
+    """The ss_* values of flags come from the parsed command line, not from defaults (a guard against a settings
+    class that misses a recorded flag)."""
+    import train_network
+
+    given = {
+        "learning_rate": ("3e-4", "0.0003"),
+        "unet_lr": ("2e-4", "0.0002"),
+        "lr_scheduler": ("cosine", "cosine"),
+        "lr_warmup_steps": ("7", "7"),
+        "network_dim": ("8", "8"),
+        "network_alpha": ("4", "4.0"),
+        "network_dropout": ("0.1", "0.1"),
+        "mixed_precision": ("bf16", "bf16"),
+        "noise_offset": ("0.05", "0.05"),
+        "multires_noise_iterations": ("6", "6"),
+        "min_snr_gamma": ("5", "5.0"),
+        "max_grad_norm": ("0.5", "0.5"),
+        "clip_skip": ("2", "2"),
+        "max_token_length": ("150", "150"),
+        "prior_loss_weight": ("0.5", "0.5"),
+        "training_comment": ("note", "note"),
+        "loss_type": ("huber", "huber"),
+        "zero_terminal_snr": (None, "True"),
+        "cache_latents": (None, "True"),
+        "gradient_checkpointing": (None, "True"),
+    }
+    argv = []
+    for name, (value, _) in given.items():
+        argv += [f"--{name}"] + ([] if value is None else [value])
+    args = train_network.setup_parser().parse_args(argv)
+    facts = md.TrainingFacts.from_settings(settings_from_flags(md.MetadataSettings, args), SD1, False)
+    written = md.build_training_metadata(facts)
+    assert {name: written[f"ss_{name}"] for name in given} == {name: ss for name, (_, ss) in given.items()}
 
 
 def test_no_metadata_keeps_only_minimum_keys_then_modelspec():
