@@ -1,8 +1,8 @@
 """sd-scripts' ``sdxl_train_textual_inversion.py``: learn a new token's embedding in both text encoders of a
 frozen SDXL model.
 
-Takes ``train_textual_inversion.py``'s flags plus ``--disable_mmap_load_safetensors``; saves one safetensors file
-with ``clip_l`` and ``clip_g`` tensors, the layout A1111 and ComfyUI read.
+Takes ``train_textual_inversion.py``'s flags plus ``--disable_mmap_load_safetensors``; saves one file (``.pt`` by
+default, or ``--save_model_as safetensors``) with ``clip_l`` and ``clip_g`` tensors, the layout A1111 and ComfyUI read.
 """
 
 from __future__ import annotations

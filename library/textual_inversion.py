@@ -164,6 +164,20 @@ def add_tokens(tokenizer: Any, text_encoder: torch.nn.Module, strings: Sequence[
     return AddedTokens(tuple(strings), ids)
 
 
+def add_tokens_to_all(
+    tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], strings: Sequence[str], flag: str
+) -> list[AddedTokens]:
+    """:func:`add_tokens` for every (tokenizer, text encoder) pair, in order; a token that any tokenizer already has
+    is refused before any is changed (SDXL's two tokenizers must both get the same new tokens)."""
+    for i, tokenizer in enumerate(tokenizers):
+        vocab = tokenizer.get_vocab()
+        existing = [s for s in strings if s in vocab]
+        if existing:
+            which = f"tokenizer {i + 1}" if len(tokenizers) > 1 else "the tokenizer"
+            raise UserError(f"{flag}: {which} already has the token {existing[0]!r}; choose a string it lacks")
+    return [add_tokens(tok, encoder, strings, flag) for tok, encoder in zip(tokenizers, text_encoders)]
+
+
 def init_rows(weight: torch.Tensor, ids: Sequence[int], init_ids: Sequence[int], num_vectors: int) -> None:
     """Vector ``v`` of an embedding takes the row of init token ``v mod len(init_ids)`` (sd-scripts repeats or
     truncates the init word); ``ids`` may hold several embeddings of ``num_vectors`` rows each (XTI layers)."""

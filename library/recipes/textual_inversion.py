@@ -1,10 +1,11 @@
 """The recipe of ``train_textual_inversion.py`` (and ``_XTI``): train only new token embedding rows.
 
-The base model stays frozen. New tokens are added to the tokenizer and their rows to the text encoder's token
-embedding (see ``library.textual_inversion``); the whole embedding matrix is handed to the optimizer, as sd-scripts
-does, and every other row is put back bit for bit after each optimizer step. Captions and sample prompts have the
-token string expanded to all its tokens; ``--use_object_template`` / ``--use_style_template`` replace captions by
-sd-scripts' templates, chosen per sample from the seed, epoch and batch so a resumed run sees the same captions.
+The base model stays frozen. New tokens are added to every tokenizer and their rows to each text encoder's token
+embedding (see ``library.textual_inversion``); the whole embedding matrices are handed to the optimizer, as sd-scripts
+does, and every other row is put back bit for bit after each optimizer step. SDXL's embedding holds both encoders'
+vectors (``clip_l``, ``clip_g``). Captions and sample prompts have the token string expanded to all its tokens;
+``--use_object_template`` / ``--use_style_template`` replace captions by sd-scripts' templates, chosen per sample from
+the seed, epoch and batch so a resumed run sees the same captions.
 """
 
 from __future__ import annotations
@@ -32,16 +33,19 @@ from library.recipes.settings import TextualInversionSettings
 from library.seeds import derive_seed
 from library.textual_inversion import (
     EMBEDDING_KEY,
+    SDXL_EMBEDDING_KEYS,
     XTI_LAYERS,
     AddedTokens,
-    add_tokens,
+    add_tokens_to_all,
     expand_text,
     init_rows,
     init_token_ids,
     load_embedding,
+    load_sdxl_embedding,
     load_xti_embeddings,
     pick_template,
     save_embedding_file,
+    save_sdxl_embedding,
     token_strings,
     xti_token_strings,
 )
@@ -106,8 +110,8 @@ class TemplateCaptions:
 
 
 class TextualInversionRecipe(Recipe):
-    """Train the embedding of ``--token_string`` (``--num_vectors_per_token`` vectors); with ``xti`` one embedding
-    per UNet cross-attention layer (SD 1.x only)."""
+    """Train the embedding of ``--token_string`` (``--num_vectors_per_token`` vectors in every text encoder); with
+    ``xti`` one embedding per UNet cross-attention layer (SD 1.x only)."""
 
     def __init__(self, settings: TextualInversionSettings, *, xti: bool = False):
         s = settings
@@ -119,9 +123,9 @@ class TextualInversionRecipe(Recipe):
         self.xti = xti
         self.strings = token_strings(s.token_string, s.num_vectors_per_token)
         self.save_dtype = save_dtype(s.save_precision)
-        self.tokens: AddedTokens | None = None
-        self.embedding: nn.Embedding | None = None
-        self.original: torch.Tensor | None = None
+        self.tokens: list[AddedTokens] = []
+        self.token_embeddings: list[nn.Embedding] = []
+        self.originals: list[torch.Tensor] = []
         self.components: Components | None = None
 
     @property
@@ -131,6 +135,13 @@ class TextualInversionRecipe(Recipe):
     @property
     def train_text_encoder(self) -> bool:
         return True
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        """The trained token embedding of a one-encoder model (SD 1.x/2.x); SDXL has ``token_embeddings``."""
+        if len(self.token_embeddings) != 1:
+            raise ValueError(f"this model has {len(self.token_embeddings)} token embeddings; use token_embeddings")
+        return self.token_embeddings[0]
 
     def layer_tokens(self, layer: str | None) -> list[str]:
         """The tokens that stand for the token string (in one XTI layer, or plain textual inversion's)."""
@@ -144,74 +155,93 @@ class TextualInversionRecipe(Recipe):
                 f"train_textual_inversion_XTI.py supports SD 1.x only, this model is {c.family.description}; "
                 "use a SD 1.x model or train_textual_inversion.py"
             )
-        c.text_encoder.to(dtype=torch.float32)
-        init_ids = init_token_ids(c.tokenizer, s.init_word)
-        if init_ids is not None and 1 < len(init_ids) != s.num_vectors_per_token:
-            logger.warning(
-                f"--init_word {s.init_word!r} has {len(init_ids)} tokens for {s.num_vectors_per_token} "
-                "vectors; its tokens are repeated or truncated"
-            )
+        if len(c.text_encoders) > len(SDXL_EMBEDDING_KEYS):
+            raise UserError(f"textual inversion supports models with 1 or 2 text encoders, not {c.family.description}")
         layers = XTI_LAYERS if self.xti else (None,)
         strings = [t for layer in layers for t in self.layer_tokens(layer)]
-        self.tokens = add_tokens(c.tokenizer, c.text_encoder, strings, "--token_string")
-        embedding = c.text_encoder.get_input_embeddings()
-        if init_ids is not None:
-            init_rows(embedding.weight.data, self.tokens.ids, init_ids, s.num_vectors_per_token)
+        init_ids = [init_token_ids(tokenizer, s.init_word) for tokenizer in c.tokenizers]
+        for i, ids in enumerate(init_ids):
+            if ids is not None and 1 < len(ids) != s.num_vectors_per_token:
+                logger.warning(
+                    f"--init_word {s.init_word!r} has {len(ids)} tokens in tokenizer {i + 1} for "
+                    f"{s.num_vectors_per_token} vectors; its tokens are repeated or truncated"
+                )
+        for encoder in c.text_encoders:
+            encoder.to(dtype=torch.float32)
+        self.tokens = add_tokens_to_all(c.tokenizers, c.text_encoders, strings, "--token_string")
+        self.token_embeddings = [encoder.get_input_embeddings() for encoder in c.text_encoders]
+        for embedding, added, ids in zip(self.token_embeddings, self.tokens, init_ids):
+            if ids is not None:
+                init_rows(embedding.weight.data, added.ids, ids, s.num_vectors_per_token)
         if s.weights:
-            self._load_weights(embedding.weight.data, s.weights)
-        logger.info(f"added {len(strings)} tokens for {s.token_string!r}: ids {self.tokens.ids[0]}…")
-        embedding.requires_grad_(True)
-        self.embedding = embedding
-        self.original = embedding.weight.detach().clone()
+            self._load_weights(s.weights)
+        logger.info(f"added {len(strings)} tokens for {s.token_string!r}: ids {[t.ids[0] for t in self.tokens]}…")
+        for embedding in self.token_embeddings:
+            embedding.requires_grad_(True)
+        self.originals = [embedding.weight.detach().clone() for embedding in self.token_embeddings]
         if self.xti:
             from library.xti import install_layer_conditioning
 
             install_layer_conditioning(c.unet)
 
-    def _load_weights(self, weight: torch.Tensor, path: str) -> None:
-        n, width, unsafe = self.settings.num_vectors_per_token, weight.shape[1], self.settings.allow_unsafe_pickle
-        if self.xti:
-            loaded = load_xti_embeddings(path, unsafe)
+    def _load_weights(self, path: str) -> None:
+        """``--weights``: the new rows of every encoder from an embedding file of this model's layout."""
+        n, unsafe = self.settings.num_vectors_per_token, self.settings.allow_unsafe_pickle
+        weights = [embedding.weight.data for embedding in self.token_embeddings]
+        widths = [weight.shape[1] for weight in weights]
+        if len(weights) > 1:
+            loaded = {None: load_sdxl_embedding(path, widths, unsafe)}
+        elif self.xti:
+            loaded = {layer: (emb,) for layer, emb in load_xti_embeddings(path, unsafe).items()}
         else:
-            loaded = {None: load_embedding(path, unsafe)}
-        for layer, emb in loaded.items():
-            if tuple(emb.shape) != (n, width):
-                raise UserError(
-                    f"--weights {path}: embedding shape {tuple(emb.shape)}, this run needs ({n}, {width}); "
-                    "check --num_vectors_per_token and the base model"
-                )
-            ids = self.rows(layer)
-            with torch.no_grad():
-                weight[ids[0] : ids[-1] + 1] = emb.to(weight.dtype)
+            loaded = {None: (load_embedding(path, unsafe),)}
+        for layer, embs in loaded.items():
+            for i, (emb, weight, width) in enumerate(zip(embs, weights, widths)):
+                if tuple(emb.shape) != (n, width):
+                    raise UserError(
+                        f"--weights {path}: embedding shape {tuple(emb.shape)}, this run needs ({n}, {width}); "
+                        "check --num_vectors_per_token and the base model"
+                    )
+                ids = self.rows(layer, i)
+                with torch.no_grad():
+                    weight[ids[0] : ids[-1] + 1] = emb.to(weight.dtype)
         logger.info(f"loaded embedding weights from {path}")
 
-    def rows(self, layer: str | None) -> list[int]:
-        """The embedding rows of one XTI layer's tokens (or all rows for plain textual inversion)."""
+    def rows(self, layer: str | None, encoder: int = 0) -> list[int]:
+        """The embedding rows of one XTI layer's tokens (or all new rows for plain textual inversion) in the
+        token embedding of text encoder ``encoder``."""
+        ids = self.tokens[encoder].ids
         if layer is None:
-            return list(self.tokens.ids)
+            return list(ids)
         start = XTI_LAYERS.index(layer) * len(self.strings)
-        return list(self.tokens.ids[start : start + len(self.strings)])
+        return list(ids[start : start + len(self.strings)])
 
     def trainable_modules(self) -> list[nn.Module]:
-        return [self.embedding]
+        return list(self.token_embeddings)
 
     def param_groups(self) -> ParamGroups:
-        return ParamGroups([{"params": [self.embedding.weight], "lr": self.settings.learning_rate}], ["textencoder"])
+        """One group holding every encoder's token embedding, as sd-scripts hands them to its optimizer."""
+        params = [embedding.weight for embedding in self.token_embeddings]
+        return ParamGroups([{"params": params, "lr": self.settings.learning_rate}], ["textencoder"])
 
     def fingerprint(self) -> dict[str, Any]:
         readable = {"token_string": self.settings.token_string, "num_vectors": len(self.strings), "xti": self.xti}
         return {**readable, **super().fingerprint()}
 
     def after_optimizer_step(self, device: torch.device) -> dict[str, float]:
-        """Put back every row but the new tokens' (the optimizer updates the whole matrix)."""
-        first = self.tokens.first_id
+        """Put back every row but the new tokens' (the optimizer updates the whole matrices)."""
         with torch.no_grad():
-            weight = self.embedding.weight
-            weight[:first] = self.original[:first].to(device=weight.device, dtype=weight.dtype)
+            for embedding, original, added in zip(self.token_embeddings, self.originals, self.tokens):
+                weight, first = embedding.weight, added.first_id
+                weight[:first] = original[:first].to(device=weight.device, dtype=weight.dtype)
         return {}
 
     def embeddings(self) -> dict[str, torch.Tensor]:
-        """What a save writes: ``{"emb_params": (N, width)}``, or one ``(N, width)`` tensor per XTI layer."""
+        """What a save writes: ``{"emb_params": (N, width)}``, one ``(N, width)`` tensor per XTI layer, or SDXL's
+        ``clip_l`` and ``clip_g``."""
+        weights = [embedding.weight.detach() for embedding in self.token_embeddings]
+        if len(weights) > 1:
+            return {key: w[self.rows(None, i)].clone() for i, (key, w) in enumerate(zip(SDXL_EMBEDDING_KEYS, weights))}
         weight = self.embedding.weight.detach()
         if not self.xti:
             return {EMBEDDING_KEY: weight[self.rows(None)].clone()}
@@ -224,7 +254,11 @@ class TextualInversionRecipe(Recipe):
             metadata = modelspec_from_settings(
                 self.settings.metadata, c.family, c.v_parameterization, lora=False, textual_inversion=True
             )
-        save_embedding_file(path, self.embeddings(), self.save_dtype, metadata)
+        embeddings = self.embeddings()
+        if len(self.token_embeddings) > 1:
+            save_sdxl_embedding(path, [embeddings[key] for key in SDXL_EMBEDDING_KEYS], self.save_dtype, metadata)
+        else:
+            save_embedding_file(path, embeddings, self.save_dtype, metadata)
         logger.info(f"saved {path}")
 
     def training_parts(self, parts: TrainingParts, samples: SampleSettings | None) -> TrainingParts:
