@@ -1,18 +1,23 @@
-"""Training speed: ``train_network.py`` (LoRA, cached latents) against a minimal hand-written PyTorch loop.
+"""Training speed: ``train_network.py`` / ``sdxl_train_network.py`` (LoRA, cached latents) against a minimal
+hand-written PyTorch loop.
 
-    python benchmarks/train_bench.py [--steps 150] [--images 32] [--batch_size 4] [--repeat 1] [--threads N]
-                                     [--large_images 2000] [--workers 2] [--quick] [--json figures.json]
+    python benchmarks/train_bench.py [--model tiny-sd1|tiny-sdxl] [--steps 150] [--images 32] [--batch_size 4]
+                                     [--repeat 1] [--threads N] [--large_images 2000] [--workers 2] [--quick]
+                                     [--json figures.json]
 
 Generates a dataset of small PNG images with captions in a temporary folder, then runs as separate processes
-(so start-up costs compare) with the same model (the bundled ``tiny-sd1``), LoRA (rank 8, UNet and text encoder, as
-``train_network.py`` trains by default), batch size, optimizer (AdamW, gradient clipping at 1.0) and step count:
+(so start-up costs compare) with the same model (the bundled ``tiny-sd1``, or ``tiny-sdxl`` with
+``sdxl_train_network.py``), LoRA (rank 8, UNet and text encoders, as the scripts train by default), batch size,
+optimizer (AdamW, gradient clipping at 1.0) and step count:
 
-  * ``train_network.py --cache_latents`` with every other setting, data-loader workers included, at its default;
+  * the training script with ``--cache_latents`` and every other setting, data-loader workers included, at its
+    default;
   * a hand-written loop: build the model, apply the LoRA, encode the latents once, then per step encode the
-    captions, add noise, UNet forward, MSE loss, backward, AdamW step.
+    captions, add noise, UNet forward, MSE loss, backward, AdamW step (SDXL: ``sdxl_loop.py``).
 
-For each it reports steady steps/s (after a 10 % warm-up), the time from launch to the end of the first step, and the
-process's peak RSS, then the ratios ours / baseline against the targets (>= 0.95x the steps/s, first step at most
+For each it reports steady steps/s (after a 10 % warm-up), the time from launch to the end of the first step, the
+process's peak RSS and, on a GPU, ``torch.cuda.max_memory_allocated``, then the ratios ours / baseline against the
+targets (>= 0.95x the steps/s, first step at most
 ``--first_step_margin`` seconds later). Step times are taken in this process when each child prints a step (the
 trainer's progress bar, the baseline's ``steps: k/N`` lines), so both are timed the same way. The machine's load
 average is printed with the figures: on a shared machine they are noisy, so compare runs taken at similar load.
@@ -33,6 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PEAK_CUDA_LINE = re.compile(r"^peak cuda MiB: ([0-9.]+)$")
+TRAINERS = {"tiny-sd1": "train_network.py", "tiny-sdxl": "sdxl_train_network.py"}
 STEP_LINE = re.compile(r"steps:(?:[^|\r\n]*\|[^|\r\n]*\|)?\s*(\d+)/(\d+)")
 STEADY_TARGET = 0.95
 WARMUP_FRACTION = 0.1
@@ -49,6 +56,12 @@ class Settings:
     learning_rate: float = 1e-4
     seed: int = 0
     resolution: int = 64
+    model: str = "tiny-sd1"
+
+    @property
+    def trainer(self) -> str:
+        """The training script for the model."""
+        return TRAINERS[self.model]
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,7 @@ class Figures:
 
     ``steps_per_cpu_s`` is steps per second of the process's own CPU time (all its threads, not worker processes):
     much less disturbed by other load than wall-clock steps/s, so it is the figure to trust on a busy machine.
+    ``peak_cuda_mib`` is ``torch.cuda.max_memory_allocated`` at the end of the run (NaN without a GPU).
     """
 
     label: str
@@ -68,6 +82,7 @@ class Figures:
     wall_s: float
     load_before: float
     load_after: float
+    peak_cuda_mib: float = float("nan")
 
 
 def make_dataset(folder: Path, count: int, size: int) -> Path:
@@ -100,12 +115,15 @@ def dataset_toml(image_dir: Path, settings: Settings) -> str:
 
 
 def trainer_command(config: Path, output_dir: Path, settings: Settings, extra: list[str]) -> list[str]:
-    """``train_network.py`` with only what the comparison fixes; everything else stays at its default."""
+    """The training script (run by ``--trainer_child``, which reports its peak CUDA memory) with only what the
+    comparison fixes; everything else stays at its default."""
     return [
         sys.executable,
-        str(REPO / "train_network.py"),
+        str(Path(__file__).resolve()),
+        "--trainer_child",
+        settings.trainer,
         "--pretrained_model_name_or_path",
-        "tiny-sd1",
+        settings.model,
         "--dataset_config",
         str(config),
         "--cache_latents",
@@ -143,6 +161,8 @@ def baseline_command(image_dir: Path, settings: Settings) -> list[str]:
         str(settings.batch_size),
         "--seed",
         str(settings.seed),
+        "--model",
+        settings.model,
     ]
 
 
@@ -186,7 +206,7 @@ def run_child(label: str, command: list[str], env: dict[str, str], total: int, l
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     marks: list[tuple[int, float]] = []
     cpu_marks: list[tuple[int, float]] = []
-    pending, timed_lines = "", []
+    pending, timed_lines, peak_cuda = "", [], float("nan")
     fd = proc.stdout.fileno()
     while True:
         select.select([fd], [], [])
@@ -197,6 +217,8 @@ def run_child(label: str, command: list[str], env: dict[str, str], total: int, l
         pending = lines.pop() if data else ""
         for line in filter(None, lines):
             timed_lines.append(f"{now:9.3f} {line}")
+            cuda_line = PEAK_CUDA_LINE.match(line.strip())
+            peak_cuda = float(cuda_line.group(1)) if cuda_line else peak_cuda
             for k in step_marks(line):
                 if k > (marks[-1][0] if marks else 0):
                     marks.append((k, now))
@@ -221,6 +243,7 @@ def run_child(label: str, command: list[str], env: dict[str, str], total: int, l
         wall_s=wall,
         load_before=load_before,
         load_after=os.getloadavg()[0],
+        peak_cuda_mib=peak_cuda,
     )
 
 
@@ -237,13 +260,14 @@ def best_of(runs: list[Figures]) -> Figures:
         wall_s=min(r.wall_s for r in runs),
         load_before=max(r.load_before for r in runs),
         load_after=max(r.load_after for r in runs),
+        peak_cuda_mib=min(r.peak_cuda_mib for r in runs),
     )
 
 
 def figures_row(f: Figures) -> str:
     load = f"{f.load_before:.1f}-{f.load_after:.1f}"
     figures = f"{f.steps_per_s:9.2f} {f.steps_per_cpu_s:11.2f} {f.first_step_s:19.2f} {f.peak_rss_mib:13.0f}"
-    return f"{f.label:28} {figures} {f.steps_done:6d} {load:>11}"
+    return f"{f.label:33} {figures} {f.steps_done:6d} {load:>11}"
 
 
 def ratio_row(label: str, ours: Figures, base: Figures) -> str:
@@ -251,7 +275,7 @@ def ratio_row(label: str, ours: Figures, base: Figures) -> str:
     cpu_rate = ours.steps_per_cpu_s / base.steps_per_cpu_s
     later = ours.first_step_s - base.first_step_s
     rss = ours.peak_rss_mib / base.peak_rss_mib
-    return f"{label:28} {rate:8.2f}x {cpu_rate:10.2f}x {later:+18.2f}s {rss:12.2f}x"
+    return f"{label:33} {rate:8.2f}x {cpu_rate:10.2f}x {later:+18.2f}s {rss:12.2f}x"
 
 
 def comparison_lines(ours: Figures, base: Figures, margin: float) -> list[str]:
@@ -265,12 +289,12 @@ def comparison_lines(ours: Figures, base: Figures, margin: float) -> list[str]:
     first_ok = verdict(ours.first_step_s - base.first_step_s <= margin)
     header = f"{'steps/s':>9} {'steps/CPU-s':>11} {'launch->1st step s':>19} {'peak RSS MiB':>13}"
     return [
-        f"{'':28} {header} {'steps':>6} {'load':>11}",
+        f"{'':33} {header} {'steps':>6} {'load':>11}",
         figures_row(base),
         figures_row(ours),
         ratio_row("ours / baseline", ours, base),
-        f"{'target':28} {'>=' + str(STEADY_TARGET) + 'x':>9} {'':11} {'<= +' + str(margin) + ' s':>19}",
-        f"{'verdict':28} steps/s {wall_ok} (per CPU-second {cpu_ok}), launch->1st step {first_ok}",
+        f"{'target':33} {'>=' + str(STEADY_TARGET) + 'x':>9} {'':11} {'<= +' + str(margin) + ' s':>19}",
+        f"{'verdict':33} steps/s {wall_ok} (per CPU-second {cpu_ok}), launch->1st step {first_ok}",
     ]
 
 
@@ -299,7 +323,7 @@ def compare(name: str, image_dir: Path, work: Path, settings: Settings, args: ar
         )
         runs["ours"].append(
             run_child(
-                "train_network.py (defaults)",
+                f"{settings.trainer} (defaults)",
                 trainer_command(config, work / f"out-{name}-{r}", settings, []),
                 env,
                 settings.steps,
@@ -310,7 +334,7 @@ def compare(name: str, image_dir: Path, work: Path, settings: Settings, args: ar
             extra = ["--max_data_loader_n_workers", str(args.workers), "--persistent_data_loader_workers"]
             runs["workers"].append(
                 run_child(
-                    f"train_network.py ({args.workers} workers)",
+                    f"{settings.trainer} ({args.workers} workers)",
                     trainer_command(config, work / f"out-{name}-w{r}", settings, extra),
                     env,
                     settings.steps,
@@ -320,10 +344,12 @@ def compare(name: str, image_dir: Path, work: Path, settings: Settings, args: ar
     base, ours = best_of(runs["base"]), best_of(runs["ours"])
     print(
         f"\n== {name}: {len(list(image_dir.glob('*.png')))} images, {settings.steps} steps, "
-        f"batch {settings.batch_size}, LoRA dim {settings.network_dim}, AdamW; best of {args.repeat}"
+        f"batch {settings.batch_size}, LoRA dim {settings.network_dim}, AdamW, {settings.model}; best of {args.repeat}"
     )
     for line in comparison_lines(ours, base, args.first_step_margin):
         print(line)
+    if base.peak_cuda_mib == base.peak_cuda_mib:  # not NaN: the children ran on a GPU
+        print(f"peak CUDA memory MiB: baseline {base.peak_cuda_mib:.0f}, ours {ours.peak_cuda_mib:.0f}")
     result = {"baseline": asdict(base), "ours": asdict(ours)}
     if runs["workers"]:
         workers = best_of(runs["workers"])
@@ -333,8 +359,42 @@ def compare(name: str, image_dir: Path, work: Path, settings: Settings, args: ar
     return result
 
 
+def print_peak_cuda() -> None:
+    """The line the parent reads a child's peak CUDA memory from (nothing without a GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        print(f"peak cuda MiB: {torch.cuda.max_memory_allocated() / 2**20:.1f}", flush=True)
+
+
+def trainer_child(script: str, argv: list[str]) -> None:
+    """Run the training script's ``main(argv)`` in this process, then report its peak CUDA memory."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+    print_peak_cuda()
+
+
 def baseline_child(image_dir: Path, settings: Settings) -> None:
     """The hand-written loop; prints ``steps: k/N`` after each optimizer step (timed by the parent)."""
+    if settings.model == "tiny-sdxl":
+        from sdxl_loop import sdxl_baseline
+
+        sdxl_baseline(
+            image_dir,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            network_dim=settings.network_dim,
+            network_alpha=settings.network_alpha,
+            lr=settings.learning_rate,
+            seed=settings.seed,
+        )
+        print_peak_cuda()
+        return
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -393,6 +453,7 @@ def baseline_child(image_dir: Path, settings: Settings) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(TRAINERS), default="tiny-sd1", help="tiny model (and script)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     parser.add_argument("--images", type=int, default=32, help="images in the small dataset")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
@@ -438,8 +499,14 @@ def run_all(args: argparse.Namespace, settings: Settings, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--trainer_child"]:
+        trainer_child(argv[1], argv[2:])
+        return
     args = parse_args(argv)
-    settings = Settings(steps=args.steps, batch_size=args.batch_size, seed=args.seed, resolution=args.size)
+    settings = Settings(
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, resolution=args.size, model=args.model
+    )
     if args.baseline_child is not None:
         baseline_child(args.baseline_child, settings)
         return

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,10 +68,23 @@ def test_comparison_lines_judge_the_targets():
     )
 
 
-def test_quick_run_prints_and_saves_figures(tmp_path):
+def test_children_report_peak_cuda_memory_in_a_line_the_parent_reads():
+    bench = load_bench()
+    assert bench.PEAK_CUDA_LINE.match("peak cuda MiB: 1234.5").group(1) == "1234.5"
+    assert bench.PEAK_CUDA_LINE.match("steps: 3/10 peak cuda MiB: 12") is None
+    assert math.isnan(figures(bench, "ours", 1.0, 1.0, 1.0, 1.0).peak_cuda_mib)
+    settings = bench.Settings(steps=3, batch_size=2, model="tiny-sdxl")
+    command = bench.trainer_command(Path("d.toml"), Path("out"), settings, [])
+    assert command[1:4] == [str(SCRIPT), "--trainer_child", "sdxl_train_network.py"]
+    assert command[command.index("--pretrained_model_name_or_path") + 1] == "tiny-sdxl"
+    assert bench.baseline_command(Path("images"), settings)[-2:] == ["--model", "tiny-sdxl"]
+
+
+@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
+def test_quick_run_prints_and_saves_figures(tmp_path, model):
     out = tmp_path / "figures.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--model", model, "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -81,6 +95,9 @@ def test_quick_run_prints_and_saves_figures(tmp_path):
     assert "load average" in done.stdout
     result = json.loads(out.read_text())
     assert result["settings"]["steps"] == 10
+    assert result["settings"]["model"] == model
+    script = {"tiny-sd1": "train_network.py", "tiny-sdxl": "sdxl_train_network.py"}[model]
+    assert result["small"]["ours"]["label"] == f"{script} (defaults)"
     for run in ("baseline", "ours"):
         figures = result["small"][run]
         assert figures["steps_done"] == 10

@@ -58,6 +58,7 @@ class ModelSource:
     vae: str | None = None
     tokenizer_cache_dir: str | None = None
     allow_unsafe_pickle: bool = False
+    disable_mmap_load_safetensors: bool = False
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
@@ -66,7 +67,8 @@ def model_source(args: argparse.Namespace) -> ModelSource:
 
 
 def load_base_model(source: ModelSource) -> Components:
-    """``--pretrained_model_name_or_path`` with ``--v2`` / ``--v_parameterization`` / ``--vae``."""
+    """``--pretrained_model_name_or_path`` with ``--v2`` / ``--v_parameterization`` / ``--vae`` (and the SDXL
+    scripts' ``--disable_mmap_load_safetensors``)."""
     from library.models.load import load_model
 
     if not source.pretrained_model_name_or_path:
@@ -78,6 +80,7 @@ def load_base_model(source: ModelSource) -> Components:
         vae=source.vae,
         tokenizer_cache_dir=source.tokenizer_cache_dir,
         allow_unsafe_pickle=source.allow_unsafe_pickle,
+        disable_mmap=source.disable_mmap_load_safetensors,
     )
 
 
@@ -222,7 +225,10 @@ def cached_text_encoding(
 ) -> TextEncoding:
     """--cache_text_encoder_outputs[_to_disk]: every caption encoded once on ``device`` before training (the
     family decides what depends on the caption only, e.g. not SDXL's size embedding), served from the cache;
-    ``settings_id`` names the encoding settings, so changed ones re-encode files cached on disk."""
+    ``settings_id`` names the encoding settings, so changed ones re-encode files cached on disk.
+
+    Captions are encoded in batches of the training batch size, as sd-scripts does: a matmul's rounding depends on
+    its row count, so a cache encoded in batches of that size holds what live encoding would give."""
     for encoder in components.text_encoders:
         encoder.to(device)
     family = components.family
@@ -235,6 +241,7 @@ def cached_text_encoding(
         to_disk=settings.cache_text_encoder_outputs_to_disk,
         layout=OutputLayout.per_encoder(components.text_encoders, extras=family.text_output_extras()),
         finish=family.finish_conditioning,
+        batch_size=max(d.batch_size for d in dataset.datasets),
         skip_check=flags.skip_cache_check,
         process_index=processes.process_index,
         num_processes=processes.num_processes,

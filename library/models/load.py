@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from library.errors import UserError
-from library.io import atomic_dir, load_pickle_checkpoint, load_safetensors
+from library.io import atomic_dir, check_safetensors, load_pickle_checkpoint, load_safetensors
 from library.models.components import Components
 from library.models.convert import VAE_PREFIX, vae_from_ldm
 from library.models.detect import (
@@ -34,11 +35,14 @@ PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def read_checkpoint(path: Path, allow_unsafe_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a ``.safetensors`` or pickle checkpoint (``state_dict`` unwrapped)."""
+def read_checkpoint(
+    path: Path, allow_unsafe_pickle: bool = False, disable_mmap: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a ``.safetensors`` or pickle checkpoint (``state_dict`` unwrapped);
+    ``disable_mmap``: read a safetensors file's bytes instead of memory-mapping it."""
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_EXTENSIONS:
-        return load_safetensors(path)
+        return _read_safetensors_bytes(path) if disable_mmap else load_safetensors(path)
     if suffix not in PICKLE_EXTENSIONS:
         raise UserError(
             f"{path}: unknown model file extension '{path.suffix}'; use .safetensors, .ckpt, .pt or a diffusers folder"
@@ -55,6 +59,44 @@ def read_checkpoint(path: Path, allow_unsafe_pickle: bool = False) -> tuple[dict
     while isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return tensors, metadata
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors_bytes(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """sd-scripts' ``--disable_mmap_load_safetensors``: the file read into memory with plain reads, not memory-mapped
+    (slow on some file systems, e.g. WSL's). Each tensor is copied into its own storage: the weights are the
+    process's own, where memory-mapped ones would follow later in-place changes to the file."""
+    check_safetensors(path)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        data = torch.empty(path.stat().st_size - 8 - header_len, dtype=torch.uint8)
+        f.readinto(memoryview(data.numpy()))
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise UserError(
+                f"{path}: tensor {name} has dtype {info['dtype']}, unknown here; drop --disable_mmap_load_safetensors"
+            )
+        start, end = info["data_offsets"]
+        tensors[name] = data[start:end].clone().view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
     return tensors, metadata
 
 
@@ -111,8 +153,10 @@ class _Loaded:
     notes: list[str]
 
 
-def _load_single_file(path: Path, v2: bool | None, v_parameterization: bool | None, allow_unsafe_pickle: bool):
-    tensors, metadata = read_checkpoint(path, allow_unsafe_pickle)
+def _load_single_file(
+    path: Path, v2: bool | None, v_parameterization: bool | None, allow_unsafe_pickle: bool, disable_mmap: bool
+):
+    tensors, metadata = read_checkpoint(path, allow_unsafe_pickle, disable_mmap)
     source = str(path)
     info = detect_single_file(tensors, metadata, source)
     family, configs = info.family, info.configs
@@ -268,16 +312,18 @@ def load_model(
     tokenizer_cache_dir: str | os.PathLike | None = None,
     allow_unsafe_pickle: bool = False,
     dtype: torch.dtype = torch.float32,
+    disable_mmap: bool = False,
 ) -> Components:
     """Load a model: a diffusers folder, a Hub repo id (through the normal cache), a single file or a built-in
     tiny model name (``tiny-sd1``; an existing file or folder of that name wins).
 
-    ``v2`` / ``v_parameterization`` are the flags (None when not given); ``vae`` replaces the VAE.
+    ``v2`` / ``v_parameterization`` are the flags (None when not given); ``vae`` replaces the VAE; ``disable_mmap``
+    reads a single ``.safetensors`` file into memory instead of memory-mapping it.
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_file():
-        parts = _load_single_file(path, v2, v_parameterization, allow_unsafe_pickle)
+        parts = _load_single_file(path, v2, v_parameterization, allow_unsafe_pickle, disable_mmap)
     elif path.is_dir():
         parts = _load_diffusers_dir(path, v2, v_parameterization, name)
     elif _is_repo_id(name):
