@@ -152,7 +152,8 @@ def test_text_encoder_lr_takes_sd_scripts_list_and_collapses_to_one_value(tmp_pa
     path.write_text("text_encoder_lr = []\n")
     assert parse_args_with_config(make_parser(), ["--config_file", str(path)]).text_encoder_lr is None
     path.write_text("text_encoder_lr = [5e-5, 1e-4]\n")
-    with pytest.raises(UserError, match=r"cfg.toml: text_encoder_lr: got different values \[5e-05, 0.0001\], but SD"):
+    message = r"cfg.toml: text_encoder_lr: got different values \[5e-05, 0.0001\], but networks.lora trains every"
+    with pytest.raises(UserError, match=message):
         parse_args_with_config(make_parser(), ["--config_file", str(path)])
     assert make_parser().parse_args(["--text_encoder_lr", "1e-4", "1e-4"]).text_encoder_lr == 1e-4
 

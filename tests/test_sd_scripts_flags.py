@@ -72,7 +72,7 @@ def test_values_of_sd_scripts_shape_parse(script):
         words, expected = sample(name, spec)
         got = getattr(parser.parse_args([f"--{name}", *words]), name)
         if name == "text_encoder_lr":
-            expected = 0.0001  # sd-scripts' one-per-encoder list collapses: SD 1.x/2.x have one text encoder
+            expected = 0.0001  # sd-scripts' one-per-encoder list collapses: every text encoder trains at one rate
         if got != expected:
             wrong[name] = (words, got)
         if spec["nargs"] == "*" and getattr(parser.parse_args([f"--{name}"]), name) not in ([], None):

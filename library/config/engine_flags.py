@@ -47,8 +47,9 @@ def warn_not_implemented(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 
 class OneTextEncoderValue(argparse.Action):
-    """sd-scripts takes one value per text encoder (``nargs="*"``); SD 1.x/2.x have one, so the list collapses to
-    one number: no values means unset (None), equal values mean that value, different values are an error."""
+    """sd-scripts takes one value per text encoder (``nargs="*"``) but trains them all at one rate, so the list
+    collapses to one number: no values means unset (None), equal values mean that value, different values are an
+    error (sd-scripts would silently use the first)."""
 
     @staticmethod
     def collapse(values: Sequence[Any] | Any) -> Any:
@@ -58,7 +59,8 @@ class OneTextEncoderValue(argparse.Action):
         distinct = list(dict.fromkeys(values))
         if len(distinct) > 1:
             raise ValueError(
-                f"got different values {list(values)}, but SD 1.x/2.x models have one text encoder; give one value"
+                f"got different values {list(values)}, but networks.lora trains every text encoder at one rate "
+                "(sd-scripts uses the first value for both SDXL encoders); give one value"
             )
         return distinct[0] if distinct else None
 

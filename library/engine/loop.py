@@ -200,8 +200,8 @@ class _Run:
         )
 
     def _place_models(self) -> None:
-        """Freeze the base model (every text encoder of its family) in the working precision; the recipe then
-        attaches what is trained.
+        """Freeze the base model (every text encoder of its family) in the working precision, except the modules a
+        recipe trains whole, which keep their weights' every bit; the recipe then attaches what is trained.
 
         With cached latents the VAE is only needed for samples (which move it over while they run), so it is kept
         off the accelerator."""
@@ -210,10 +210,11 @@ class _Run:
         vae_device = torch.device("cpu") if self.config.latents_cached else device
         placements = [(c.vae, vae_dtype, vae_device), (c.unet, self.weight_dtype, device)]
         placements += [(encoder, self.weight_dtype, device) for encoder in c.text_encoders]
+        trained_whole = {id(m) for m in self.recipe.full_precision_modules(c)}
         for module, dtype, place in placements:
             module.requires_grad_(False)
             module.to(place)
-            if module.dtype != dtype:
+            if module.dtype != dtype and id(module) not in trained_whole:
                 module.to(dtype=dtype)
         c.vae.eval()
         if vae_device != device and device.type == "cuda":

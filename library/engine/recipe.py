@@ -60,6 +60,11 @@ class Recipe(ABC):
     def save(self, path: Path, *, epoch: int, step: int, final: bool) -> None:
         """Write the trained weights to ``path`` atomically."""
 
+    def full_precision_modules(self, components: Components) -> list[nn.Module]:
+        """Base-model modules this recipe trains whole (called before :meth:`setup`): the loop does not cast them
+        to the working precision, which would round the starting weights (sd-scripts keeps them in float32)."""
+        return []
+
     def fingerprint(self) -> dict[str, Any]:
         """What must stay the same for a state to be resumable: by default the names and shapes of trained weights."""
         shapes = {

@@ -112,19 +112,23 @@ class FullRecipe(Recipe):
             module.to(dtype=torch.float32)
             module.requires_grad_(True)
 
-    def trained_text_encoders(self) -> list[tuple[nn.Module, float | None]]:
-        """The text encoders this run trains, each with its learning rate (None: the shared one).
+    def trained_text_encoders(self, components: Components | None = None) -> list[tuple[nn.Module, float | None]]:
+        """The text encoders this run trains (of ``components``, else the set-up model's), each with its learning
+        rate (None: the shared one).
 
         One encoder (SD 1.x/2.x): --learning_rate_te, else in the UNet's group. Several (SDXL, sdxl_train.py):
         encoder i at --learning_rate_te<i>, else --learning_rate; one whose rate is 0 stays frozen."""
         if not self.text_encoder_trained:
             return []
-        c, s = self.components, self.settings
+        c, s = components or self.components, self.settings
         if len(c.text_encoders) == 1:
             return [(c.text_encoders[0], s.learning_rate_te)]
         rates = (s.learning_rate_te1, s.learning_rate_te2)
         chosen = [(e, s.learning_rate if r is None else r) for e, r in zip(c.text_encoders, rates, strict=True)]
         return [(encoder, rate) for encoder, rate in chosen if rate != 0]
+
+    def full_precision_modules(self, components: Components) -> list[nn.Module]:
+        return [components.unet, *(encoder for encoder, _ in self.trained_text_encoders(components))]
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.components.unet, *(encoder for encoder, _ in self.trained_text_encoders())]
