@@ -87,3 +87,13 @@ def test_sdxl_own_values_parse():
     args = parser.parse_args(flags)
     assert args.cache_text_encoder_outputs_to_disk and args.disable_mmap_load_safetensors
     assert args.fused_optimizer_groups == 2 and not args.cache_text_encoder_outputs
+
+
+def test_fp16_without_no_half_vae_is_warned_for_sdxl_only():
+    from library.engine.launch import half_vae_note
+    from library.models.family import family_named
+
+    sdxl, sd1 = family_named("sdxl"), family_named("sd1")
+    assert half_vae_note(sdxl, "fp16", False).startswith("--mixed_precision fp16 without --no_half_vae: the SDXL VAE")
+    quiet = [half_vae_note(sdxl, "fp16", True), half_vae_note(sdxl, "bf16", False), half_vae_note(sd1, "fp16", False)]
+    assert quiet == [None, None, None]

@@ -35,7 +35,7 @@ from library.engine.schedule import RunPlan, make_run_plan
 from library.engine.tracking import launch_device, launched_processes
 from library.errors import UserError
 from library.models.components import Components
-from library.models.family import TextEncoding
+from library.models.family import ModelFamily, TextEncoding
 from library.seeds import choose_seed
 from library.text.encode import TextEncodingSettings
 from library.text.output_cache import (
@@ -161,12 +161,9 @@ def prepare_run(
         )
     components = load(seed) if load is not None else load_base_model(model_source(args))
     check_family(components, families)
-    if components.family.fp16_vae_overflows and config.mixed_precision == "fp16" and not config.no_half_vae:
-        logger.warning(
-            "--mixed_precision fp16 without --no_half_vae: the %s VAE overflows in float16 (NaN latents and "
-            "losses); add --no_half_vae, or give an fp16-safe VAE with --vae",
-            components.family.name.upper(),
-        )
+    note = half_vae_note(components.family, config.mixed_precision, config.no_half_vae)
+    if note:
+        logger.warning(note)
     attention_from_settings(settings_from_flags(AttentionSettings, args), components.unet, device)
     apply_fp8_base(runtime, components.unet, [] if text_embedding else components.text_encoders)
     compile_unet(components.unet, runtime)
@@ -246,6 +243,16 @@ def cached_text_encoding(
         process_index=processes.process_index,
         num_processes=processes.num_processes,
         barrier=processes.wait_for_everyone,
+    )
+
+
+def half_vae_note(family: ModelFamily, mixed_precision: str, no_half_vae: bool) -> str | None:
+    """A warning for an fp16 run whose family's stock VAE overflows in float16 (SDXL) without --no_half_vae."""
+    if not family.fp16_vae_overflows or mixed_precision != "fp16" or no_half_vae:
+        return None
+    return (
+        f"--mixed_precision fp16 without --no_half_vae: the {family.name.upper()} VAE overflows in float16 (NaN "
+        "latents and losses); add --no_half_vae, or give an fp16-safe VAE with --vae"
     )
 
 
