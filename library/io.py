@@ -431,12 +431,6 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     return tensors, metadata
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    check_safetensors(path)
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
-
-
 def load_pickle_checkpoint(path: str | os.PathLike, allow_unsafe: bool = False) -> dict[str, Any]:
     """Load a ``.ckpt``/``.pt``/``.bin`` pickle with ``weights_only=True``.
 

@@ -14,11 +14,11 @@ from library.dataset.images import (
     ImageLoadError,
     face_from_name,
     open_image,
-    oriented_size,
     pick_resample,
     plan_face_crop,
     prepare_image,
 )
+from library.dataset.scan import read_size
 from library.errors import UserError
 from tests.images import write_image
 
@@ -115,7 +115,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display"
     path = tmp_path / "rotated.png"
     image.save(path, exif=exif.tobytes())
-    assert oriented_size(path) == (20, 40)
+    assert read_size(path) == (20, 40)
     decoded = np.asarray(open_image(path))
     assert decoded.shape == (40, 20, 3)
     assert (decoded[:20, :, 0] == 255).all() and (decoded[20:, :, 0] == 0).all()  # red half is now on top

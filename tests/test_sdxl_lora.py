@@ -74,7 +74,6 @@ def test_sdxl_base_names_are_sd_scripts_sgm_names():
     paths = targeted_paths(unet)
     sgm = {names.to_sgm(p) for p in paths}
     assert len(paths) == len(sgm) == 788
-    assert all(names.to_diffusers(names.to_sgm(p)) == p for p in paths)
     expected = {
         "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (
             "input_blocks.4.1.transformer_blocks.0.attn1.to_q"

@@ -18,7 +18,7 @@ import train_textual_inversion_XTI
 from library.config.config_file import parse_args_with_config
 from library.config.settings import settings_from_flags
 from library.errors import UserError
-from library.io import load_safetensors, read_safetensors_metadata
+from library.io import load_safetensors
 from library.models.tiny import make_tiny_model
 from library.recipes.settings import TextualInversionSettings
 from library.recipes.textual_inversion import TextualInversionRecipe
@@ -301,4 +301,4 @@ def test_docs_example_runs(tmp_path):
     count = sum(1 for line in prompts if line.strip() and not line.lstrip().startswith("#"))
     assert len(list((out / "sample").glob("sks_000004_*.png"))) == count
     assert list(load_safetensors(out / "xti" / "sks.safetensors")[0]) == list(XTI_LAYERS)
-    assert read_safetensors_metadata(out / "sks.safetensors")["modelspec.title"] == "sks"
+    assert load_safetensors(out / "sks.safetensors")[1]["modelspec.title"] == "sks"

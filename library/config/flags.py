@@ -54,17 +54,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_save_model_arguments(parser: argparse.ArgumentParser, default_format: str = "safetensors") -> None:
-    """Output format and precision of saved models."""
-    parser.add_argument(
-        "--save_model_as",
-        type=str,
-        default=default_format,
-        choices=["ckpt", "safetensors", "diffusers", "diffusers_safetensors", "pt"],
-    )
-    parser.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
-
-
 def add_text_encoding_arguments(parser: argparse.ArgumentParser) -> None:
     """How captions become text-encoder outputs: CLIP skip, long prompts, (tag:1.2) weights."""
     parser.add_argument(

@@ -16,7 +16,6 @@ import torch
 from PIL import Image, ImageOps
 
 from library.dataset.buckets import cover_size, crop_ltrb
-from library.dataset.scan import read_size
 from library.errors import UserError
 from library.losses import mask_from_conditioning_image
 
@@ -85,14 +84,6 @@ def open_image(path: Path, keep_alpha: bool = False) -> Image.Image:
             image = ImageOps.exif_transpose(raw)
             mode = "RGBA" if keep_alpha else "RGB"
             return image.convert(mode) if image.mode != mode else image.copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
-
-
-def oriented_size(path: Path) -> tuple[int, int]:
-    """The (width, height) an image has after its EXIF orientation, read from the header without decoding."""
-    try:
-        return read_size(path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
 

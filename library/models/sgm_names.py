@@ -1,4 +1,4 @@
-"""sd-scripts' SDXL UNet module names (SGM layout: ``input_blocks.4.1…``) for a diffusers SDXL UNet, both ways.
+"""sd-scripts' SDXL UNet module names (SGM layout: ``input_blocks.4.1…``) for a diffusers SDXL UNet.
 
 sd-scripts trains SDXL LoRA on its own SGM-layout UNet, so its ``lora_unet_…`` keys follow SGM module paths while
 ours are trained on diffusers' UNet2DConditionModel. The table is computed from the UNet's config (block types,
@@ -34,8 +34,8 @@ def _per_block(value, n: int) -> list[int]:
 class SgmNames:
     """The block table of one UNet config: diffusers block paths ↔ SGM block paths, and their child names.
 
-    ``to_sgm("down_blocks.1.attentions.0.proj_in") == "input_blocks.4.1.proj_in"`` for SDXL base; ``to_diffusers``
-    is the inverse. Modules outside the blocks (conv_in, time and added embeddings, conv_out) keep their names.
+    ``to_sgm("down_blocks.1.attentions.0.proj_in") == "input_blocks.4.1.proj_in"`` for SDXL base. Modules outside
+    the blocks (conv_in, time and added embeddings, conv_out) keep their names.
     """
 
     def __init__(self, config) -> None:
@@ -70,7 +70,6 @@ class SgmNames:
                 index += 1
         self.n_output = index
         self.blocks = blocks
-        self.reverse = {v: k for k, v in blocks.items()}
 
     @staticmethod
     def _child_to_sgm(block: str, child: str) -> str:
@@ -83,16 +82,6 @@ class SgmNames:
             return "op" + (f".{rest}" if rest else "")
         return child
 
-    @staticmethod
-    def _child_to_diffusers(block: str, child: str) -> str:
-        if ".downsamplers." in block and child.split(".")[0] == "op":
-            return "conv" + child[2:]
-        if ".resnets." in block:
-            for name, sgm in RESNET_CHILDREN:
-                if child == sgm or child.startswith(sgm + "."):
-                    return name + child[len(sgm) :]
-        return child
-
     def to_sgm(self, path: str) -> str:
         """SGM module path of a diffusers UNet module path (unchanged outside the blocks)."""
         parts = path.split(".")
@@ -103,17 +92,6 @@ class SgmNames:
         child = ".".join(parts[width:])
         sgm = self.blocks[block]
         return f"{sgm}.{self._child_to_sgm(block, child)}" if child else sgm
-
-    def to_diffusers(self, path: str) -> str:
-        """diffusers module path of an SGM module path (unchanged outside the blocks)."""
-        parts = path.split(".")
-        width = 2 if parts[0] == "middle_block" else 3
-        sgm = ".".join(parts[:width])
-        if parts[0] not in ("input_blocks", "middle_block", "output_blocks") or sgm not in self.reverse:
-            return path
-        block = self.reverse[sgm]
-        child = ".".join(parts[width:])
-        return f"{block}.{self._child_to_diffusers(block, child)}" if child else block
 
     def block_count(self) -> int:
         """Slots of sd-scripts' SDXL block-wise scheme: base, input blocks, 3 mid, output blocks, out (SDXL: 23)."""
