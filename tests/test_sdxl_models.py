@@ -291,3 +291,18 @@ def test_vae_override_and_tokenizer_cache(tiny: Components, tmp_path):
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == sorted(SDXL.tokenizer_cache_names)
     again = load_model("tiny-sdxl", tokenizer_cache_dir=tmp_path / "tok")
     assert [t.pad_token_id for t in again.tokenizers] == [49407, 0]
+
+
+def test_repo_id_loads_sdxl_from_the_hub_cache_offline(tiny: Components, tmp_path, monkeypatch):
+    """A hub id whose snapshot is an SDXL diffusers folder (text_encoder_2, tokenizer_2) loads offline as SDXL."""
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--someorg--tiny-sdxl"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    save_model(tiny, repo / "snapshots" / commit, "diffusers_safetensors")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model("someorg/tiny-sdxl")
+    assert loaded.family.name == "sdxl" and loaded.source == "someorg/tiny-sdxl"
+    _assert_same_weights(tiny, loaded)
+    assert loaded.tokenizers[1].pad_token == "!"
