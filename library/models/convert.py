@@ -28,6 +28,13 @@ _OPENCLIP_LAYER = (
     ("mlp.fc1", "mlp.c_fc"),
     ("mlp.fc2", "mlp.c_proj"),
 )
+OPENCLIP_TOP = (
+    ("embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("embeddings.position_embedding.weight", "positional_embedding"),
+    ("final_layer_norm.weight", "ln_final.weight"),
+    ("final_layer_norm.bias", "ln_final.bias"),
+)
+"""(transformers CLIP name, OpenCLIP name) of the tensors outside the layers, shared by SD 2.x and SDXL's bigG."""
 
 Pairs = list[tuple[str, str]]
 
@@ -199,10 +206,38 @@ def sd1_text_from_ldm(checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def count_openclip_blocks(checkpoint: Mapping[str, torch.Tensor]) -> int:
-    """Number of ``transformer.resblocks.N`` in an SD2 (OpenCLIP) text encoder."""
-    head = SD2_TEXT_PREFIX + "transformer.resblocks."
+def count_openclip_blocks(checkpoint: Mapping[str, torch.Tensor], prefix: str = SD2_TEXT_PREFIX) -> int:
+    """Number of ``transformer.resblocks.N`` of the OpenCLIP text encoder under ``prefix`` (SD2 by default)."""
+    head = prefix + "transformer.resblocks."
     return len({k[len(head) :].split(".")[0] for k in checkpoint if k.startswith(head)})
+
+
+def openclip_block_to_clip(checkpoint: Mapping[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
+    """One OpenCLIP resblock (keys under ``src``) as a transformers CLIP encoder layer (under ``dst``), the fused
+    ``attn.in_proj_*`` split into q/k/v."""
+    out = {}
+    for ours, theirs in _OPENCLIP_LAYER:
+        for kind in ("weight", "bias"):
+            out[f"{dst}{ours}.{kind}"] = checkpoint[f"{src}{theirs}.{kind}"]
+    for kind in ("weight", "bias"):
+        for name, part in zip("qkv", checkpoint[f"{src}attn.in_proj_{kind}"].chunk(3, dim=0)):
+            out[f"{dst}self_attn.{name}_proj.{kind}"] = part
+    return out
+
+
+def clip_layer_to_openclip(
+    state_dict: Mapping[str, torch.Tensor], src: str, dst: str, copy: bool = False
+) -> dict[str, torch.Tensor]:
+    """One transformers CLIP encoder layer (keys under ``src``) as an OpenCLIP resblock (under ``dst``), q/k/v
+    fused into ``attn.in_proj_*``; ``copy`` clones the tensors (a layer written twice must not share storage)."""
+    out = {}
+    for ours, theirs in _OPENCLIP_LAYER:
+        for kind in ("weight", "bias"):
+            out[f"{dst}{theirs}.{kind}"] = _copy_if(state_dict[f"{src}{ours}.{kind}"], copy)
+    for kind in ("weight", "bias"):
+        qkv = [state_dict[f"{src}self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v")]
+        out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)
+    return out
 
 
 def sd2_text_to_ldm(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
@@ -214,21 +249,10 @@ def sd2_text_to_ldm(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> 
     """
     sd = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
     p = SD2_TEXT_PREFIX
-    out = {
-        p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-        p + "positional_embedding": sd["embeddings.position_embedding.weight"],
-        p + "ln_final.weight": sd["final_layer_norm.weight"],
-        p + "ln_final.bias": sd["final_layer_norm.bias"],
-    }
+    out = {p + theirs: sd[ours] for ours, theirs in OPENCLIP_TOP}
     for i in range(num_layers + 1):
-        src = f"encoder.layers.{min(i, num_layers - 1)}."
-        dst = f"{p}transformer.resblocks.{i}."
-        for ours, theirs in _OPENCLIP_LAYER:
-            for kind in ("weight", "bias"):
-                out[f"{dst}{theirs}.{kind}"] = _copy_if(sd[f"{src}{ours}.{kind}"], i == num_layers)
-        for kind in ("weight", "bias"):
-            qkv = [sd[f"{src}self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v")]
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)
+        src, dst = f"encoder.layers.{min(i, num_layers - 1)}.", f"{p}transformer.resblocks.{i}."
+        out.update(clip_layer_to_openclip(sd, src, dst, copy=i == num_layers))
     width = out[p + "ln_final.weight"].shape[0]
     dtype = out[p + "ln_final.weight"].dtype
     out[p + "text_projection"] = torch.ones((width, width), dtype=dtype)
@@ -243,21 +267,9 @@ def _copy_if(t: torch.Tensor, copy: bool) -> torch.Tensor:
 def sd2_text_from_ldm(checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenCLIP keys -> transformers 5 CLIPTextModel names, dropping the last resblock (N blocks -> N-1 layers)."""
     p = SD2_TEXT_PREFIX
-    out = {
-        "embeddings.token_embedding.weight": checkpoint[p + "token_embedding.weight"],
-        "embeddings.position_embedding.weight": checkpoint[p + "positional_embedding"],
-        "final_layer_norm.weight": checkpoint[p + "ln_final.weight"],
-        "final_layer_norm.bias": checkpoint[p + "ln_final.bias"],
-    }
+    out = {ours: checkpoint[p + theirs] for ours, theirs in OPENCLIP_TOP}
     for i in range(count_openclip_blocks(checkpoint) - 1):
-        src = f"{p}transformer.resblocks.{i}."
-        dst = f"encoder.layers.{i}."
-        for ours, theirs in _OPENCLIP_LAYER:
-            for kind in ("weight", "bias"):
-                out[f"{dst}{ours}.{kind}"] = checkpoint[f"{src}{theirs}.{kind}"]
-        for kind in ("weight", "bias"):
-            for name, part in zip("qkv", checkpoint[f"{src}attn.in_proj_{kind}"].chunk(3, dim=0)):
-                out[f"{dst}self_attn.{name}_proj.{kind}"] = part
+        out.update(openclip_block_to_clip(checkpoint, f"{p}transformer.resblocks.{i}.", f"encoder.layers.{i}."))
     return out
 
 

@@ -15,7 +15,16 @@ from typing import Any
 
 import torch
 
-from library.models.convert import UNET_PREFIX, VAE_PREFIX, unet_to_ldm, vae_to_ldm
+from library.models.convert import (
+    OPENCLIP_TOP,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    clip_layer_to_openclip,
+    count_openclip_blocks,
+    openclip_block_to_clip,
+    unet_to_ldm,
+    vae_to_ldm,
+)
 from library.models.detect import infer_unet_config, infer_vae_config, max_index
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
@@ -23,20 +32,6 @@ CLIP_G_PREFIX = "conditioner.embedders.1.model."
 VAE_SCALE = 0.13025
 OPENCLIP_LOGIT_SCALE = math.log(100.0)
 """Written as ``logit_scale`` (OpenCLIP's trained value, ln 100); no diffusers part holds it and nothing reads it."""
-
-_G_LAYER = (
-    ("layer_norm1", "ln_1"),
-    ("layer_norm2", "ln_2"),
-    ("self_attn.out_proj", "attn.out_proj"),
-    ("mlp.fc1", "mlp.c_fc"),
-    ("mlp.fc2", "mlp.c_proj"),
-)
-_G_TOP = (
-    ("embeddings.token_embedding.weight", "token_embedding.weight"),
-    ("embeddings.position_embedding.weight", "positional_embedding"),
-    ("final_layer_norm.weight", "ln_final.weight"),
-    ("final_layer_norm.bias", "ln_final.bias"),
-)
 
 
 def heads_for(width: int) -> int:
@@ -68,15 +63,9 @@ def clip_g_to_sgm(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> di
     fused into ``attn.in_proj_*``, ``text_projection`` transposed, ``logit_scale`` added)."""
     sd = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
     p = CLIP_G_PREFIX
-    out = {p + theirs: sd[ours] for ours, theirs in _G_TOP}
+    out = {p + theirs: sd[ours] for ours, theirs in OPENCLIP_TOP}
     for i in range(num_layers):
-        src, dst = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
-        for ours, theirs in _G_LAYER:
-            for kind in ("weight", "bias"):
-                out[f"{dst}{theirs}.{kind}"] = sd[f"{src}{ours}.{kind}"]
-        for kind in ("weight", "bias"):
-            qkv = [sd[f"{src}self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v")]
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)
+        out.update(clip_layer_to_openclip(sd, f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."))
     projection = sd["text_projection.weight"]
     out[p + "text_projection"] = projection.T
     out[p + "logit_scale"] = torch.tensor(OPENCLIP_LOGIT_SCALE, dtype=projection.dtype)
@@ -87,22 +76,12 @@ def clip_g_from_sgm(checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     """OpenCLIP ViT-bigG keys of an SGM file -> CLIPTextModelWithProjection names (``text_model.*`` and
     ``text_projection.weight``); ``logit_scale`` is dropped."""
     p = CLIP_G_PREFIX
-    out = {f"text_model.{ours}": checkpoint[p + theirs] for ours, theirs in _G_TOP}
-    for i in range(count_g_blocks(checkpoint)):
+    out = {f"text_model.{ours}": checkpoint[p + theirs] for ours, theirs in OPENCLIP_TOP}
+    for i in range(count_openclip_blocks(checkpoint, CLIP_G_PREFIX)):
         src, dst = f"{p}transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-        for ours, theirs in _G_LAYER:
-            for kind in ("weight", "bias"):
-                out[f"{dst}{ours}.{kind}"] = checkpoint[f"{src}{theirs}.{kind}"]
-        for kind in ("weight", "bias"):
-            for name, part in zip("qkv", checkpoint[f"{src}attn.in_proj_{kind}"].chunk(3, dim=0)):
-                out[f"{dst}self_attn.{name}_proj.{kind}"] = part
+        out.update(openclip_block_to_clip(checkpoint, src, dst))
     out["text_projection.weight"] = checkpoint[p + "text_projection"].T
     return out
-
-
-def count_g_blocks(checkpoint: Mapping[str, torch.Tensor]) -> int:
-    """Number of ``transformer.resblocks.N`` of the OpenCLIP ViT-bigG encoder."""
-    return max_index(checkpoint, CLIP_G_PREFIX + "transformer.resblocks.") + 1
 
 
 def sgm_state_dict(unet, vae, clip_l, clip_g) -> dict[str, torch.Tensor]:
@@ -155,7 +134,7 @@ def infer_clip_g_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any
     token = state_dict[p + "token_embedding.weight"]
     config = _text_config(
         int(token.shape[1]),
-        count_g_blocks(state_dict),
+        count_openclip_blocks(state_dict, CLIP_G_PREFIX),
         int(state_dict[p + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
         int(state_dict[p + "positional_embedding"].shape[0]),
         "gelu",
