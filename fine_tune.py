@@ -38,7 +38,7 @@ def main(argv: Sequence[str]) -> None:
         return
     from library.engine.launch import prepare_run
     from library.models.scratch import scratch_model
-    from library.recipes.full import FullRecipe, full_model_parts, with_save_format
+    from library.recipes.full import train_full_model
 
     settings = settings_from_flags(FullModelSettings, args, metadata=settings_from_flags(MetadataSettings, args))
     scratch = settings.from_scratch_config
@@ -56,11 +56,8 @@ def main(argv: Sequence[str]) -> None:
         )
 
     run = prepare_run(args, {"finetune"}, load=from_scratch if scratch else None)
-    if run is None:
-        return
-    run = with_save_format(run, settings)
-    recipe = FullRecipe(settings, run.config, text_encoder_steps=None if settings.train_text_encoder else 0)
-    run.train(recipe, parts=full_model_parts(run, settings), tracker_name="finetuning")
+    steps = None if settings.train_text_encoder else 0
+    train_full_model(run, settings, text_encoder_steps=steps, tracker_name="finetuning")
 
 
 if __name__ == "__main__":

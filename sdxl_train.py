@@ -46,16 +46,13 @@ def main(argv: Sequence[str]) -> None:
             "use --fused_backward_pass (one fused step per parameter, the same memory saving)"
         )
     from library.engine.launch import prepare_run
-    from library.recipes.full import FullRecipe, full_model_parts, with_save_format
+    from library.recipes.full import train_full_model
 
     settings = settings_from_flags(FullModelSettings, args, metadata=settings_from_flags(MetadataSettings, args))
     trains_text = "--train_text_encoder" if settings.train_text_encoder else None
     run = prepare_run(args, {"dreambooth", "finetune"}, families=SDXL_FAMILIES, text_trained_by=trains_text)
-    if run is None:
-        return
-    run = with_save_format(run, settings)
-    recipe = FullRecipe(settings, run.config, text_encoder_steps=None if settings.train_text_encoder else 0)
-    run.train(recipe, parts=full_model_parts(run, settings), tracker_name="finetuning")
+    steps = None if settings.train_text_encoder else 0
+    train_full_model(run, settings, text_encoder_steps=steps, tracker_name="finetuning")
 
 
 if __name__ == "__main__":

@@ -40,16 +40,11 @@ def main(argv: Sequence[str]) -> None:
     if args is None:
         return
     from library.engine.launch import prepare_run
-    from library.recipes.full import FullRecipe, full_model_parts, text_encoder_steps_for_db, with_save_format
+    from library.recipes.full import text_encoder_steps_for_db, train_full_model
 
     settings = settings_from_flags(FullModelSettings, args, metadata=settings_from_flags(MetadataSettings, args))
-    run = prepare_run(args, {"dreambooth"})
-    if run is None:
-        return
-    run = with_save_format(run, settings)
     steps = text_encoder_steps_for_db(settings.stop_text_encoder_training)
-    recipe = FullRecipe(settings, run.config, text_encoder_steps=steps)
-    run.train(recipe, parts=full_model_parts(run, settings), tracker_name="dreambooth")
+    train_full_model(prepare_run(args, {"dreambooth"}), settings, text_encoder_steps=steps, tracker_name="dreambooth")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from library.models.convert import UNET_PREFIX, unet_from_ldm, vae_from_ldm
@@ -59,10 +60,6 @@ def _first_eos_states(states: torch.Tensor, ids: torch.Tensor, eos_id: int) -> t
     return states[torch.arange(states.shape[0], device=states.device), index]
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module)
-
-
 @dataclass(frozen=True)
 class SDXLTextEncoding:
     """Captions to SDXL conditioning (see the module docstring); ``--clip_skip`` has no effect, as in sd-scripts."""
@@ -101,7 +98,7 @@ class SDXLTextEncoding:
             states.append(hidden)
             if index == 1:
                 eos = _first_eos_states(output.last_hidden_state, flat, tokenizer.eos_token_id)
-                projection = _unwrap(encoder).text_projection
+                projection = extract_model_from_parallel(encoder).text_projection
                 pooled = projection(eos.to(projection.weight.dtype)).to(eos.dtype)[::n_chunks]
         hidden_states = torch.cat([states[0], states[1].to(states[0].device)], dim=-1)
         added = {"text_embeds": pooled.to(hidden_states.device), "time_ids": sizes.to(hidden_states.device)}

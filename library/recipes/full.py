@@ -17,7 +17,7 @@ from torch import nn
 
 from library.engine.config import EngineConfig
 from library.engine.launch import PreparedRun
-from library.engine.parts import TrainingParts
+from library.engine.loop import TrainResult
 from library.engine.recipe import ParamGroups, Recipe
 from library.errors import UserError
 from library.models.components import Components
@@ -195,14 +195,18 @@ class FullRecipe(Recipe):
         logger.info(f"saved {path}")
 
 
-def with_save_format(run: PreparedRun, settings: FullModelSettings) -> PreparedRun:
-    """The run with sd-scripts' saved-format rule applied, now that the base model's kind of source is known."""
+def train_full_model(
+    run: PreparedRun | None, settings: FullModelSettings, *, text_encoder_steps: int | None, tracker_name: str
+) -> TrainResult | None:
+    """The end every full-weight script shares: sd-scripts' saved-format rule (now that the base model's kind of
+    source is known), --no_token_padding's text encoding, and the loop with a :class:`FullRecipe`. ``run`` is None
+    after --debug_dataset, which trains nothing."""
+    if run is None:
+        return None
     save_as = resolve_save_format(run.config.save_model_as, settings.use_safetensors, run.components.source)
-    return dataclasses.replace(run, config=dataclasses.replace(run.config, save_model_as=save_as))
-
-
-def full_model_parts(run: PreparedRun, settings: FullModelSettings) -> TrainingParts:
-    """The run's parts, with --no_token_padding's text encoding when it is set."""
-    if not settings.no_token_padding:
-        return run.parts
-    return dataclasses.replace(run.parts, encode_text=unpadded_text_encoding(settings))
+    run = dataclasses.replace(run, config=dataclasses.replace(run.config, save_model_as=save_as))
+    parts = run.parts
+    if settings.no_token_padding:
+        parts = dataclasses.replace(parts, encode_text=unpadded_text_encoding(settings))
+    recipe = FullRecipe(settings, run.config, text_encoder_steps=text_encoder_steps)
+    return run.train(recipe, parts=parts, tracker_name=tracker_name)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from tqdm import tqdm
 
 from library.dataset.captions import changing_caption_key, fixed_caption
@@ -115,7 +116,7 @@ class OutputLayout:
     ) -> OutputLayout:
         """Hidden states joined from each encoder's in order, named as sd-scripts does: ``hidden_state`` for one
         encoder, ``hidden_state1``, ``hidden_state2``, … for several (SDXL, with ``extras`` naming ``pool2``)."""
-        widths = [_unwrap(m).config.hidden_size for m in text_encoders]
+        widths = [extract_model_from_parallel(m).config.hidden_size for m in text_encoders]
         if len(widths) == 1:
             return cls((("hidden_state", 0),), extras)
         return cls(tuple((f"hidden_state{i}", w) for i, w in enumerate(widths, 1)), extras)
@@ -123,10 +124,6 @@ class OutputLayout:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.hidden) + tuple(name for name, _ in self.extras)
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module)
 
 
 def check_text_output_cache(
