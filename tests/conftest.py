@@ -89,3 +89,15 @@ def model_dir(tmp_path_factory) -> Path:
     from tests.training import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> Path:
+    """The tiny SDXL model saved once per module as a diffusers folder (what the sdxl_* scripts are pointed at)."""
+    from library.models.family import family_named
+    from library.models.save import save_model
+    from library.models.tiny import tiny_model
+
+    return save_model(
+        tiny_model(family_named("sdxl")), tmp_path_factory.mktemp("model") / "sdxl", "diffusers_safetensors"
+    )

@@ -19,7 +19,6 @@ from library.errors import UserError
 from library.io import load_safetensors
 from library.models.components import Components
 from library.models.family import family_named, size_batch
-from library.models.save import save_model
 from library.models.tiny import tiny_model
 from library.recipes.settings import TextualInversionSettings
 from library.recipes.textual_inversion import TextualInversionRecipe
@@ -34,12 +33,6 @@ SAMPLE = " --w 64 --h 64 --s 2 --d 7"
 
 def tiny_sdxl() -> Components:
     return tiny_model(family_named("sdxl"))
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory) -> Path:
-    """The tiny SDXL model saved once as a diffusers folder."""
-    return save_model(tiny_sdxl(), tmp_path_factory.mktemp("model") / "sdxl", "diffusers_safetensors")
 
 
 @pytest.fixture(scope="module")

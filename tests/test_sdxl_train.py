@@ -30,14 +30,6 @@ PARTS = ("unet", "te1", "te2", "vae")
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory) -> Path:
-    """The tiny SDXL model saved once as a diffusers folder."""
-    return save_model(
-        tiny_model(family_named("sdxl")), tmp_path_factory.mktemp("model") / "sdxl", "diffusers_safetensors"
-    )
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return write_frog_dataset(tmp_path_factory.mktemp("data"))
 

@@ -16,23 +16,12 @@ import sdxl_train_network
 import train_network
 from library.cli import run_cli
 from library.io import load_safetensors
-from library.models.family import family_named
-from library.models.save import save_model
-from library.models.tiny import tiny_model
 from tests.images import write_image
 from tests.training import network_args, write_frog_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = ["--max_train_steps", "4"]
 UNET_ONLY = [*STEPS, "--network_train_unet_only"]
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory) -> Path:
-    """The tiny SDXL model saved once as a diffusers folder."""
-    return save_model(
-        tiny_model(family_named("sdxl")), tmp_path_factory.mktemp("model") / "sdxl", "diffusers_safetensors"
-    )
 
 
 @pytest.fixture(scope="module")
