@@ -174,7 +174,9 @@ def prepare_run(
     log_process_group_timeout(config.distributed.ddp_timeout, processes.num_processes)
     flags = dataset_flags(args)
     text_cache = settings_from_flags(TextOutputCacheSettings, args)
-    check_text_output_cache(text_cache, load_dataset_configs(flags, styles), text_encoder_trained_by=text_trained_by)
+    if text_cache.enabled:  # refused combinations fail before the latents are cached, not after
+        configs = load_dataset_configs(flags, styles)
+        check_text_output_cache(text_cache, configs, text_encoder_trained_by=text_trained_by)
     dataset = build_train_dataset(
         flags,
         styles,
