@@ -1,0 +1,1 @@
+"""Dataset preparation: captioning, tagging, metadata, masks and pre-bucketed latents (finetune/, tools/)."""
