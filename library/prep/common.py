@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from library.dataset.images import ImageLoadError, open_image
-from library.dataset.scan import image_extensions
+from library.dataset.scan import MASK_SUFFIX, image_extensions
 from library.errors import UserError
 from library.io import atomic_write_text
 
@@ -43,7 +43,7 @@ def find_images(folder: str | Path, recursive: bool = False, flag: str = "train_
     found = [
         p
         for p in root.glob(pattern)
-        if p.suffix.lower() in extensions and p.is_file() and not p.name.lower().endswith("-masklabel.png")
+        if p.suffix.lower() in extensions and p.is_file() and not p.name.endswith(MASK_SUFFIX)
     ]
     return sorted(found)
 
