@@ -75,8 +75,9 @@ def load_pretrained(loader: Callable[..., T], name_or_path: str, flag: str, **kw
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         where = "folder" if Path(name_or_path).exists() else "model id"
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UserError(
-            f"{flag} {name_or_path}: cannot load this {where} ({str(e).splitlines()[0][:200]}); pass a local "
+            f"{flag} {name_or_path}: cannot load this {where} ({reason}); pass a local "
             "folder with the model files, or download the id first while online"
         ) from None
 
