@@ -136,6 +136,8 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match=r"^--device cuda:1: CUDA is not available on this machine; use"):
             pick_device("cuda:1")
+    with pytest.raises(UserError, match=r"^--device mps: the preparation scripts run on cpu or cuda; use one of them$"):
+        pick_device("mps")
 
 
 def test_load_pretrained_missing_is_one_line(tmp_path):

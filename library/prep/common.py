@@ -65,6 +65,10 @@ def pick_device(name: str | None) -> torch.device:
         raise UserError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pick one")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: the preparation scripts run on cpu or cuda; use one of them")
     return device
 
 
