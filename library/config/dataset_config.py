@@ -181,6 +181,7 @@ def _make_subset(name: str, own: dict[str, Any], levels: Sequence[dict[str, Any]
     values["custom_attributes"] = dict(values["custom_attributes"] or {})
     values["alpha_mask"] = bool(_first_set("alpha_mask", [own, flags], False))
     values["is_reg"] = bool(own.get("is_reg", False))
+    values["recursive"] = bool(own.get("recursive", False))
     for key in ("image_dir", "metadata_file"):
         values[key] = Path(own[key]) if own.get(key) is not None else None
     conditioning = own.get("conditioning_data_dir")

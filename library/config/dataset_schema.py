@@ -148,6 +148,7 @@ SUBSET_ONLY_KEYS: dict[str, Callable[[Any], Any]] = {
     "alpha_mask": _boolean,
     "metadata_file": _path,
     "conditioning_data_dir": _path,
+    "recursive": _boolean,
 }
 
 # Meaningful only for DreamBooth-style subsets (sd-scripts rejects them in fine-tuning datasets).

@@ -11,12 +11,20 @@ place with its size and mtime restored is noticed too. An entry is reused only w
 (including one of ours written before ``content_hash`` existed) is recomputed, an unreadable one recomputed with a
 warning. A folder where a cache file should be is a one-line error.
 
+Prepared latents (``finetune/prepare_buckets_latents.py``'s ``<image_key>.npz``, ``CacheJob.npz_path``) are the same
+encoding written under another name, so they are bit-identical to this cache's for the same image, bucket and VAE.
+Training reads them as they are (``prepared_problem``) when the metadata gives the image's ``train_resolution``.
+Ours are checked like this cache's files (VAE, interpolation, image size, mtime and content hash). sd-scripts' own,
+which carry no ``cache_key``/``content_hash``, are used unless the image is newer than the npz; then the image is
+encoded instead, with a warning. When the image is gone, the npz is used alone, as sd-scripts allowed.
+
 Sampling noise comes from a generator seeded from each image's key, so latents do not depend on the batch an
 image was encoded in, and re-caching an unchanged image gives identical latents.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,6 +67,11 @@ class CacheJob:
     interpolation: str | None = None
     conditioning_path: Path | None = None  # --masked_loss mask image from conditioning_data_dir
     suffix: str = NPZ_SUFFIX  # the model family's cache file suffix (sd-scripts: "_sd.npz", SDXL "_sdxl.npz")
+    npz_path: Path | None = None  # where the file goes instead (prepare_buckets_latents.py's "<image_key>.npz")
+
+    def target(self) -> Path:
+        """The cache file of this job: ``npz_path`` when set, else sd-scripts' training cache name."""
+        return self.npz_path or npz_path_for(self.path, self.original_size, self.suffix)
 
 
 @dataclass(frozen=True)
@@ -196,6 +209,61 @@ def _read_npz(path: Path) -> tuple[LatentEntry, str | None, str | None]:
     return LatentEntry(latents, flipped, mask, original, crop), key, digest
 
 
+def prepared_problem(npz: Path, job: CacheJob, vae_id: str | None) -> str | None:
+    """Why prepare_buckets_latents.py's ``npz`` cannot stand in for encoding ``job`` (the run's view of the image:
+    bucket = train_resolution, flip_aug, alpha_mask, masks, interpolation); None when it can.
+
+    The file must fit the run (latent size, flipped latents with flip_aug, an alpha mask exactly when alpha_mask,
+    no -masklabel/conditioning masks, which prepared files cannot hold). Then, for a file of ours (``cache_key``),
+    the rules of the training cache: same VAE (``vae_id``; None: not checked) and interpolation, and the image
+    unchanged (size, mtime and ``content_hash``). For sd-scripts' own files, which carry no such fields: stale when
+    the image is newer than the npz. An image that is gone is not checked: the npz is used alone, as sd-scripts
+    allowed.
+    """
+    try:
+        entry, stored, digest = _read_npz(npz)
+    except Exception as e:  # a truncated or foreign file fails in many ways
+        return f"unreadable ({type(e).__name__})"
+    latent_hw = (job.bucket[1] // 8, job.bucket[0] // 8)
+    if tuple(entry.latents.shape[1:]) != latent_hw:
+        h, w = entry.latents.shape[1:]
+        return f"latents are for {w * 8}x{h * 8}, not the train_resolution {job.bucket[0]}x{job.bucket[1]}"
+    if job.flip_aug and (entry.latents_flipped is None or entry.latents_flipped.shape != entry.latents.shape):
+        return "no flipped latents (the subset has flip_aug; prepare with --flip_aug)"
+    if (entry.alpha_mask is not None) != job.alpha_mask:
+        return "alpha mask " + ("missing (prepare with --alpha_mask)" if job.alpha_mask else "present, alpha_mask off")
+    if job.mask_path is not None or job.conditioning_path is not None:
+        return "--masked_loss masks (-masklabel.png, conditioning_data_dir) are not part of prepared latents"
+    if stored is not None:
+        try:
+            made = json.loads(stored)
+            made_job = dataclasses.replace(
+                job,
+                bucket=tuple(made["bucket"]),
+                resized=tuple(made["resized"]),
+                original_size=tuple(made["size"]),
+                flip_aug=bool(made["flip"]),
+                alpha_mask=bool(made["alpha"]),
+                interpolation=made["interp"],
+            )
+        except (ValueError, KeyError, TypeError):
+            return "its cache_key is malformed"
+        if vae_id is not None and made.get("vae") != vae_id:
+            return "made with another VAE"
+        if made_job.interpolation != job.interpolation:
+            return f"made with resize interpolation {made_job.interpolation}, not {job.interpolation}"
+    if not job.path.exists():
+        return None
+    try:
+        if stored is None:
+            return "the image is newer than it" if job.path.stat().st_mtime > npz.stat().st_mtime else None
+        if job_key(made_job, made["vae"]) != stored or digest != content_hash(made_job):
+            return "the image changed since it was prepared"
+    except OSError as e:
+        return f"the image cannot be read ({e.strerror or type(e).__name__})"
+    return None
+
+
 def load_entry(entry: LatentEntry | Path) -> LatentEntry:
     """The LatentEntry behind a cache reference (reads the npz for disk caches)."""
     if isinstance(entry, LatentEntry):
@@ -245,11 +313,15 @@ def cache_latents(
     skip_check: bool = False,
     progress: bool = True,
     vae_id: str | None = None,
+    recompute: bool = False,
+    loader_threads: int = _LOADER_THREADS,
 ) -> CacheReport:
     """Encode every job's image (batched per bucket, ``batch_size`` at a time) unless a valid cache exists.
 
     ``to_disk``: write/reuse npz files and return their paths; otherwise return in-memory entries.
     ``skip_check``: trust any existing npz without reading it (sd-scripts' ``--skip_cache_check``).
+    ``recompute``: encode and rewrite every file even where a valid one exists. ``loader_threads`` decode images
+    while the VAE works.
     Images that cannot be decoded are reported in ``failed`` (with a warning) and get no entry.
     """
     if batch_size < 1:
@@ -262,8 +334,8 @@ def cache_latents(
         _refuse_folders(jobs)
     for i, job in enumerate(jobs):
         key = job_key(job, vae_id)
-        path = npz_path_for(job.path, job.original_size, job.suffix)
-        if to_disk and path.exists() and (skip_check or _usable(path, job, key, report)):
+        path = job.target()
+        if to_disk and not recompute and path.exists() and (skip_check or _usable(path, job, key, report)):
             report.entries[i] = path
             report.reused += 1
         else:
@@ -283,7 +355,7 @@ def cache_latents(
     # release the GIL), so the VAE never waits for image decoding
     with (
         tqdm(total=len(todo), desc="caching latents", unit="img", disable=not progress or not todo) as bar,
-        ThreadPoolExecutor(_LOADER_THREADS) as pool,
+        ThreadPoolExecutor(max(1, loader_threads)) as pool,
     ):
         pending = [pool.submit(_load, job, to_disk) for _, _, job in chunks[0]] if chunks else []
         for n, chunk in enumerate(chunks):
@@ -305,7 +377,7 @@ def cache_latents(
 def _refuse_folders(jobs: Sequence[CacheJob]) -> None:
     """A folder where a cache file belongs would fail every write; name it before any encoding starts."""
     for job in jobs:
-        path = npz_path_for(job.path, job.original_size, job.suffix)
+        path = job.target()
         if path.is_dir():
             raise UserError(
                 f"{path}: a folder is where this latent cache file should be written; remove or rename it and rerun"
@@ -356,7 +428,7 @@ def _encode_chunk(
             prepared.crop_ltrb,
         )
         if to_disk:
-            path = npz_path_for(job.path, job.original_size, job.suffix)
+            path = job.target()
             _write_npz(path, entry, key, digest)
             report.entries[i] = path
         else:

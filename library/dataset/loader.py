@@ -16,6 +16,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from library.config.dataset_schema import clip
 from library.dataset.buckets import (
     BucketAssignment,
     BucketSettings,
+    cover_size,
     crop_top_left,
     make_bucket_resolutions,
     select_bucket,
@@ -41,7 +43,9 @@ from library.dataset.latent_cache import (
     LatentEntry,
     cache_latents_shared,
     load_entry,
+    prepared_problem,
     refuse_incompatible,
+    vae_fingerprint,
 )
 from library.dataset.scan import scan_dataset
 from library.dataset.types import DatasetConfig, ImageRecord
@@ -52,6 +56,8 @@ if TYPE_CHECKING:
 from library.seeds import derive_seed
 
 logger = logging.getLogger("sdtrain.dataset")
+_CHECK_THREADS = 4  # prepared npz files checked at once (reading and hashing images)
+_SHOWN = 5  # prepared files named one by one in warnings
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,14 @@ class TrainDataset:
             validate_bucket_settings(settings, dataset.name)
             check_interpolation(dataset.resize_interpolation, f"{dataset.name}: resize_interpolation")
             table = make_bucket_resolutions(settings) if settings.enable_bucket and not settings.no_upscale else None
-            self.assignments.append([select_bucket(r.size, settings, table) for r in recs])
+            self.assignments.append(
+                [
+                    BucketAssignment(r.bucket, cover_size(r.size, r.bucket))
+                    if r.bucket is not None
+                    else select_bucket(r.size, settings, table)
+                    for r in recs
+                ]
+            )
         self._epoch_lengths: dict[int, int] = {}
         self._warned: set[Path] = set()
 
@@ -308,10 +321,13 @@ def attach_latent_cache(
     for a disk cache, ``gather`` to share an in-memory one), and every process ends with the same dataset.
     ``latents_npz_suffix`` ends the disk cache's file names (sd-scripts: ``_sd.npz``, SDXL ``_sdxl.npz``)."""
     refuse_incompatible(train.datasets, flag)
+    ready = dict(train.latents or {})  # prepared npz files (attach_prepared_latents) are not encoded again
     jobs: list[CacheJob] = []
     where: list[tuple[int, int]] = []
     for d, (dataset, recs) in enumerate(zip(train.datasets, train.records)):
         for i, record in enumerate(recs):
+            if (d, i) in ready:
+                continue
             subset = dataset.subsets[record.subset_index]
             a = train.assignments[d][i]
             jobs.append(
@@ -351,13 +367,80 @@ def attach_latent_cache(
     for d, recs in enumerate(train.records):
         kept: list[ImageRecord] = []
         for i, record in enumerate(recs):
-            if record.path in failed:
+            if (d, i) not in ready and record.path in failed:
                 continue
-            latents[(d, len(kept))] = report.entries[position[(d, i)]]
+            latents[(d, len(kept))] = ready[(d, i)] if (d, i) in ready else report.entries[position[(d, i)]]
             kept.append(record)
         records.append(kept)
     skipped = train.skipped + [(e.path, e.reason) for e in report.failed]
     return train.with_changes(records=records, latents=latents, skipped=skipped)
+
+
+def attach_prepared_latents(train: TrainDataset, vae: torch.nn.Module | None) -> TrainDataset:
+    """Use prepare_buckets_latents.py's npz files (``ImageRecord.latents_npz``) as they are, with no VAE call.
+
+    A file that does not fit the run or is stale (``latent_cache.prepared_problem``: image changed, other VAE, no
+    flipped latents for flip_aug, ...) is set aside with a warning and its image is encoded instead, never the stale
+    latents used; when its image is gone too, the image is skipped. Subsets with color_aug or random_crop train from
+    their images (as sd-scripts). Logs how many latents came from prepared files."""
+    candidates = [(d, i) for d, recs in enumerate(train.records) for i, r in enumerate(recs) if r.latents_npz]
+    if not candidates:
+        return train
+    vae_id = vae_fingerprint(vae) if vae is not None else None
+
+    def problem(place: tuple[int, int]) -> str | None:
+        d, i = place
+        dataset, record = train.datasets[d], train.records[d][i]
+        subset = dataset.subsets[record.subset_index]
+        if subset.color_aug or subset.random_crop:
+            return "color_aug and random_crop need the image itself"
+        a = train.assignments[d][i]
+        job = CacheJob(
+            record.path,
+            a.bucket,
+            a.resized,
+            record.size,
+            subset.flip_aug,
+            subset.alpha_mask,
+            record.mask_path,
+            dataset.resize_interpolation,
+            record.conditioning_path,
+        )
+        return prepared_problem(record.latents_npz, job, vae_id)  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(_CHECK_THREADS) as pool:
+        problems = dict(zip(candidates, pool.map(problem, candidates)))
+    set_aside = [(place, reason) for place, reason in problems.items() if reason is not None]
+    for (d, i), reason in set_aside[:_SHOWN]:
+        logger.warning("%s: prepared latents not used: %s", train.records[d][i].latents_npz, reason)
+    if len(set_aside) > _SHOWN:
+        logger.warning("... and %d more prepared latents files not used", len(set_aside) - _SHOWN)
+    old = dict(train.latents or {})
+    records: list[list[ImageRecord]] = []
+    latents: dict[tuple[int, int], LatentEntry | Path] = {}
+    skipped = list(train.skipped)
+    for d, recs in enumerate(train.records):
+        kept: list[ImageRecord] = []
+        for i, record in enumerate(recs):
+            reason = problems.get((d, i))
+            if (d, i) in problems and reason is None:
+                latents[(d, len(kept))] = record.latents_npz  # type: ignore[assignment]
+            elif (d, i) in old:
+                latents[(d, len(kept))] = old[(d, i)]
+            elif reason is not None and not record.path.exists():
+                skipped.append((record.path, f"image not found and its prepared latents are not usable: {reason}"))
+                continue
+            kept.append(record)
+        records.append(kept)
+    used = len(candidates) - len(set_aside)
+    total = sum(len(r) for r in records)
+    logger.info(
+        "latents: %d of %d images from prepared npz files (prepare_buckets_latents.py, no VAE needed); %d set aside",
+        used,
+        total,
+        len(set_aside),
+    )
+    return train.with_changes(records=records, latents=latents or None, skipped=skipped)
 
 
 def _without_mask_files(records: list[list[ImageRecord]]) -> list[list[ImageRecord]]:
@@ -405,6 +488,8 @@ def build_train_dataset(
     if not isinstance(train, TrainDataset):
         raise UserError(f"--dataset_class {flags.dataset_class}: from_settings() must return an instance of the class")
     datasets = train.datasets
+    if not flags.debug_dataset:
+        train = attach_prepared_latents(train, vae)
     to_disk = flags.cache_latents_to_disk
     if (to_disk or flags.cache_latents) and not flags.debug_dataset:
         flag = "--cache_latents_to_disk" if to_disk else "--cache_latents"

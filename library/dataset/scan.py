@@ -1,8 +1,13 @@
 """Find a subset's images on disk, read their sizes from the file headers and their captions.
 
-DreamBooth style: every image in ``image_dir`` (not recursive), captions from ``<stem><caption_extension>``.
+DreamBooth style: every image in ``image_dir`` (and its sub-folders with the subset key ``recursive = true``),
+captions from ``<stem><caption_extension>`` and masks ``<stem>-masklabel.png`` beside each image.
 Fine-tuning style: images and captions listed in a metadata file (.json ``{image_key: {"caption", "tags"}}`` or
-.jsonl, one ``{"image_key"|"file_name"|"image_path", "caption"|"text", "tags"}`` object per line).
+.jsonl, one ``{"image_key"|"file_name"|"image_path", "caption"|"text", "tags"}`` object per line); with
+``recursive`` a key is also looked up by file name in image_dir's sub-folders. An entry with
+prepare_buckets_latents.py's ``train_resolution`` is trained at that bucket, and its ``<image_key>.npz`` is noted
+(``ImageRecord.latents_npz``); an entry whose image is gone but whose npz is there is kept (sd-scripts trains from
+the npz alone).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from library.config.dataset_schema import clip
@@ -195,17 +201,32 @@ def match_conditioning(subset: SubsetConfig, images: list[Path]) -> dict[Path, P
     return {p: by_stem[p.stem] for p in images}
 
 
+def _folders(subset: SubsetConfig, image_dir: Path) -> list[tuple[Path, set[str]]]:
+    """(folder, file names) for ``image_dir`` and, with ``recursive``, every sub-folder below it (sorted; folders
+    whose name starts with '.' are left out, symbolic links to folders are not followed)."""
+    if not subset.recursive:
+        return [(image_dir, _list_files(image_dir, subset.name, "image_dir"))]
+    found = []
+    for folder, dirs, _ in os.walk(image_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.append((Path(folder), _list_files(Path(folder), subset.name, "image_dir")))
+    return found
+
+
 def _scan_folder(subset: SubsetConfig, subset_index: int) -> ScanResult:
     image_dir = subset.image_dir
     assert image_dir is not None
     if not image_dir.is_dir():
         raise UserError(f"{subset.name}: image_dir '{clip(image_dir)}' does not exist or is not a folder")
-    names = _list_files(image_dir, subset.name, "image_dir")
+    folders = _folders(subset, image_dir)
     extensions = image_extensions()
-    images = sorted(
-        image_dir / n for n in names if os.path.splitext(n)[1].lower() in extensions and not n.endswith(MASK_SUFFIX)
-    )
-    ext = _caption_extension(subset, names)
+    in_folder: dict[Path, tuple[Path, set[str]]] = {}
+    for folder, names in folders:
+        for n in names:
+            if os.path.splitext(n)[1].lower() in extensions and not n.endswith(MASK_SUFFIX):
+                in_folder[folder / n] = (folder, names)
+    images = sorted(in_folder)
+    ext = _caption_extension(subset, set().union(*(names for _, names in folders)))
     cache = _load_info_cache(image_dir) if subset.cache_info else {}
     conditioning = match_conditioning(subset, images) if subset.conditioning_data_dir is not None else {}
 
@@ -213,6 +234,7 @@ def _scan_folder(subset: SubsetConfig, subset_index: int) -> ScanResult:
     uncached = [p for p in images if not _cache_entry_ok(cache.get(str(p)))]
     sizes = dict(zip(uncached, _read_sizes(uncached)))
     for path in images:
+        folder, names = in_folder[path]
         entry = cache.get(str(path))
         if _cache_entry_ok(entry):
             size = (int(entry["resolution"][0]), int(entry["resolution"][1]))
@@ -225,8 +247,8 @@ def _scan_folder(subset: SubsetConfig, subset_index: int) -> ScanResult:
                 continue
             size = size_or_error
             caption_name = _caption_name(path.stem, ext, names)
-            captions = read_caption_file(image_dir / caption_name, subset.enable_wildcard) if caption_name else ()
-        mask = image_dir / (path.stem + MASK_SUFFIX) if path.stem + MASK_SUFFIX in names else None
+            captions = read_caption_file(folder / caption_name, subset.enable_wildcard) if caption_name else ()
+        mask = folder / (path.stem + MASK_SUFFIX) if path.stem + MASK_SUFFIX in names else None
         result.records.append(ImageRecord(path, size, captions, subset_index, mask, conditioning.get(path)))
     if subset.cache_info and (uncached or len(cache) != len(result.records)):
         _save_info_cache(subset, image_dir, result.records)
@@ -294,8 +316,11 @@ def _is_file(path: Path, dir_ok: bool = False) -> bool:
         return False
 
 
-def _find_image(key: str, image_dir: Path | None, names: set[str], extensions: tuple[str, ...]) -> Path | None:
-    """sd-scripts' lookup: the key as a path, else ``image_dir/<key><ext>`` for each image extension."""
+def _find_image(
+    key: str, image_dir: Path | None, names: set[str], extensions: tuple[str, ...], below: dict[str, Path]
+) -> Path | None:
+    """sd-scripts' lookup: the key as a path, else ``image_dir/<key><ext>`` for each image extension; then (subset
+    key ``recursive``) a file of that name in a sub-folder of ``image_dir`` (``below``: file name -> path)."""
     as_path = Path(key)
     if _is_file(as_path) and as_path.suffix.lower() in extensions:
         return as_path
@@ -311,35 +336,112 @@ def _find_image(key: str, image_dir: Path | None, names: set[str], extensions: t
                 path = base.with_name(base.name + spelled)
                 if _is_file(path):
                     return path
+    for spelled in [""] + [e for ext in extensions for e in (ext, ext.upper())]:
+        if key + spelled in below and (spelled or as_path.suffix.lower() in extensions):
+            return below[key + spelled]
     return None
+
+
+def _files_below(subset: SubsetConfig, image_dir: Path) -> dict[str, Path]:
+    """File name -> path for the files in the sub-folders of ``image_dir`` (the first in sorted order wins)."""
+    below: dict[str, Path] = {}
+    for folder, names in _folders(subset, image_dir)[1:]:
+        for name in sorted(names):
+            below.setdefault(name, folder / name)
+    return below
+
+
+def prepared_npz(key: str, image_dir: Path | None) -> Path | None:
+    """prepare_buckets_latents.py's latents of ``key`` where sd-scripts' fine-tuning dataset looks for them:
+    ``<key without extension>.npz`` (full-path keys), else ``image_dir/<key>.npz``."""
+    base = Path(os.path.splitext(key)[0] + ".npz")
+    if _is_file(base):
+        return base
+    if image_dir is None:
+        return None
+    path = image_dir / (key + ".npz")
+    return path if _is_file(path) else None
+
+
+def _train_resolution(entry: dict, key: str, metadata_file: Path) -> tuple[int, int] | None:
+    """The ``train_resolution`` (width, height) prepare_buckets_latents.py stored for ``key``, checked."""
+    value = entry.get("train_resolution")
+    if value is None:
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 8 == 0 for v in value)
+    ):
+        return (value[0], value[1])
+    raise UserError(
+        f"{metadata_file}: '{clip(key, 40)}': 'train_resolution' must be [width, height] in positive multiples of 8, "
+        f"got {clip(json.dumps(value))}; re-run prepare_buckets_latents.py or remove the entry"
+    )
+
+
+def _npz_original_size(path: Path) -> tuple[int, int] | str:
+    """The ``original_size`` (width, height) stored in a latents npz, or why it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            width, height = (int(v) for v in z["original_size"].tolist())
+    except Exception as e:  # a truncated or foreign file fails in many ways
+        return f"image not found and its latents file {path} is unreadable ({type(e).__name__})"
+    if width <= 0 or height <= 0:
+        return f"image not found and its latents file {path} has no valid original_size"
+    return (width, height)
 
 
 def _scan_metadata(subset: SubsetConfig, subset_index: int) -> ScanResult:
     assert subset.metadata_file is not None
     metadata = read_metadata(subset.metadata_file)
     extensions = image_extensions()
-    has_dir = subset.image_dir is not None and _is_file(subset.image_dir, dir_ok=True)
-    names = _list_files(subset.image_dir, subset.name, "image_dir") if has_dir else set()
+    image_dir = subset.image_dir
+    has_dir = image_dir is not None and _is_file(image_dir, dir_ok=True)
+    names = _list_files(image_dir, subset.name, "image_dir") if has_dir else set()  # type: ignore[arg-type]
+    below = _files_below(subset, image_dir) if has_dir and subset.recursive else {}  # type: ignore[arg-type]
     result = ScanResult(caption_sources={subset_index: "metadata"})
-    found: list[tuple[Path, tuple[str, ...]]] = []
+    found: list[tuple[Path, tuple[str, ...], tuple[int, int] | None, Path | None]] = []
+    known: dict[int, tuple[int, int]] = {}  # index into found -> size, for images gone whose npz is there
     for key, entry in metadata.items():
         for field_name in ("caption", "tags"):
             if entry.get(field_name) is not None and not isinstance(entry[field_name], str):
                 raise UserError(f"{subset.metadata_file}: '{key}': '{field_name}' must be a string")
-        path = _find_image(key, subset.image_dir, names, extensions)
+        bucket = _train_resolution(entry, key, subset.metadata_file)
+        npz = prepared_npz(key, image_dir if has_dir else None) if bucket is not None else None
+        path = _find_image(key, image_dir, names, extensions, below)
+        if path is None and npz is not None:
+            size = _npz_original_size(npz)  # sd-scripts trains from the npz alone when the image is gone
+            if isinstance(size, str):
+                logger.warning(f"{subset.name}: skipping '{key}': {size}")
+                result.skipped.append((Path(key), size))
+                continue
+            known[len(found)] = size
+            path = image_dir / key if image_dir is not None and not Path(key).is_absolute() else Path(key)
+            found.append((path, metadata_captions(entry, subset), bucket, npz))
+            continue
         if path is None:
             reason = "image not found (tried the key as a path and with each image extension, also under image_dir)"
             logger.warning(f"{subset.name}: skipping '{key}': {reason}")
             result.skipped.append((Path(key), reason))
             continue
-        found.append((path, metadata_captions(entry, subset)))
-    for (path, captions), size in zip(found, _read_sizes([p for p, _ in found])):
+        found.append((path, metadata_captions(entry, subset), bucket, npz))
+    read = iter(_read_sizes([p for n, (p, *_) in enumerate(found) if n not in known]))
+    for n, (path, captions, bucket, npz) in enumerate(found):
+        size = known[n] if n in known else next(read)
+        if n in known:
+            result.records.append(ImageRecord(path, size, captions, subset_index, None, None, bucket, npz))
+            continue
         if isinstance(size, str):
             logger.warning(f"{subset.name}: skipping {path}: {size}")
             result.skipped.append((path, size))
             continue
         mask = path.with_name(path.stem + MASK_SUFFIX)
-        result.records.append(ImageRecord(path, size, captions, subset_index, mask if _is_file(mask) else None))
+        mask_path = mask if _is_file(mask) else None
+        result.records.append(ImageRecord(path, size, captions, subset_index, mask_path, None, bucket, npz))
+    with_bucket = sum(r.bucket is not None for r in result.records)
+    if with_bucket:
+        logger.info(f"{subset.name}: {with_bucket} image(s) use the metadata's train_resolution as their bucket")
     return result
 
 

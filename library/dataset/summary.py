@@ -81,6 +81,13 @@ def _summary_lines(train: TrainDataset, plan: Sequence[BatchPlan]) -> list[str]:
         lines.append("  bucket      images  samples/epoch")
         for bucket in sorted(images):
             lines.append(f"  {bucket[0]:>4}x{bucket[1]:<4}  {images[bucket]:>7}  {samples.get(bucket, 0):>13}")
+    prepared = sum(
+        1
+        for (d, i), entry in (train.latents or {}).items()
+        if train.records[d][i].latents_npz is not None and entry == train.records[d][i].latents_npz
+    )
+    if prepared:
+        lines.append(f"latents from prepared npz files (prepare_buckets_latents.py): {prepared} of {total}")
     lines.append(f"batches per epoch: {len(plan)} (epoch 1)")
     if train.skipped:
         lines.append(f"skipped images: {len(train.skipped)}")

@@ -19,6 +19,7 @@ class SubsetConfig:
     name: str  # where it came from, for messages: "datasets[0].subsets[1]" or "--train_data_dir 10_sls frog"
     image_dir: Path | None = None
     metadata_file: Path | None = None
+    recursive: bool = False  # also scan image_dir's sub-folders (OneTrainer's "include subdirectories")
     is_reg: bool = False
     num_repeats: float = 1
     class_tokens: str | None = None
@@ -76,3 +77,5 @@ class ImageRecord:
     subset_index: int  # index into DatasetConfig.subsets
     mask_path: Path | None = None  # "<stem>-masklabel.png" beside the image, when present
     conditioning_path: Path | None = None  # "<conditioning_data_dir>/<stem>.<ext>": a mask from its red channel
+    bucket: tuple[int, int] | None = None  # (width, height) fixed by the metadata's "train_resolution"
+    latents_npz: Path | None = None  # prepare_buckets_latents.py's "<image_key>.npz", when the metadata has one
