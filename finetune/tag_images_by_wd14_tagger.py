@@ -76,6 +76,13 @@ def setup_parser() -> ArgumentParser:
     parser.add_argument(
         "--character_tag_expand", action="store_true", help="`name_(series)` becomes `name<separator>series`"
     )
+    parser.add_argument(
+        "--output_path",
+        type=str,
+        default=None,
+        help="write one metadata file (.json, or .jsonl: one line per image) instead of tag files; fine_tune.py "
+        "reads it with --in_json",
+    )
     add_common_arguments(parser)
     return parser
 

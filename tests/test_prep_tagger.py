@@ -3,6 +3,7 @@ each tag exactly ``bias + red weight`` (tests/tiny_tagger.py), so every flag's o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -242,7 +243,6 @@ def test_force_download_offline_names_the_id(tmp_path, tagger, capsys):
         (["--tag_replacement", "a,b;c"], "--tag_replacement 'a,b;c': 'c' is not `source,target`"),
         (["--device", "tpu"], "--device tpu: not a device name"),
         (["--batch_size", "0"], "--batch_size 0: must be 1 or more"),
-        (["--output_path", "x.json"], "unknown argument(s): --output_path"),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, tagger, capsys, flags, message):
@@ -291,3 +291,30 @@ def test_select_tags_rules():
     assert parse_tag_replacement("a\\;b,c\\,d") == [("a;b", "c,d")]
     with pytest.raises(UserError, match="escape a comma"):
         parse_tag_replacement("a,b,c")
+
+
+@pytest.mark.parametrize("name", ["meta.json", "meta.jsonl"])
+def test_output_path_writes_metadata_fine_tune_reads(tmp_path, tagger, name):
+    from library.dataset.scan import read_metadata
+
+    square(tmp_path / "img" / "red.png", RED, size=(48, 32))
+    square(tmp_path / "img" / "blue.png", BLUE)
+    (tmp_path / "img" / "red.txt").write_text("kept\n")
+    out = tmp_path / name
+    assert tag(tmp_path / "img", tagger, "--output_path", str(out)) == 0
+    assert (tmp_path / "img" / "red.txt").read_text() == "kept\n"
+    assert not (tmp_path / "img" / "blue.txt").exists()
+    red, blue = str(tmp_path / "img" / "red.png"), str(tmp_path / "img" / "blue.png")
+    if name.endswith(".jsonl"):
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert rows == [
+            {"image_path": blue, "caption": BLUE_TAGS, "image_size": [40, 40]},
+            {"image_path": red, "caption": RED_TAGS, "image_size": [48, 32]},
+        ]
+        assert read_metadata(out)[red]["caption"] == RED_TAGS
+    else:
+        assert json.loads(out.read_text()) == {
+            blue: {"tags": BLUE_TAGS, "image_size": [40, 40]},
+            red: {"tags": RED_TAGS, "image_size": [48, 32]},
+        }
+        assert read_metadata(out)[red]["tags"] == RED_TAGS

@@ -9,6 +9,7 @@ hub when absent (or with ``--force_download``).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ import numpy as np
 from PIL import Image
 
 from library.dataset.images import open_image, pick_resample
+from library.dataset.scan import read_size
 from library.errors import UserError
-from library.io import atomic_write_text
+from library.io import atomic_write_json, atomic_write_text
 from library.prep.common import PrepReport, find_images, load_batches, sidecar, todo
 from library.prep.tag_order import (
     TagOptions,
@@ -71,6 +73,7 @@ class TaggerSettings:
     recursive: bool = False
     overwrite: bool = False
     device: str | None = None
+    output_path: str | None = None
 
     def tag_options(self) -> TagOptions:
         """The selection and ordering part of the settings."""
@@ -275,10 +278,24 @@ def write_tags(path: Path, tags: list[str], settings: TaggerSettings, report: Pr
     report.written += 1
 
 
+def write_metadata_output(path: str, entries: dict[str, dict[str, Any]]) -> None:
+    """``--output_path``: sd-scripts' metadata instead of tag files, atomically. ``.jsonl``: one
+    ``{"image_path", "caption", "image_size"}`` object per line; otherwise one JSON object
+    ``{image_path: {"tags", "image_size"}}``. Both are metadata files fine_tune.py reads (``--in_json``)."""
+    if path.endswith(".jsonl"):
+        lines = [
+            json.dumps({"image_path": key, "caption": entry["tags"], "image_size": entry["image_size"]})
+            for key, entry in entries.items()
+        ]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+    else:
+        atomic_write_json(path, entries)
+
+
 def tag_images(settings: TaggerSettings) -> tuple[PrepReport, Counter[str]]:
-    """Tag every image under ``train_data_dir`` that has no tag file yet (all of them with ``--overwrite`` or
-    ``--append_tags``); returns the report and how often each tag was written. When every image is done the model
-    is not even loaded."""
+    """Tag every image under ``train_data_dir`` that has no tag file yet (all of them with ``--overwrite``,
+    ``--append_tags`` or ``--output_path``); returns the report and how often each tag was written. When every
+    image is done the model is not even loaded."""
     images = find_images(settings.train_data_dir, settings.recursive)
     options = settings.tag_options()
     if settings.tag_replacement:
@@ -286,11 +303,14 @@ def tag_images(settings: TaggerSettings) -> tuple[PrepReport, Counter[str]]:
     logger.info("found %d images", len(images))
     report = PrepReport("tagging")
     frequencies: Counter[str] = Counter()
-    if settings.append_tags:
+    entries: dict[str, dict[str, Any]] = {}
+    if settings.append_tags or settings.output_path:
         remaining = list(images)
     else:
         remaining = todo(images, lambda p: sidecar(p, settings.caption_extension).exists(), settings.overwrite, report)
-    outputs = f"tag files ({settings.caption_extension}) next to the images in {settings.train_data_dir}"
+    outputs = settings.output_path or (
+        f"tag files ({settings.caption_extension}) next to the images in {settings.train_data_dir}"
+    )
     if not remaining:
         report.log(outputs)
         return report, frequencies
@@ -308,10 +328,17 @@ def tag_images(settings: TaggerSettings) -> tuple[PrepReport, Counter[str]]:
         probs = tagger(to_model_input([image for _, image in batch]))
         for (path, _), scores in zip(batch, probs):
             tags = select_tags(scores.tolist(), table, options)
-            write_tags(sidecar(path, settings.caption_extension), tags, settings, report)
+            if settings.output_path:
+                text = settings.caption_separator.join(tags)
+                entries[str(path)] = {"tags": text, "image_size": list(read_size(path))}
+            else:
+                write_tags(sidecar(path, settings.caption_extension), tags, settings, report)
             frequencies.update(tags)
             report.processed += 1
             logger.debug("%s: %s", path, settings.caption_separator.join(tags))
+    if settings.output_path:
+        write_metadata_output(settings.output_path, entries)
+        report.written += 1
     report.log(outputs)
     return report, frequencies
 
