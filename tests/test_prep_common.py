@@ -175,3 +175,19 @@ def test_common_arguments_defaults():
         "max_data_loader_n_workers": None,
         "debug": False,
     }
+
+
+def test_load_pretrained_tries_the_local_copy_before_the_hub():
+    calls: list[dict] = []
+
+    def loader(name: str, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("local_files_only"):
+            raise OSError("not cached")
+        return name.upper()
+
+    assert load_pretrained(loader, "me/model", "--model", revision="x") == "ME/MODEL"
+    assert calls == [{"local_files_only": True, "revision": "x"}, {"revision": "x"}]
+    calls.clear()
+    assert load_pretrained(lambda name, **kwargs: calls.append(kwargs) or name, "me/model", "--model") == "me/model"
+    assert calls == [{"local_files_only": True}]

@@ -74,7 +74,12 @@ def pick_device(name: str | None) -> torch.device:
 
 def load_pretrained(loader: Callable[..., T], name_or_path: str, flag: str, **kwargs: Any) -> T:
     """``loader(name_or_path)`` (a transformers ``from_pretrained``), turning "not found" into one line that names
-    the flag and the id. Hub ids load from the local cache; nothing is downloaded when the machine is offline."""
+    the flag and the id. The local cache (or folder) is tried first, so a model already there loads at once even
+    without a network, where the hub client would otherwise retry for minutes; only then is it downloaded."""
+    try:
+        return loader(name_or_path, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass  # not on this machine yet: let the hub client download it
     try:
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
