@@ -156,7 +156,7 @@ def test_load_pretrained_missing_is_one_line(tmp_path):
 
 
 def test_load_pretrained_error_without_a_message():
-    def loader(name: str) -> None:
+    def loader(name: str, **kwargs) -> None:
         raise OSError()
 
     with pytest.raises(UserError, match=r"^--model x: cannot load this model id \(OSError\)"):
