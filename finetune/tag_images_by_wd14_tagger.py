@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from library.cli import ArgumentParser, run_cli  # noqa: E402
-from library.config.settings import settings_from_flags  # noqa: E402
-from library.prep.common import add_common_arguments  # noqa: E402
-from library.prep.tagger import DEFAULT_MODEL_DIR, DEFAULT_REPO_ID, TaggerSettings, frequency_lines, tag_images  # noqa: E402
+from library.cli import ArgumentParser, run_cli
+from library.config.settings import settings_from_flags
+from library.prep.common import add_common_arguments
+from library.prep.tagger import DEFAULT_MODEL_DIR, DEFAULT_REPO_ID, TaggerSettings, frequency_lines, tag_images
 
 
 def setup_parser() -> ArgumentParser:

@@ -300,6 +300,24 @@ def _stack_masks(masks: list[torch.Tensor | None], bucket: tuple[int, int]) -> t
     return torch.stack([ones if m is None else m for m in masks])
 
 
+def cache_job(train: TrainDataset, d: int, i: int, suffix: str = NPZ_SUFFIX) -> CacheJob:
+    """Everything record ``i`` of dataset ``d`` has its latents depend on (image, bucket, flip, masks, resize)."""
+    dataset, record = train.datasets[d], train.records[d][i]
+    subset, a = dataset.subsets[record.subset_index], train.assignments[d][i]
+    return CacheJob(
+        record.path,
+        a.bucket,
+        a.resized,
+        record.size,
+        subset.flip_aug,
+        subset.alpha_mask,
+        record.mask_path,
+        dataset.resize_interpolation,
+        record.conditioning_path,
+        suffix,
+    )
+
+
 def attach_latent_cache(
     train: TrainDataset,
     vae: torch.nn.Module,
@@ -322,29 +340,8 @@ def attach_latent_cache(
     ``latents_npz_suffix`` ends the disk cache's file names (sd-scripts: ``_sd.npz``, SDXL ``_sdxl.npz``)."""
     refuse_incompatible(train.datasets, flag)
     ready = dict(train.latents or {})  # prepared npz files (attach_prepared_latents) are not encoded again
-    jobs: list[CacheJob] = []
-    where: list[tuple[int, int]] = []
-    for d, (dataset, recs) in enumerate(zip(train.datasets, train.records)):
-        for i, record in enumerate(recs):
-            if (d, i) in ready:
-                continue
-            subset = dataset.subsets[record.subset_index]
-            a = train.assignments[d][i]
-            jobs.append(
-                CacheJob(
-                    record.path,
-                    a.bucket,
-                    a.resized,
-                    record.size,
-                    subset.flip_aug,
-                    subset.alpha_mask,
-                    record.mask_path,
-                    dataset.resize_interpolation,
-                    record.conditioning_path,
-                    latents_npz_suffix,
-                )
-            )
-            where.append((d, i))
+    where = [(d, i) for d, recs in enumerate(train.records) for i in range(len(recs)) if (d, i) not in ready]
+    jobs = [cache_job(train, d, i, latents_npz_suffix) for d, i in where]
     report = cache_latents_shared(
         jobs,
         vae,
@@ -394,19 +391,7 @@ def attach_prepared_latents(train: TrainDataset, vae: torch.nn.Module | None) ->
         subset = dataset.subsets[record.subset_index]
         if subset.color_aug or subset.random_crop:
             return "color_aug and random_crop need the image itself"
-        a = train.assignments[d][i]
-        job = CacheJob(
-            record.path,
-            a.bucket,
-            a.resized,
-            record.size,
-            subset.flip_aug,
-            subset.alpha_mask,
-            record.mask_path,
-            dataset.resize_interpolation,
-            record.conditioning_path,
-        )
-        return prepared_problem(record.latents_npz, job, vae_id)  # type: ignore[arg-type]
+        return prepared_problem(record.latents_npz, cache_job(train, d, i), vae_id)  # type: ignore[arg-type]
 
     with ThreadPoolExecutor(_CHECK_THREADS) as pool:
         problems = dict(zip(candidates, pool.map(problem, candidates)))

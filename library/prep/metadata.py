@@ -8,6 +8,7 @@ under the given folder (``data/sub/photo.png``: relative when the folder was giv
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from library.cli import ArgumentParser
 from library.dataset.scan import read_text_file
 from library.errors import UserError
 from library.io import atomic_write_json
@@ -144,3 +146,45 @@ def merge_side_files(job: MergeJob) -> MergeReport:
     write_metadata(job.out_json, metadata)
     logger.info(report.summary(job))
     return report
+
+
+def merge_parser(description: str, target_field: str, default_extension: str, misspelt_alias: bool) -> ArgumentParser:
+    """The flags both merge scripts take (sd-scripts' ``train_data_dir out_json [--in_json]`` and friends);
+    ``misspelt_alias`` adds sd-scripts' old ``--caption_extention`` spelling where that script still accepts it."""
+    what = "caption" if target_field == "caption" else "tag"
+    parser = ArgumentParser(description=description)
+    parser.add_argument("train_data_dir", type=str, help="folder of training images")
+    parser.add_argument("out_json", type=str, help="metadata file to write")
+    parser.add_argument(
+        "--in_json", type=str, default=None, help="metadata file to read (default: out_json when it exists)"
+    )
+    if misspelt_alias:
+        parser.add_argument(
+            "--caption_extention", type=str, default=None, help="old misspelt name of --caption_extension"
+        )
+    parser.add_argument(
+        "--caption_extension", type=str, default=default_extension, help=f"extension of the {what} files"
+    )
+    parser.add_argument(
+        "--full_path", action="store_true", help="key entries by the image path instead of the file stem"
+    )
+    parser.add_argument("--recursive", action="store_true", help="also read sub-folders (needs --full_path)")
+    parser.add_argument("--debug", action="store_true", help=f"log each key and its {what}s")
+    return parser
+
+
+def merge_from_flags(args: argparse.Namespace, target_field: str) -> None:
+    """Run a merge script's parsed flags into ``target_field`` of the metadata."""
+    misspelt = vars(args).get("caption_extention")
+    merge_side_files(
+        MergeJob(
+            train_data_dir=Path(args.train_data_dir),
+            out_json=Path(args.out_json),
+            field=target_field,
+            extension=misspelt if misspelt is not None else args.caption_extension,
+            in_json=Path(args.in_json) if args.in_json is not None else None,
+            full_path=args.full_path,
+            recursive=args.recursive,
+            debug=args.debug,
+        )
+    )
