@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 
 from library.cli import ArgumentParser, run_cli
-from library.prep.latents import PRECISIONS, LatentsJob, prepare_latents
 
 
 def _on(value: str) -> bool:
@@ -31,7 +30,9 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side")
     parser.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this")
     parser.add_argument("--bucket_no_upscale", action="store_true", help="one bucket per image size, never enlarged")
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=list(PRECISIONS), help="VAE precision")
+    parser.add_argument(
+        "--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="VAE precision"
+    )
     parser.add_argument("--full_path", action="store_true", help="key images by their path instead of their stem")
     parser.add_argument("--flip_aug", action="store_true", help="also store latents of the mirrored image")
     parser.add_argument(
@@ -46,6 +47,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> None:
     args = setup_parser().parse_args(argv)
+    from library.prep.latents import LatentsJob, prepare_latents  # diffusers, after run_cli has quietened logging
+
     values = {**vars(args), "alpha_mask": _on(args.alpha_mask)}
     prepare_latents(LatentsJob(**values))
 
