@@ -151,6 +151,9 @@ def run_cli(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (``| head``): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         close_log_files()
     return 0

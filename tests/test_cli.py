@@ -122,3 +122,15 @@ def test_an_error_message_is_always_one_capped_line(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: data.toml: bad value 'first\\nsecond\\nthird' xxx")
     assert len(err.rstrip("\n")) == len("error: ") + MAX_ERROR_CHARS and err.rstrip("\n").endswith("…")
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``tool | head``: the reader stops early; the tool exits 0 without a BrokenPipeError traceback."""
+    program = (
+        "import sys; from library.cli import run_cli; sys.exit(run_cli(lambda argv: [print(i) for i in range(10**7)]))"
+    )
+    child = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert child.stdout.readline() == b"0\n"
+    child.stdout.close()
+    assert child.wait(timeout=60) == 0
+    assert child.stderr.read() == b""
