@@ -13,15 +13,12 @@ import math
 import os
 import random
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
-from library.io import atomic_save, save_safetensors
-from library.metadata import precalculate_safetensors_hashes
 from library.models.sgm_names import SgmNames, is_sdxl_unet
 from networks.lora import (
     LORA_PREFIX_TEXT_ENCODER,
@@ -32,6 +29,7 @@ from networks.lora import (
     text_encoder_module_path,
 )
 from networks.lora_blocks import parse_number
+from networks.network_base import NetworkBase, loraplus_groups
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +187,7 @@ def target_layers(
                 yield f"{prefix}.{full}".replace(".", "_"), child
 
 
-class DyLoRANetwork(nn.Module):
+class DyLoRANetwork(NetworkBase):
     """All DyLoRA modules of a model; the state dict is a plain LoRA file (``lora_unet_…``, ``lora_te_…``)."""
 
     def __init__(
@@ -207,7 +205,6 @@ class DyLoRANetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.multiplier, self.lora_dim, self.alpha, self.unit = multiplier, lora_dim, alpha, unit
-        self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
         sgm = SgmNames(unet.config) if unet is not None and is_sdxl_unet(unet) else None
 
         def create(prefix: str, root: nn.Module, targets: tuple[str, ...], is_unet: bool) -> list[DyLoRAModule]:
@@ -237,27 +234,7 @@ class DyLoRANetwork(nn.Module):
             f"DyLoRA: {len(self.text_encoder_loras)} text encoder modules, {len(self.unet_loras)} UNet modules, "
             f"unit {unit}"
         )
-        for lora in self.text_encoder_loras + self.unet_loras:
-            if lora.lora_name in self._modules:
-                raise ValueError(f"duplicated lora name: {lora.lora_name}")
-            self.add_module(lora.lora_name, lora)
-
-    @property
-    def loras(self) -> list[DyLoRAModule]:
-        return self.text_encoder_loras + self.unet_loras
-
-    def set_loraplus_lr_ratio(self, ratio: float | None, unet_ratio: float | None, te_ratio: float | None) -> None:
-        """LoRA+: the up halves (``lora_B``) train at ``ratio`` times the learning rate (per part, as sd-scripts)."""
-        self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio = (
-            ratio,
-            unet_ratio,
-            te_ratio,
-        )
-
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = multiplier
-        for lora in self.loras:
-            lora.multiplier = multiplier
+        self.register_loras()
 
     def load_weights(self, file: str | os.PathLike):
         """Load a (Dy)LoRA file into this network, non-strict as sd-scripts; returns the missing/unexpected keys."""
@@ -270,24 +247,6 @@ class DyLoRANetwork(nn.Module):
         except RuntimeError as e:
             msg = str(e).splitlines()[-1].strip()
             raise UserError(f"{file}: weights do not fit the network ({msg}); check --network_dim/conv_dim") from e
-
-    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
-        """Hook the modules into the models; modules of a part that is not applied are dropped."""
-        if not apply_text_encoder:
-            self._drop(self.text_encoder_loras)
-            self.text_encoder_loras = []
-        if not apply_unet:
-            self._drop(self.unet_loras)
-            self.unet_loras = []
-        for lora in self.loras:
-            lora.apply_to()
-
-    def _drop(self, loras: list[DyLoRAModule]) -> None:
-        for lora in loras:
-            del self._modules[lora.lora_name]
-
-    def is_mergeable(self) -> bool:
-        return True
 
     def merge_to(self, text_encoder, unet, weights_sd: dict[str, torch.Tensor], dtype=None, device="cpu") -> None:
         """Add the file's full-rank LoRA weights (times the multiplier) into the base models' weights."""
@@ -306,17 +265,9 @@ class DyLoRANetwork(nn.Module):
         groups, names = [], []
 
         def assemble(loras: list[DyLoRAModule], lr: float | None, ratio: float | None, label: str) -> None:
-            split: dict[str, list[nn.Parameter]] = {"lora": [], "plus": []}
-            for lora in loras:
-                for name, param in lora.named_parameters():
-                    split["plus" if ratio is not None and "lora_B" in name else "lora"].append(param)
-            for key, params in split.items():
-                if not params or lr is None:
-                    continue
-                group_lr = lr * ratio if key == "plus" else lr
-                if group_lr:
-                    groups.append({"params": params, "lr": group_lr})
-                    names.append(label + (" plus" if key == "plus" else ""))
+            more_groups, more_names = loraplus_groups(loras, lr, ratio, label, lambda _, name: "lora_B" in name)
+            groups.extend(more_groups)
+            names.extend(more_names)
 
         if self.text_encoder_loras:
             te_lr = text_encoder_lr if text_encoder_lr is not None else default_lr
@@ -326,28 +277,6 @@ class DyLoRANetwork(nn.Module):
             lr = default_lr if unet_lr is None else unet_lr
             assemble(self.unet_loras, lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio, "unet")
         return groups, names
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing to checkpoint in the network itself (as sd-scripts)."""
-
-    def prepare_grad_etc(self, text_encoder, unet) -> None:
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoder, unet) -> None:
-        self.train()
-
-    def get_trainable_params(self):
-        return self.parameters()
-
-    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: dict[str, str] | None):
-        """Write the full-rank plain LoRA atomically: safetensors with ``sshs_*`` hashes, or a torch pickle."""
-        sd = {k: v.detach().to("cpu", dtype=dtype) if dtype else v.detach().cpu() for k, v in self.state_dict().items()}
-        if Path(file).suffix.lower() == ".safetensors":
-            metadata = dict(metadata or {})
-            metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(sd, metadata)
-            save_safetensors(sd, file, metadata)
-        else:
-            atomic_save(file, lambda tmp: torch.save(sd, tmp))
 
 
 def create_network(

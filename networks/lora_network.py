@@ -10,13 +10,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from library.errors import UserError
-from library.io import atomic_save, save_safetensors
-from library.metadata import precalculate_safetensors_hashes
 from library.models.sgm_names import SgmNames, is_sdxl_unet
 from networks.adapters import ADAPTERS, WeightAdapter, adapter_from_weights
 from networks.lora_blocks import get_block_index, unet_block_layout
@@ -28,6 +25,7 @@ from networks.lora_modules import (
     normalize_state_dict,
     text_encoder_module_path,
 )
+from networks.network_base import NetworkBase, loraplus_groups
 from networks.presets import Preset, default_preset
 
 logger = logging.getLogger(__name__)
@@ -60,7 +58,7 @@ def kind_of(module: torch.nn.Module) -> str:
     return module.algo if isinstance(module, WeightAdapter) else "lora"
 
 
-class LoRANetwork(torch.nn.Module):
+class LoRANetwork(NetworkBase):
     """One model's adapter modules; the state dict is the network file.
 
     ``modules_sd`` (a file's tensors per module) builds the network a file describes: every layer the file names
@@ -97,7 +95,6 @@ class LoRANetwork(torch.nn.Module):
         self.conv_lora_dim, self.conv_alpha = conv_lora_dim, conv_alpha
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.algo = algo
-        self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
         self.block_lr_weight: list[float] | None = None
         self.block_layout = unet_block_layout(unet) if block_dims is not None else None
         if modules_dim is not None:
@@ -171,19 +168,7 @@ class LoRANetwork(torch.nn.Module):
             create_modules(LORA_PREFIX_UNET, unet, True) if unet is not None else []
         )
         logger.info(f"LoRA: {len(self.text_encoder_loras)} text encoder modules, {len(self.unet_loras)} UNet modules")
-        for lora in self.text_encoder_loras + self.unet_loras:
-            if lora.lora_name in self._modules:
-                raise ValueError(f"duplicated lora name: {lora.lora_name}")
-            self.add_module(lora.lora_name, lora)
-
-    @property
-    def loras(self) -> list[torch.nn.Module]:
-        return self.text_encoder_loras + self.unet_loras
-
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = multiplier
-        for lora in self.loras:
-            lora.multiplier = multiplier
+        self.register_loras()
 
     def own_names(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A LoRA state dict in this network's names: text-encoder keys normalised and, for SDXL, UNet keys in
@@ -225,24 +210,6 @@ class LoRANetwork(torch.nn.Module):
             msg = str(e).splitlines()[-1].strip()
             raise UserError(f"{file}: weights do not fit the network ({msg}); check --network_dim/--conv_dim") from e
 
-    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
-        """Hook the modules into the models; modules of a part that is not applied are dropped."""
-        if not apply_text_encoder:
-            self._drop(self.text_encoder_loras)
-            self.text_encoder_loras = []
-        if not apply_unet:
-            self._drop(self.unet_loras)
-            self.unet_loras = []
-        for lora in self.loras:
-            lora.apply_to()
-
-    def _drop(self, loras: list[torch.nn.Module]) -> None:
-        for lora in loras:
-            del self._modules[lora.lora_name]
-
-    def is_mergeable(self) -> bool:
-        return True
-
     def merge_to(self, text_encoder, unet, weights_sd: dict[str, torch.Tensor], dtype=None, device="cpu") -> None:
         """Add the weight changes of ``weights_sd`` (times the multiplier) into the base models' weights."""
         weights_sd = self.own_names(weights_sd)
@@ -266,11 +233,6 @@ class LoRANetwork(torch.nn.Module):
     def get_lr_weight(self, block_idx: int) -> float:
         return 1.0 if self.block_lr_weight is None else self.block_lr_weight[block_idx]
 
-    def set_loraplus_lr_ratio(self, ratio=None, unet_ratio=None, text_encoder_ratio=None) -> None:
-        self.loraplus_lr_ratio = ratio
-        self.loraplus_unet_lr_ratio = unet_ratio
-        self.loraplus_text_encoder_lr_ratio = text_encoder_ratio
-
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr=None):
         """Optimizer param groups and their descriptions, as sd-scripts: LoRA+ puts ``lora_up`` in its own group
         at ``lr * ratio``; block lr weights give one group per UNet block; groups whose lr is 0 or None are left out.
@@ -280,19 +242,9 @@ class LoRANetwork(torch.nn.Module):
         descriptions: list[str] = []
 
         def assemble(loras: list[torch.nn.Module], lr, ratio, label: str) -> None:
-            groups: dict[str, list[torch.nn.Parameter]] = {"lora": [], "plus": []}
-            for lora in loras:
-                for name, param in lora.named_parameters():
-                    up = name in lora.up_names if isinstance(lora, WeightAdapter) else "lora_up" in name
-                    groups["plus" if ratio is not None and up else "lora"].append(param)
-            for key, params in groups.items():
-                if not params:
-                    continue
-                group_lr = None if lr is None else (lr * ratio if key == "plus" else lr)
-                if not group_lr:
-                    continue
-                all_params.append({"params": params, "lr": group_lr})
-                descriptions.append(label + (" plus" if key == "plus" else ""))
+            groups, names = loraplus_groups(loras, lr, ratio, label, _is_up)
+            all_params.extend(groups)
+            descriptions.extend(names)
 
         if self.text_encoder_loras:
             te_lr = text_encoder_lr if text_encoder_lr is not None else default_lr
@@ -312,31 +264,6 @@ class LoRANetwork(torch.nn.Module):
             else:
                 assemble(self.unet_loras, base_lr, ratio, "unet")
         return all_params, descriptions
-
-    def enable_gradient_checkpointing(self) -> None:
-        """LoRA layers are tiny; checkpointing of the base models is enabled on the models themselves."""
-
-    def prepare_grad_etc(self, text_encoder, unet) -> None:
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoder, unet) -> None:
-        self.train()
-
-    def on_step_start(self, text_encoder, unet) -> None:
-        """Nothing to do per step; present so the engine can call it unconditionally."""
-
-    def get_trainable_params(self):
-        return self.parameters()
-
-    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: dict[str, str] | None):
-        """Write the network atomically: safetensors with ``sshs_*`` hashes in the metadata, or a torch pickle."""
-        sd = {k: v.detach().to("cpu", dtype=dtype) if dtype else v.detach().cpu() for k, v in self.state_dict().items()}
-        if Path(file).suffix.lower() == ".safetensors":
-            metadata = dict(metadata or {})
-            metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(sd, metadata)
-            save_safetensors(sd, file, metadata)
-        else:
-            atomic_save(file, lambda tmp: torch.save(sd, tmp))
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
@@ -363,3 +290,8 @@ class LoRANetwork(torch.nn.Module):
         if not norms:
             return 0, 0.0, 0.0
         return keys_scaled, sum(norms) / len(norms), max(norms)
+
+
+def _is_up(lora: torch.nn.Module, name: str) -> bool:
+    """LoRA+'s up half: ``lora_up`` of a LoRA pair, or the adapter's own up factors."""
+    return name in lora.up_names if isinstance(lora, WeightAdapter) else "lora_up" in name

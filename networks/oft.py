@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
-from library.io import atomic_save, load_pickle_checkpoint, load_safetensors, save_safetensors
-from library.metadata import precalculate_safetensors_hashes
 from library.models.sgm_names import SgmNames, is_sdxl_unet
+from networks.lora_modules import load_lora_state_dict
+from networks.network_base import NetworkBase
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ def target_layers(unet: nn.Module, enable_all_linear: bool, enable_conv: bool) -
                 yield f"{OFT_PREFIX_UNET}.{sgm.to_sgm(path) if sgm else path}".replace(".", "_"), child
 
 
-class OFTNetwork(nn.Module):
+class OFTNetwork(NetworkBase):
     """All OFT modules of a UNet (sd-scripts' OFT trains no text encoder); the state dict is the OFT file."""
 
     def __init__(
@@ -147,6 +146,7 @@ class OFTNetwork(nn.Module):
         super().__init__()
         self.multiplier, self.dim, self.alpha = multiplier, dim, alpha
         self.unet_ofts: list[OFTModule] = []
+        self.text_encoder_loras, self.unet_loras = [], self.unet_ofts  # NetworkBase's names for the module lists
         for name, layer in target_layers(unet, enable_all_linear, enable_conv):
             if modules_dim is not None:
                 if name not in modules_dim:
@@ -162,14 +162,9 @@ class OFTNetwork(nn.Module):
             f"enable_all_linear {enable_all_linear}, enable_conv {enable_conv}"
         )
 
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = multiplier
-        for oft in self.unet_ofts:
-            oft.multiplier = multiplier
-
     def load_weights(self, file: str | os.PathLike):
         """Load an OFT file into this network (non-strict, as sd-scripts); returns the missing/unexpected keys."""
-        sd = load_oft_state_dict(file)
+        sd = load_lora_state_dict(file)
         own = self.state_dict()
         if own and not any(k in own for k in sd):
             raise UserError(f"{file}: no key of this file matches the network; is it an OFT file for this model type?")
@@ -186,9 +181,6 @@ class OFTNetwork(nn.Module):
         for oft in self.unet_ofts:
             oft.apply_to()
 
-    def is_mergeable(self) -> bool:
-        return True
-
     def merge_to(self, text_encoder, unet, weights_sd: dict[str, torch.Tensor], dtype=None, device="cpu") -> None:
         """Load each module's blocks from ``weights_sd`` and rotate its base layer's weight (sd-scripts' merge)."""
         for oft in self.unet_ofts:
@@ -204,35 +196,6 @@ class OFTNetwork(nn.Module):
         logger.info(f"OFT params: {sum(p.numel() for p in params)}")
         lr = default_lr if unet_lr is None else unet_lr
         return ([{"params": params, "lr": lr}], ["unet"]) if params and lr else ([], [])
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing to checkpoint in the network itself (as sd-scripts)."""
-
-    def prepare_grad_etc(self, text_encoder, unet) -> None:
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoder, unet) -> None:
-        self.train()
-
-    def get_trainable_params(self):
-        return self.parameters()
-
-    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: dict[str, str] | None):
-        """Write the OFT file atomically: safetensors with ``sshs_*`` hashes in the metadata, or a torch pickle."""
-        sd = {k: v.detach().to("cpu", dtype=dtype) if dtype else v.detach().cpu() for k, v in self.state_dict().items()}
-        if Path(file).suffix.lower() == ".safetensors":
-            metadata = dict(metadata or {})
-            metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(sd, metadata)
-            save_safetensors(sd, file, metadata)
-        else:
-            atomic_save(file, lambda tmp: torch.save(sd, tmp))
-
-
-def load_oft_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of an OFT file: safetensors, or a weights-only pickle (``.ckpt``/``.pt``)."""
-    if Path(file).suffix.lower() == ".safetensors":
-        return load_safetensors(file)[0]
-    return load_pickle_checkpoint(file)
 
 
 def parse_flag(kwargs: dict, key: str) -> bool:
@@ -286,7 +249,7 @@ def create_network_from_weights(
 ) -> tuple[OFTNetwork, dict[str, torch.Tensor]]:
     """A network with exactly the modules of an OFT file (blocks and alpha per module); weights are not loaded.
     Returns the network and the file's tensors."""
-    weights_sd = load_oft_state_dict(file) if weights_sd is None else weights_sd
+    weights_sd = load_lora_state_dict(file) if weights_sd is None else weights_sd
     modules_dim: dict[str, int] = {}
     modules_alpha: dict[str, float] = {}
     for key, value in weights_sd.items():

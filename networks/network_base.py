@@ -1,0 +1,119 @@
+"""What the network objects of networks.lora, networks.dylora and networks.oft share: sd-scripts' network interface
+(the engine's hooks, multiplier, hooking into the models, saving) and LoRA+ parameter groups.
+
+A subclass keeps its adapter modules in ``text_encoder_loras`` and ``unet_loras``; each module has a
+``lora_name``, a ``multiplier`` and ``apply_to()``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from library.io import atomic_save, save_safetensors
+from library.metadata import precalculate_safetensors_hashes
+
+
+class NetworkBase(torch.nn.Module):
+    """The parts of sd-scripts' network interface that do not depend on the kind of adapter."""
+
+    text_encoder_loras: list[torch.nn.Module]
+    unet_loras: list[torch.nn.Module]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loraplus_lr_ratio: float | None = None
+        self.loraplus_unet_lr_ratio: float | None = None
+        self.loraplus_text_encoder_lr_ratio: float | None = None
+
+    @property
+    def loras(self) -> list[torch.nn.Module]:
+        return self.text_encoder_loras + self.unet_loras
+
+    def register_loras(self) -> None:
+        """Add every module under its file name (``lora_unet_…``); a name reached twice is a bug in the targets."""
+        for lora in self.loras:
+            if lora.lora_name in self._modules:
+                raise ValueError(f"duplicated lora name: {lora.lora_name}")
+            self.add_module(lora.lora_name, lora)
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self.loras:
+            lora.multiplier = multiplier
+
+    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Hook the modules into the models; modules of a part that is not applied are dropped."""
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        for lora in self.loras:
+            lora.apply_to()
+
+    def _drop(self, loras: list[torch.nn.Module]) -> None:
+        for lora in loras:
+            del self._modules[lora.lora_name]
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def set_loraplus_lr_ratio(self, ratio=None, unet_ratio=None, text_encoder_ratio=None) -> None:
+        """LoRA+: the up halves train at ``ratio`` times the learning rate (per part, as sd-scripts)."""
+        self.loraplus_lr_ratio = ratio
+        self.loraplus_unet_lr_ratio = unet_ratio
+        self.loraplus_text_encoder_lr_ratio = text_encoder_ratio
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Adapter layers are tiny; checkpointing of the base models is enabled on the models themselves."""
+
+    def prepare_grad_etc(self, text_encoder, unet) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet) -> None:
+        self.train()
+
+    def on_step_start(self, text_encoder, unet) -> None:
+        """Nothing to do per step; present so the engine can call it unconditionally."""
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: dict[str, str] | None):
+        """Write the network atomically: safetensors with ``sshs_*`` hashes in the metadata, or a torch pickle."""
+        sd = {k: v.detach().to("cpu", dtype=dtype) if dtype else v.detach().cpu() for k, v in self.state_dict().items()}
+        if Path(file).suffix.lower() == ".safetensors":
+            metadata = dict(metadata or {})
+            metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(sd, metadata)
+            save_safetensors(sd, file, metadata)
+        else:
+            atomic_save(file, lambda tmp: torch.save(sd, tmp))
+
+
+def loraplus_groups(
+    loras: Sequence[torch.nn.Module],
+    lr: float | None,
+    ratio: float | None,
+    label: str,
+    is_up: Callable[[torch.nn.Module, str], bool],
+) -> tuple[list[dict], list[str]]:
+    """One optimizer group of ``loras`` at ``lr``, split under LoRA+ so the up halves (``is_up(module, name)``)
+    train at ``lr * ratio``; groups whose learning rate is 0 or None are left out (as sd-scripts)."""
+    split: dict[str, list[torch.nn.Parameter]] = {"lora": [], "plus": []}
+    for lora in loras:
+        for name, param in lora.named_parameters():
+            split["plus" if ratio is not None and is_up(lora, name) else "lora"].append(param)
+    groups, names = [], []
+    for key, params in split.items():
+        if not params:
+            continue
+        group_lr = None if lr is None else (lr * ratio if key == "plus" else lr)
+        if group_lr:
+            groups.append({"params": params, "lr": group_lr})
+            names.append(label + (" plus" if key == "plus" else ""))
+    return groups, names
