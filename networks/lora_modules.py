@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from library.io import load_pickle_checkpoint, load_safetensors
+from library.lora_family.diffusers_keys import is_diffusers_layout, to_sd_scripts
 
 
 class LoRAModule(torch.nn.Module):
@@ -126,14 +127,20 @@ def normalize_lora_key(key: str) -> str:
 
 
 def load_lora_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a LoRA file: safetensors, or a weights-only pickle (``.ckpt``/``.pt``)."""
+    """Tensors of a LoRA file: safetensors, or a weights-only pickle (``.ckpt``/``.pt``); a file in diffusers/PEFT
+    layout (``unet.….lora_A.weight``) comes back in sd-scripts names, alphas from its PEFT config header."""
     if Path(file).suffix.lower() == ".safetensors":
-        return load_safetensors(file)[0]
-    return load_pickle_checkpoint(file)
+        sd, metadata = load_safetensors(file)
+    else:
+        sd, metadata = load_pickle_checkpoint(file), {}
+    return to_sd_scripts(sd, metadata, str(file)) if is_diffusers_layout(sd) else sd
 
 
 def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A LoRA state dict with every text-encoder key in the standard spelling."""
+    """A LoRA state dict with every text-encoder key in the standard spelling (diffusers/PEFT layouts renamed,
+    alpha = rank where the dict carries none, as diffusers reads them)."""
+    if is_diffusers_layout(sd):
+        sd = to_sd_scripts(sd)
     return {normalize_lora_key(k): v for k, v in sd.items()}
 
 

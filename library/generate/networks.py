@@ -137,6 +137,8 @@ def _hook(components: Components, spec: NetworkFile, module_name: str, device: t
     network, weights = _build(components, spec, module_name)
     c = components
     network.apply_to(network_text_encoder(c), c.unet)
+    if hasattr(network, "own_names"):  # networks.lora: SDXL UNet keys in diffusers spelling, old TE spellings
+        weights = network.own_names(weights)
     try:
         info = network.load_state_dict(weights, False)
     except RuntimeError as e:

@@ -1,11 +1,12 @@
 """The LoRA-family file library the network tools share (merge, svd-merge, extract, resize, check, gen_img).
 
 Files (``files.py``)
-    ``read_lora_file(path, allow_unsafe_pickle=False) -> LoraFile`` (``.tensors``, ``.metadata``, ``.path``);
+    ``read_lora_file(path, allow_unsafe_pickle=False) -> LoraFile`` (``.tensors``, ``.metadata``, ``.path``;
+    diffusers/PEFT-layout files come back in sd-scripts names with their header's alphas, ``diffusers_keys.py``);
     ``write_lora_file(path, tensors, metadata=None, precision=None)`` (atomic; safetensors get ``sshs_*`` hashes;
     precision ``fp32``/``float``/``fp16``/``bf16`` or a dtype); ``save_dtype(name)``.
 Layout (``layout.py``)
-    ``parse_modules(tensors, source="") -> {name: ModuleWeights}`` (``.algo`` lora/loha/lokr/full/oft, ``.tensors``,
+    ``parse_modules(tensors, source="", metadata=None) -> {name: ModuleWeights}`` (``.algo`` lora/loha/lokr/full/oft, ``.tensors``,
     ``.alpha``, ``.tucker``, ``.dora``, ``.kind``, ``.rank``, ``.scale``, ``.delta_shape()``, ``.fits(shape)``,
     ``.state_dict()``); ``normalize_module_name``; ``detect_base(modules, metadata) -> BaseGuess(family, reason)``;
     ``model_layers(components, diffusers_sdxl_names=False) -> {name: nn.Module}``; ``layer_name(module_name)``;

@@ -13,6 +13,7 @@ import torch
 
 from library.errors import UserError
 from library.io import atomic_save, load_pickle_checkpoint, load_safetensors, save_safetensors
+from library.lora_family.diffusers_keys import is_diffusers_layout, to_sd_scripts
 from library.metadata import precalculate_safetensors_hashes
 
 PRECISIONS: dict[str, torch.dtype | None] = {
@@ -62,7 +63,10 @@ def read_lora_file(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -
         metadata = {}
     if not tensors:
         raise UserError(f"{path}: the file holds no tensors; is it a LoRA file?")
-    return LoraFile({str(k): v for k, v in tensors.items()}, dict(metadata), str(path))
+    tensors = {str(k): v for k, v in tensors.items()}
+    if is_diffusers_layout(tensors):  # diffusers/PEFT files: our names, alphas from their header
+        tensors = to_sd_scripts(tensors, metadata, str(path))
+    return LoraFile(tensors, dict(metadata), str(path))
 
 
 def write_lora_file(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from library.errors import UserError
+from library.lora_family.diffusers_keys import is_diffusers_layout, to_sd_scripts
 from library.models.sgm_names import SgmNames, is_sdxl_unet
 
 ALGOS = ("lora", "loha", "lokr", "full", "oft")
@@ -157,10 +158,15 @@ def _algo(name: str, keys: set[str]) -> str | None:
     return None
 
 
-def parse_modules(tensors: Mapping[str, torch.Tensor], source: str = "") -> dict[str, ModuleWeights]:
+def parse_modules(
+    tensors: Mapping[str, torch.Tensor], source: str = "", metadata: Mapping[str, str] | None = None
+) -> dict[str, ModuleWeights]:
     """Group a state dict into ``{module name: ModuleWeights}``; any key outside the known layouts is a one-line
-    UserError naming ``source`` and an example key."""
+    UserError naming ``source`` and an example key. diffusers/PEFT-layout files are renamed first (alphas from
+    ``metadata``'s PEFT config, else alpha = rank, as diffusers reads them)."""
     where = f"{source}: " if source else ""
+    if is_diffusers_layout(tensors):
+        tensors = to_sd_scripts(tensors, metadata, source)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, dot, rest = key.partition(".")
