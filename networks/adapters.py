@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.network_base import HookedLayer
+
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """LyCORIS's split of ``dimension`` into ``(m, n)``, ``m <= n``, ``m * n == dimension``, ``m`` near ``factor``
@@ -55,7 +57,7 @@ def weight_decompose(weight: torch.Tensor, dora_scale: torch.Tensor, multiplier:
     return weight * scale
 
 
-class WeightAdapter(nn.Module):
+class WeightAdapter(HookedLayer):
     """A trainable change of one Linear/Conv2d weight, hooked into its ``forward``; subclasses give ``diff_weight``.
 
     ``dropout`` drops elements of the adapter's output, ``rank_dropout`` whole output rows of the weight change (as
@@ -95,16 +97,6 @@ class WeightAdapter(nn.Module):
             self.dora_scale = nn.Parameter(dora_norm(org_module.weight.detach().float().cpu(), wd_on_out))
         self._org = [org_module]  # a plain list keeps the base layer out of this module's state dict
         self._org_forward = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        """Route the base layer's forward through this module (idempotent)."""
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
 
     def diff_weight(self) -> torch.Tensor:
         """The scaled weight change ``ΔW`` (without the multiplier), in the layer's weight shape."""

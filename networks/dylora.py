@@ -29,7 +29,7 @@ from networks.lora import (
     text_encoder_module_path,
 )
 from networks.lora_blocks import parse_number
-from networks.network_base import NetworkBase, loraplus_groups
+from networks.network_base import HookedLayer, NetworkBase, loraplus_groups
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ KNOWN_NETWORK_ARGS = frozenset(("conv_dim", "conv_alpha", "unit") + LORAPLUS_ARG
 DROPOUT_ARGS = ("rank_dropout", "module_dropout")
 
 
-class DyLoRAModule(nn.Module):
+class DyLoRAModule(HookedLayer):
     """DyLoRA on one Linear or Conv2d: ``lora_A`` holds the down rows and ``lora_B`` the up columns, one parameter
     per rank as in sd-scripts (optimizers see the same tensors); the state dict is plain ``lora_down``/``lora_up``."""
 
@@ -79,16 +79,6 @@ class DyLoRAModule(nn.Module):
         self.multiplier = multiplier
         self._org = [org_module]  # a plain list keeps the base layer out of this module's state dict
         self._org_forward = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        """Route the base layer's forward through this module (idempotent)."""
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The full ``(lora_down, lora_up)`` weights in LoRA file shapes (1x1 convs as 4-D kernels)."""

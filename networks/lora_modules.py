@@ -15,9 +15,10 @@ import torch
 
 from library.io import load_pickle_checkpoint, load_safetensors
 from library.lora_family.diffusers_keys import is_diffusers_layout, to_sd_scripts
+from networks.network_base import HookedLayer
 
 
-class LoRAModule(torch.nn.Module):
+class LoRAModule(HookedLayer):
     """Adds ``up(down(x)) * multiplier * alpha / dim`` to one Linear or Conv2d by replacing its ``forward``."""
 
     def __init__(
@@ -54,16 +55,6 @@ class LoRAModule(torch.nn.Module):
         self.module_dropout = module_dropout
         self._org = [org_module]  # a plain list keeps the base layer out of this module's state dict
         self._org_forward = None
-
-    @property
-    def org_module(self) -> torch.nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        """Route the base layer's forward through this module (idempotent)."""
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output plus ``up(down(x)) * (multiplier * scale)``, in the base output's dtype.

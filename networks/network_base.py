@@ -1,5 +1,6 @@
-"""What the network objects of networks.lora, networks.dylora and networks.oft share: sd-scripts' network interface
-(the engine's hooks, multiplier, hooking into the models, saving) and LoRA+ parameter groups.
+"""What the networks of networks.lora, networks.dylora and networks.oft share: the hook of one adapter into its base
+layer, sd-scripts' network interface (the engine's hooks, multiplier, hooking into the models, saving) and LoRA+
+parameter groups.
 
 A subclass keeps its adapter modules in ``text_encoder_loras`` and ``unet_loras``; each module has a
 ``lora_name``, a ``multiplier`` and ``apply_to()``.
@@ -15,6 +16,24 @@ import torch
 
 from library.io import atomic_save, save_safetensors
 from library.metadata import precalculate_safetensors_hashes
+
+
+class HookedLayer(torch.nn.Module):
+    """An adapter around one base layer (``self._org = [layer]``, kept in a list so the base layer stays out of the
+    adapter's state dict), hooked in by replacing the layer's ``forward`` with the adapter's."""
+
+    _org: list[torch.nn.Module]
+    _org_forward: Callable | None = None
+
+    @property
+    def org_module(self) -> torch.nn.Module:
+        return self._org[0]
+
+    def apply_to(self) -> None:
+        """Route the base layer's forward through this module (idempotent)."""
+        if self._org_forward is None:
+            self._org_forward = self.org_module.forward
+            self.org_module.forward = self.forward
 
 
 class NetworkBase(torch.nn.Module):

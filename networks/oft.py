@@ -19,7 +19,7 @@ from torch import nn
 from library.errors import UserError
 from library.models.sgm_names import SgmNames, is_sdxl_unet
 from networks.lora_modules import load_lora_state_dict
-from networks.network_base import NetworkBase
+from networks.network_base import HookedLayer, NetworkBase
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ KNOWN_NETWORK_ARGS = frozenset(("enable_all_linear", "enable_conv"))
 DEFAULT_ALPHA = 1e-3
 
 
-class OFTModule(nn.Module):
+class OFTModule(HookedLayer):
     """OFT on one Linear or Conv2d: ``oft_blocks`` (blocks x block size x block size, zeros = identity) rotate the
     base weight's output rows block by block; the base layer's forward is replaced while applied."""
 
@@ -60,16 +60,6 @@ class OFTModule(nn.Module):
         self.multiplier = multiplier
         self._org = [org_module]  # a plain list keeps the base layer out of this module's state dict
         self._org_forward = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        """Route the base layer's forward through this module (idempotent)."""
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
 
     def get_weight(self) -> torch.Tensor:
         """The weighted rotations ``multiplier * (R - I) + I``, one ``block_size`` square per block."""
