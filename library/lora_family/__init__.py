@@ -6,9 +6,10 @@ Files (``files.py``)
     ``write_lora_file(path, tensors, metadata=None, precision=None)`` (atomic; safetensors get ``sshs_*`` hashes;
     precision ``fp32``/``float``/``fp16``/``bf16`` or a dtype); ``save_dtype(name)``.
 Layout (``layout.py``)
-    ``parse_modules(tensors, source="", metadata=None) -> {name: ModuleWeights}`` (``.algo`` lora/loha/lokr/full/oft, ``.tensors``,
-    ``.alpha``, ``.tucker``, ``.dora``, ``.kind``, ``.rank``, ``.scale``, ``.delta_shape()``, ``.fits(shape)``,
-    ``.state_dict()``); ``normalize_module_name``; ``detect_base(modules, metadata) -> BaseGuess(family, reason)``;
+    ``parse_modules(tensors, source="", metadata=None) -> {name: ModuleWeights}`` (``.algo``
+    lora/loha/lokr/full/oft, ``.tensors``, ``.alpha``, ``.tucker``, ``.dora``, ``.kind``, ``.rank``, ``.scale``,
+    ``.delta_shape()``, ``.fits(shape)``, ``.state_dict()``); ``normalize_module_name``;
+    ``detect_base(modules, metadata) -> BaseGuess(family, reason)``;
     ``model_layers(components, diffusers_sdxl_names=False) -> {name: nn.Module}``; ``layer_name(module_name)``;
     ``check_modules(modules, components, source="", metadata=None) -> {name: layer}`` (one-line UserError).
 Math (``weights.py``)
