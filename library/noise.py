@@ -9,6 +9,7 @@ numbers whether training runs on CPU or GPU.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,11 +21,18 @@ from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal", "sigmoid", "heavy_tail", "cos_map")
+HEAVY_TAIL_MAX = 2 / (math.pi - 2)  # heavy_tail's mapping stays monotonic for -1 <= noising_weight <= 2 / (pi - 2)
+
 
 @dataclass(frozen=True)
 class NoiseSettings:
     """How noise and timesteps are drawn. Field names are the flags' names (``settings_from_flags`` reads them);
-    ``v_parameterization`` is the loaded model's, given by the caller."""
+    ``v_parameterization`` is the loaded model's, given by the caller.
+
+    The timestep range is sd-scripts' ``min/max_timestep`` or OneTrainer's ``min/max_noising_strength`` (fractions
+    of the schedule), never both; ``timestep_distribution`` with ``noising_weight``/``noising_bias`` (OneTrainer's
+    meanings) shapes the draw within it."""
 
     noise_offset: float | None = None
     noise_offset_random_strength: bool = False
@@ -36,9 +44,15 @@ class NoiseSettings:
     min_timestep: int | None = None
     max_timestep: int | None = None
     zero_terminal_snr: bool = False
+    timestep_distribution: str = "uniform"
+    min_noising_strength: float | None = None
+    max_noising_strength: float | None = None
+    noising_weight: float = 0.0
+    noising_bias: float = 0.0
     v_parameterization: bool = False
 
     def __post_init__(self) -> None:
+        self._check_distribution()
         if self.adaptive_noise_scale is not None and self.noise_offset is None:
             raise UserError(
                 "--adaptive_noise_scale needs --noise_offset: add --noise_offset (e.g. 0.05) "
@@ -59,6 +73,50 @@ class NoiseSettings:
             )
         if self.zero_terminal_snr and not self.v_parameterization:
             logger.warning("--zero_terminal_snr without --v_parameterization: the last timestep has no signal to learn")
+
+    def _check_distribution(self) -> None:
+        if self.timestep_distribution not in TIMESTEP_DISTRIBUTIONS:
+            raise UserError(
+                f"--timestep_distribution {self.timestep_distribution!r} is unknown: "
+                f"use one of {', '.join(TIMESTEP_DISTRIBUTIONS)}"
+            )
+        strengths = self.min_noising_strength is not None or self.max_noising_strength is not None
+        if strengths and (self.min_timestep is not None or self.max_timestep is not None):
+            raise UserError(
+                "--min/max_noising_strength and --min/max_timestep both set the timestep range: keep one pair"
+            )
+        low, high = self.noising_range
+        if not 0 <= low < high <= 1:
+            raise UserError(f"--min_noising_strength {low} and --max_noising_strength {high}: use 0 <= min < max <= 1")
+        if self.timestep_distribution == "heavy_tail" and not -1 <= self.noising_weight <= HEAVY_TAIL_MAX:
+            raise UserError(
+                f"--noising_weight {self.noising_weight} with --timestep_distribution heavy_tail: use a value from -1 "
+                f"to {HEAVY_TAIL_MAX:.4f} (outside it the mapping is not monotonic)"
+            )
+        if self.timestep_distribution == "logit_normal" and self.noising_weight <= -1:
+            raise UserError(
+                f"--noising_weight {self.noising_weight} with --timestep_distribution logit_normal: the spread is "
+                "noising_weight + 1, so use a value above -1"
+            )
+        unused = [
+            flag
+            for flag, value, users in (
+                ("--noising_weight", self.noising_weight, ("logit_normal", "sigmoid", "heavy_tail")),
+                ("--noising_bias", self.noising_bias, ("logit_normal", "sigmoid")),
+            )
+            if value != 0 and self.timestep_distribution not in users
+        ]
+        if unused:
+            logger.warning(
+                "%s has no effect with --timestep_distribution %s", " and ".join(unused), self.timestep_distribution
+            )
+
+    @property
+    def noising_range(self) -> tuple[float, float]:
+        """``(min_noising_strength, max_noising_strength)`` with their defaults 0 and 1."""
+        low = 0.0 if self.min_noising_strength is None else self.min_noising_strength
+        high = 1.0 if self.max_noising_strength is None else self.max_noising_strength
+        return low, high
 
 
 class NoisedBatch(NamedTuple):
@@ -144,7 +202,18 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generat
 
 
 def timestep_bounds(settings: NoiseSettings, num_train_timesteps: int) -> tuple[int, int]:
-    """The half-open range ``[low, high)`` timesteps are drawn from; ``low == high`` means always ``high``."""
+    """The half-open range ``[low, high)`` timesteps are drawn from; ``low == high`` means always ``high``.
+
+    Noising strengths give ``[int(T * min), int(T * max))`` as in OneTrainer."""
+    if settings.min_noising_strength is not None or settings.max_noising_strength is not None:
+        fraction_low, fraction_high = settings.noising_range
+        low, high = int(num_train_timesteps * fraction_low), int(num_train_timesteps * fraction_high)
+        if low >= high:
+            raise UserError(
+                f"--min_noising_strength {fraction_low} and --max_noising_strength {fraction_high} leave no timestep "
+                f"of the scheduler's {num_train_timesteps}: widen the range"
+            )
+        return low, high
     low = 0 if settings.min_timestep is None else settings.min_timestep
     high = num_train_timesteps if settings.max_timestep is None else settings.max_timestep
     if high > num_train_timesteps:
@@ -164,6 +233,52 @@ def sample_timesteps(low: int, high: int, batch_size: int, generator: torch.Gene
     if low < high:
         return torch.randint(low, high, (batch_size,), generator=generator, device=generator.device).long().cpu()
     return torch.full((batch_size,), high, dtype=torch.long)
+
+
+def timestep_weights(distribution: str, count: int, weight: float, bias: float) -> torch.Tensor:
+    """OneTrainer's unnormalised probabilities of the ``count`` timesteps of a range, at ``x = linspace(0, 1)``:
+    sigmoid ``1 / (1 + exp(-weight * (x - bias - 0.5)))``, cos_map ``2 / (pi - 2 pi x + 2 pi x^2)``."""
+    x = torch.linspace(0, 1, count)
+    if distribution == "sigmoid":
+        return 1 / (1 + torch.exp(-weight * (x - (bias + 0.5))))
+    if distribution == "cos_map":
+        return 2.0 / (math.pi - 2.0 * math.pi * x + 2.0 * math.pi * x**2.0)
+    raise ValueError(f"{distribution} is not a discrete timestep distribution")
+
+
+def draw_timesteps(
+    settings: NoiseSettings, low: int, high: int, batch_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Timesteps in ``[low, high)`` from ``settings.timestep_distribution`` (OneTrainer's formulas), on the CPU.
+
+    uniform is :func:`sample_timesteps` (today's draw). logit_normal: ``sigmoid(N(bias, weight + 1))``; heavy_tail:
+    ``1 - u - weight * (cos^2(pi u / 2) - 1 + u)`` for uniform ``u``; each maps ``[0, 1)`` onto the range,
+    truncated (and kept below ``high`` where a draw rounds to 1). sigmoid and cos_map draw indices with
+    :func:`timestep_weights`.
+    """
+    distribution = settings.timestep_distribution
+    if distribution == "uniform" or low >= high:
+        return sample_timesteps(low, high, batch_size, generator)
+    count, device = high - low, generator.device
+    if distribution in ("sigmoid", "cos_map"):
+        weights = timestep_weights(distribution, count, settings.noising_weight, settings.noising_bias)
+        if not bool(weights.sum() > 0):
+            raise UserError(
+                f"--timestep_distribution {distribution} with --noising_weight {settings.noising_weight} and "
+                f"--noising_bias {settings.noising_bias} gives every timestep weight 0: bring the bias nearer 0"
+            )
+        picked = torch.multinomial(weights.to(device), batch_size, replacement=True, generator=generator)
+        return (picked.cpu() + low).long()
+    if distribution == "logit_normal":
+        normal = torch.normal(
+            settings.noising_bias, settings.noising_weight + 1.0, (batch_size,), generator=generator, device=device
+        )
+        fraction = normal.sigmoid()
+    else:
+        u = torch.rand(batch_size, generator=generator, device=device)
+        fraction = 1.0 - u - settings.noising_weight * (torch.cos(math.pi / 2.0 * u) ** 2.0 - 1.0 + u)
+    timesteps = (fraction.cpu() * count + low).long()
+    return timesteps.clamp(low, high - 1)
 
 
 def training_target(
@@ -213,7 +328,7 @@ def noise_and_timesteps(
         noise = pyramid_noise(noise, settings.multires_noise_iterations, settings.multires_noise_discount, generator)
 
     low, high = timestep_bounds(settings, scheduler.config.num_train_timesteps)
-    timesteps = sample_timesteps(low, high, latents.shape[0], generator).to(latents.device)
+    timesteps = draw_timesteps(settings, low, high, latents.shape[0], generator).to(latents.device)
 
     noise_in = noise
     if settings.ip_noise_gamma:

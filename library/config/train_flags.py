@@ -77,6 +77,37 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="timesteps are drawn below this (1-1000, default 1000)",
     )
+    parser.add_argument(
+        "--timestep_distribution",
+        type=str,
+        default="uniform",
+        choices=["uniform", "logit_normal", "sigmoid", "heavy_tail", "cos_map"],
+        help="how training timesteps are drawn (OneTrainer's distributions; uniform is sd-scripts' draw)",
+    )
+    parser.add_argument(
+        "--min_noising_strength",
+        type=PROBABILITY.argtype(),
+        default=None,
+        help="lowest timestep as a fraction of the schedule (0-1; instead of --min_timestep)",
+    )
+    parser.add_argument(
+        "--max_noising_strength",
+        type=PROBABILITY.argtype(),
+        default=None,
+        help="timesteps are drawn below this fraction of the schedule (0-1; instead of --max_timestep)",
+    )
+    parser.add_argument(
+        "--noising_weight",
+        type=ANY_NUMBER.argtype(),
+        default=0.0,
+        help="shape of the distribution: logit_normal std - 1, sigmoid slope, heavy_tail scale (-1 to 1.75)",
+    )
+    parser.add_argument(
+        "--noising_bias",
+        type=ANY_NUMBER.argtype(),
+        default=0.0,
+        help="shift of the distribution: logit_normal mean, sigmoid centre - 0.5",
+    )
 
 
 def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +141,42 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
         help="add a v-prediction-like loss times this value",
     )
     parser.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation loss weighting")
+    for name, what in (
+        ("mse", "squared error"),
+        ("mae", "absolute error"),
+        ("log_cosh", "log-cosh"),
+        ("huber", "Huber"),
+    ):
+        parser.add_argument(
+            f"--{name}_strength",
+            type=NON_NEGATIVE.argtype(),
+            default=None,
+            help=f"weight of the {what} loss in a mix (OneTrainer); any *_strength replaces --loss_type",
+        )
+    parser.add_argument(
+        "--p2_loss_weight_gamma",
+        type=NON_NEGATIVE.argtype(),
+        default=None,
+        help="P2 loss weighting (k + snr)^-gamma (1 is typical); multiplies with min-SNR if both are given",
+    )
+    parser.add_argument("--p2_loss_weight_k", type=POSITIVE.argtype(), default=1.0, help="P2 weighting's k")
+    parser.add_argument(
+        "--unmasked_probability",
+        type=PROBABILITY.argtype(),
+        default=0.0,
+        help="fraction of samples trained as if unmasked (masked training only)",
+    )
+    parser.add_argument(
+        "--unmasked_weight",
+        type=PROBABILITY.argtype(),
+        default=0.0,
+        help="loss weight outside the mask: mask becomes w + (1 - w) * mask (masked training only)",
+    )
+    parser.add_argument(
+        "--normalize_masked_area_loss",
+        action="store_true",
+        help="divide each sample's masked loss by its mask's mean (masked training only)",
+    )
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:

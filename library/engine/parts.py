@@ -18,7 +18,8 @@ from library.models.family import TextEncoding
 
 @dataclass(frozen=True)
 class LossInputs:
-    """What a loss function sees for one batch (``latents`` are scaled, ``alpha_masks`` may be None)."""
+    """What a loss function sees for one batch (``latents`` are scaled, ``alpha_masks`` may be None; ``generator``
+    is the step's, for draws the loss makes, e.g. ``--unmasked_probability``)."""
 
     model_pred: torch.Tensor
     target: torch.Tensor
@@ -28,6 +29,7 @@ class LossInputs:
     timesteps: torch.Tensor
     alpha_masks: torch.Tensor | None
     step: int
+    generator: torch.Generator | None = None
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def batch_loss(
             timesteps=timesteps,
             alpha_masks=None if masks is None else masks.to(device),
             step=step,
+            generator=generator,
         )
     )
     weights = batch.get("loss_weights")

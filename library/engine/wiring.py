@@ -31,7 +31,13 @@ def _noise(latents: torch.Tensor, generator: torch.Generator, *, scheduler, sett
 
 def _loss(inputs: LossInputs, *, scheduler, settings: LossSettings) -> torch.Tensor:
     return per_sample_loss(
-        inputs.model_pred, inputs.target, inputs.timesteps, scheduler, settings, mask=inputs.alpha_masks
+        inputs.model_pred,
+        inputs.target,
+        inputs.timesteps,
+        scheduler,
+        settings,
+        mask=inputs.alpha_masks,
+        generator=inputs.generator,
     )
 
 
