@@ -263,7 +263,7 @@ def test_zero_samples_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sdtrain"):
         scan_dataset(dataset)
     assert [r.getMessage() for r in caplog.records] == [
-        "few: 1 images x 0.5 repeats gives 0 samples per epoch; this subset will not be trained on"
+        "few: 1 images x 0.5 repeats = 0 samples/epoch; this subset will not be trained on"
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -339,3 +340,32 @@ def test_resolution_off_the_8_grid_trains_as_sd_scripts(tmp_path):
     assert train.load_batch(train.batch_plan(1)[0])["images"].shape == (1, 3, 40, 52)
     cached = attach_latent_cache(train, make_tiny_model(seed=0).vae, to_disk=False, progress=False)
     assert cached.load_batch(cached.batch_plan(1)[0])["latents"].shape == (1, 4, 5, 6)
+
+
+def test_fingerprint_ignores_settings_left_at_their_defaults():
+    """A state saved before a setting existed resumes after it is added: fields at their default are not part of
+    the fingerprint, fields set are."""
+    from library.dataset.loader import _set_fields
+
+    def version(with_new_setting: bool):
+        @dataclasses.dataclass(frozen=True)
+        class Subset:
+            image_dir: str
+            num_repeats: float = 1.0
+
+        if not with_new_setting:
+            return Subset
+
+        @dataclasses.dataclass(frozen=True)
+        class Subset(Subset):  # noqa: F811 - the same class one version later
+            rotate_aug_max_angle: float = 0.0
+
+        return Subset
+
+    old, new = version(False), version(True)
+    assert (
+        _set_fields([old("a", 2.0)])
+        == _set_fields([new("a", 2.0)])
+        == (("Subset", (("image_dir", "a"), ("num_repeats", 2.0))),)
+    )
+    assert _set_fields(new("a", 2.0, rotate_aug_max_angle=5.0)) != _set_fields(new("a", 2.0))

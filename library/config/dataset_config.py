@@ -20,6 +20,7 @@ from typing import Any
 import toml
 
 from library.config.dataset_schema import (
+    AUGMENT_RANGES,
     DATASET_FLAGS,
     DATASET_KEYS,
     RESOLUTION_RANGE,
@@ -31,7 +32,7 @@ from library.config.settings import settings_from_flags
 from library.config.values import DATASET_RANGES
 from library.dataset.buckets import BucketSettings, check_step, validate_settings
 from library.dataset.scan import read_text_file
-from library.dataset.types import DatasetConfig, SubsetConfig
+from library.dataset.types import PIXEL_AUGMENT_KEYS, DatasetConfig, SubsetConfig
 from library.errors import UserError
 
 logger = logging.getLogger("sdtrain.dataset")
@@ -115,6 +116,16 @@ class DatasetFlags:
     vae_batch_size: int | None = None
     skip_cache_check: bool = False
     debug_dataset: bool = False
+    rotate_aug_max_angle: float = 0.0
+    rotate_aug_fixed_angle: float = 0.0
+    brightness_aug: float = 0.0
+    brightness_aug_fixed: float = 0.0
+    contrast_aug: float = 0.0
+    contrast_aug_fixed: float = 0.0
+    saturation_aug: float = 0.0
+    saturation_aug_fixed: float = 0.0
+    hue_aug: float = 0.0
+    hue_aug_fixed: float = 0.0
 
 
 def dataset_flags(args: argparse.Namespace, **overrides: Any) -> DatasetFlags:
@@ -146,7 +157,7 @@ def flag_values(flags: DatasetFlags) -> dict[str, Any]:
         values["face_crop_aug_range"] = (lo, hi)
     if values["caption_separator"] == "":
         raise UserError("--caption_separator: must not be empty (tags are split at it); leave it out to use ','")
-    for key, rule in DATASET_RANGES.items():
+    for key, rule in {**DATASET_RANGES, **AUGMENT_RANGES}.items():
         if key in values and values[key] is not None:
             flag = DATASET_FLAGS.get(key, key)
             try:
@@ -168,15 +179,26 @@ def _normalise_extension(ext: str) -> str:
     return ext if not ext or ext.startswith(".") else "." + ext
 
 
-def _make_subset(name: str, own: dict[str, Any], levels: Sequence[dict[str, Any]], flags: dict) -> SubsetConfig:
+def _make_subset(
+    name: str, own: dict[str, Any], levels: Sequence[dict[str, Any]], flags: dict, where: str | None = None
+) -> SubsetConfig:
     """Build one SubsetConfig: ascending keys from ``own`` then ``levels`` then flags; subset-only keys from ``own``.
 
     ``--conditioning_data_dir`` is the fallback for DreamBooth-style subsets that do not set their own folder.
+    ``where`` (default ``name``) starts error lines.
     """
     defaults = _defaults(SubsetConfig)
     values: dict[str, Any] = {}
     for key in SUBSET_ASCENDING_KEYS:
-        values[key] = _first_set(key, [own, *levels, flags], defaults[key])
+        values[key] = _first_set(key, [own, *levels, flags], defaults.get(key))
+    where = where or name
+    _resolve_balancing(values, _first_set("num_repeats", [own, *levels], None), own, where)
+    for random_key, fixed_key in zip(PIXEL_AUGMENT_KEYS[::2], PIXEL_AUGMENT_KEYS[1::2]):
+        if values[random_key] and values[fixed_key]:
+            raise UserError(
+                f"{where}: {random_key} ({values[random_key]:g}, random) and {fixed_key} ({values[fixed_key]:g}, "
+                "always) are both set; keep one of them (set the other to 0)"
+            )
     values["caption_extension"] = _normalise_extension(values["caption_extension"])
     values["custom_attributes"] = dict(values["custom_attributes"] or {})
     values["alpha_mask"] = bool(_first_set("alpha_mask", [own, flags], False))
@@ -189,6 +211,37 @@ def _make_subset(name: str, own: dict[str, Any], levels: Sequence[dict[str, Any]
         conditioning = flags.get("conditioning_data_dir")
     values["conditioning_data_dir"] = Path(conditioning) if conditioning is not None else None
     return SubsetConfig(name=name, **values)
+
+
+def _resolve_balancing(values: dict[str, Any], repeats: float | None, own: dict[str, Any], where: str) -> None:
+    """OneTrainer's ``balancing``/``balancing_strategy`` -> ``num_repeats`` ("repeats", an alias that must agree with
+    a num_repeats given in the file) or ``samples_per_epoch`` ("samples": a whole number of samples per epoch)."""
+    balancing, strategy = values.pop("balancing"), values.pop("balancing_strategy") or "repeats"
+    if strategy == "samples":
+        if balancing is None:
+            raise UserError(f'{where}: balancing_strategy = "samples" needs balancing = N (samples per epoch)')
+        if not float(balancing).is_integer():
+            raise UserError(
+                f'{where}: balancing must be a whole number of samples with balancing_strategy = "samples", '
+                f"got {balancing:g}"
+            )
+        if own.get("num_repeats") is not None:
+            raise UserError(
+                f'{where}: num_repeats has no effect with balancing_strategy = "samples" (balancing = '
+                f"{balancing:g} samples per epoch); remove one of them"
+            )
+        values["samples_per_epoch"], values["num_repeats"] = int(balancing), 1
+    elif balancing is not None:
+        if repeats is not None and float(repeats) != float(balancing):
+            raise UserError(
+                f"{where}: balancing {balancing:g} and num_repeats {repeats:g} disagree (with balancing_strategy "
+                '"repeats", balancing is num_repeats); keep one of them'
+            )
+        try:
+            values["num_repeats"] = DATASET_RANGES["num_repeats"].check(balancing)
+        except ValueError:
+            rule = DATASET_RANGES["num_repeats"].describe()
+            raise UserError(f"{where}: balancing (repeats) must be {rule}, got {balancing:g}") from None
 
 
 def _key_namer(own: dict[str, Any], general: dict[str, Any], flags: dict[str, Any]) -> Callable[[str], str]:
@@ -339,7 +392,7 @@ def configs_from_user_config(
         subsets = []
         for s_index, subset_values in enumerate(dataset["subsets"]):
             s_name = f"{d_name}.subsets[{s_index}]"
-            subset = _make_subset(s_name, subset_values, [own, general], flags)
+            subset = _make_subset(s_name, subset_values, [own, general], flags, f"{source}: {s_name}")
             _check_paths(subset, f"{source}: {s_name}")
             subsets.append(subset)
         datasets.append(_make_dataset(d_name, f"{source}: {d_name}", dataset["style"], own, general, flags, subsets))

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import voluptuous as vol
 
-from library.config.values import DATASET_RANGES, Range
+from library.config.values import DATASET_RANGES, NON_NEGATIVE, Range
 from library.dataset.buckets import MAX_SIDE
 from library.errors import UserError
 
@@ -23,6 +23,22 @@ RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", 
 RESOLUTION_RANGE = Range(int, 1, MAX_SIDE)
 MULTIPLIER_RANGE = Range(float, -1e3, 1e3)
 ECHO_LIMIT = 80  # longest echo of a user's value in an error line
+# OneTrainer's rotation and colour jitter strengths (keys and flags share these); *_fixed ones may be negative.
+_FACTOR, _FACTOR_FIXED = Range(float, 0.0, 10.0), Range(float, -1.0, 10.0)
+AUGMENT_RANGES: dict[str, Range] = {
+    "rotate_aug_max_angle": Range(float, 0.0, 180.0),
+    "rotate_aug_fixed_angle": Range(float, -180.0, 180.0),
+    "brightness_aug": _FACTOR,
+    "brightness_aug_fixed": _FACTOR_FIXED,
+    "contrast_aug": _FACTOR,
+    "contrast_aug_fixed": _FACTOR_FIXED,
+    "saturation_aug": _FACTOR,
+    "saturation_aug_fixed": _FACTOR_FIXED,
+    "hue_aug": Range(float, 0.0, 1.0),
+    "hue_aug_fixed": Range(float, -1.0, 1.0),
+}
+BALANCING_RANGE = Range(float, 0.0, 1e9, low_open=True)
+BALANCING_STRATEGIES = ("repeats", "samples")  # OneTrainer's REPEATS / SAMPLES
 
 
 def _is_int(value: Any) -> bool:
@@ -94,6 +110,12 @@ def _crop_range(value: Any) -> tuple[float, float]:
     raise vol.Invalid("must be two positive numbers [min, max] with min <= max")
 
 
+def _strategy(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in BALANCING_STRATEGIES:
+        raise vol.Invalid('must be "repeats" or "samples"')
+    return value.lower()
+
+
 def _interpolation(value: Any) -> str:
     if not isinstance(value, str) or value not in RESIZE_INTERPOLATIONS:
         raise vol.Invalid("must be one of " + ", ".join(RESIZE_INTERPOLATIONS))
@@ -139,6 +161,10 @@ SUBSET_ASCENDING_KEYS: dict[str, Callable[[Any], Any]] = {
     "caption_extension": _string,
     "class_tokens": _string,
     "cache_info": _boolean,
+    **{key: _ranged(key, rule) for key, rule in AUGMENT_RANGES.items()},
+    "loss_weight": _ranged("loss_weight", NON_NEGATIVE),
+    "balancing": _ranged("balancing", BALANCING_RANGE),
+    "balancing_strategy": _strategy,
 }
 
 # Only in [[datasets.subsets]].

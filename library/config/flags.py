@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from library.config.dataset_schema import AUGMENT_RANGES
 from library.config.values import DATASET_RANGES, NON_NEGATIVE_INT, POSITIVE_INT, SEED
+
+_AUGMENT_HELP = {
+    "rotate_aug_max_angle": "rotate each sample by a random angle in [-A, A] degrees (masks follow); default for "
+    "every subset's rotate_aug_max_angle",
+    "rotate_aug_fixed_angle": "rotate every sample by A degrees, counter-clockwise (masks follow)",
+    "brightness_aug": "random brightness factor in [1-S, 1+S] per sample",
+    "brightness_aug_fixed": "brightness factor 1+S for every sample",
+    "contrast_aug": "random contrast factor in [1-S, 1+S] per sample",
+    "contrast_aug_fixed": "contrast factor 1+S for every sample",
+    "saturation_aug": "random saturation factor in [1-S, 1+S] per sample",
+    "saturation_aug_fixed": "saturation factor 1+S for every sample",
+    "hue_aug": "random hue shift in [-S/2, S/2] of the colour wheel per sample",
+    "hue_aug_fixed": "hue shift S/2 of the colour wheel for every sample",
+}
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,3 +141,5 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation_seed", type=DATASET_RANGES["validation_seed"].argtype(), default=None)
     parser.add_argument("--validation_split", type=DATASET_RANGES["validation_split"].argtype(), default=0.0)
     parser.add_argument("--seed", type=SEED.argtype(), default=None, help="random seed, 0 to 4294967295")
+    for key, rule in AUGMENT_RANGES.items():
+        parser.add_argument(f"--{key}", type=rule.argtype(), default=0.0, help=_AUGMENT_HELP[key] + " (0 = off)")

@@ -1,12 +1,14 @@
 """Decode one training image (and its mask), resize and crop it to its bucket, augment it, make tensors.
 
-The geometry (resize, crop box, flip) is decided once as a plain value and applied identically to the image and
-its masks, so a mask always lines up with its image pixel for pixel. Randomness comes from a ``random.Random``
-the caller seeds, so results do not depend on worker processes or call order.
+The geometry (resize, crop box, flip, rotation) is decided once as a plain value and applied identically to the
+image and its masks (same resampling: bilinear for rotation), so a mask always lines up with its image pixel for
+pixel. Randomness comes from a ``random.Random`` the caller seeds, so results do not depend on worker processes or
+call order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from library.dataset.buckets import cover_size, crop_ltrb
+from library.dataset.types import SubsetConfig
 from library.errors import UserError
 from library.losses import mask_from_conditioning_image
 
@@ -30,6 +33,7 @@ INTERPOLATIONS = {
 }
 
 HUE_SHIFT_LIMIT = 8  # sd-scripts' hue shift, in OpenCV hue units (0..180)
+GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale, which OneTrainer's jitter uses
 
 
 class ImageLoadError(Exception):
@@ -44,12 +48,67 @@ class ImageLoadError(Exception):
 @dataclass(frozen=True)
 class Geometry:
     """How an image of ``original`` size becomes a training crop: scale to ``resized``, crop ``box`` (l, t, r, b
-    in resized pixels), then mirror left-right if ``flip``."""
+    in resized pixels), mirror left-right if ``flip``, then rotate ``angle`` degrees counter-clockwise about the
+    crop's centre (same size; corners filled with black, so masks are 0 there)."""
 
     original: tuple[int, int]
     resized: tuple[int, int]
     box: tuple[int, int, int, int]
     flip: bool = False
+    angle: float = 0.0
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """OneTrainer's per-sample rotation and colour jitter, 0 = off. A random strength x draws per sample (angle in
+    [-x, x]; brightness/contrast/saturation factor in [1-x, 1+x], at least 0; hue shift in [-x/2, x/2] of the
+    colour wheel); a ``*_fixed`` strength applies that amount every time (angle x, factor 1+x, hue shift x/2)."""
+
+    rotate_max_angle: float = 0.0
+    rotate_fixed_angle: float = 0.0
+    brightness: float = 0.0
+    brightness_fixed: float = 0.0
+    contrast: float = 0.0
+    contrast_fixed: float = 0.0
+    saturation: float = 0.0
+    saturation_fixed: float = 0.0
+    hue: float = 0.0
+    hue_fixed: float = 0.0
+
+    @classmethod
+    def of(cls, subset: SubsetConfig) -> Jitter:
+        """The jitter a subset's ``rotate_aug_*``/``*_aug``/``*_aug_fixed`` keys ask for."""
+        return cls(
+            subset.rotate_aug_max_angle,
+            subset.rotate_aug_fixed_angle,
+            subset.brightness_aug,
+            subset.brightness_aug_fixed,
+            subset.contrast_aug,
+            subset.contrast_aug_fixed,
+            subset.saturation_aug,
+            subset.saturation_aug_fixed,
+            subset.hue_aug,
+            subset.hue_aug_fixed,
+        )
+
+    def angle(self, rng: random.Random) -> float:
+        """This sample's rotation in degrees (one draw from ``rng`` when random rotation is on)."""
+        if self.rotate_max_angle > 0:
+            return rng.uniform(-self.rotate_max_angle, self.rotate_max_angle)
+        return self.rotate_fixed_angle
+
+    def colour_factors(self, rng: random.Random) -> tuple[float, float, float, float]:
+        """(brightness, contrast, saturation, hue shift) for this sample, drawn in that order from ``rng``."""
+        factors = [
+            max(0.0, rng.uniform(1 - strength, 1 + strength)) if strength > 0 else 1.0 + fixed
+            for strength, fixed in (
+                (self.brightness, self.brightness_fixed),
+                (self.contrast, self.contrast_fixed),
+                (self.saturation, self.saturation_fixed),
+            )
+        ]
+        hue = min(0.5, max(-0.5, rng.uniform(-self.hue / 2, self.hue / 2))) if self.hue > 0 else self.hue_fixed / 2
+        return factors[0], factors[1], factors[2], hue
 
 
 @dataclass(frozen=True)
@@ -178,13 +237,16 @@ def plan_face_crop(
 
 
 def apply_geometry(image: Image.Image, geometry: Geometry, interpolation: str | None) -> Image.Image:
-    """Resize, crop and flip one single-band or RGB image (alpha is split off by the caller, so colour under
-    transparent pixels is kept, unlike Pillow's premultiplied RGBA resize)."""
+    """Resize, crop, flip and rotate one single-band or RGB image (alpha is split off by the caller, so colour
+    under transparent pixels is kept, unlike Pillow's premultiplied RGBA resize). Rotation is bilinear for images
+    and masks alike (as OneTrainer), so a mask's edge blends exactly as its image's does."""
     if image.size != geometry.resized:
         image = image.resize(geometry.resized, pick_resample(interpolation, image.size, geometry.resized))
     image = image.crop(geometry.box)
     if geometry.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if geometry.angle:
+        image = image.rotate(geometry.angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
     return image
 
 
@@ -200,6 +262,46 @@ def color_augment(pixels: np.ndarray, rng: random.Random) -> np.ndarray:
         return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
     gamma = rng.uniform(0.95, 1.05)
     return np.clip(pixels.astype(np.float64) ** gamma, 0, 255).astype(np.uint8)
+
+
+def jitter_colours(pixels: np.ndarray, factors: tuple[float, float, float, float]) -> np.ndarray:
+    """OneTrainer's colour jitter on uint8 RGB, in its order and with torchvision's formulas: brightness scales,
+    contrast blends with the mean grey level, saturation with each pixel's grey, hue rotates the colour wheel."""
+    brightness, contrast, saturation, hue = factors
+    if (brightness, contrast, saturation, hue) == (1.0, 1.0, 1.0, 0.0):
+        return pixels
+    x = pixels.astype(np.float64) / 255.0
+    if brightness != 1.0:
+        x = np.clip(x * brightness, 0.0, 1.0)
+    if contrast != 1.0:
+        x = np.clip(contrast * x + (1.0 - contrast) * _grey(x).mean(), 0.0, 1.0)
+    if saturation != 1.0:
+        x = np.clip(saturation * x + (1.0 - saturation) * _grey(x)[..., None], 0.0, 1.0)
+    if hue != 0.0:
+        x = _shift_hue(x, hue)
+    return np.round(x * 255.0).astype(np.uint8)
+
+
+def _grey(x: np.ndarray) -> np.ndarray:
+    return x[..., 0] * GREY_WEIGHTS[0] + x[..., 1] * GREY_WEIGHTS[1] + x[..., 2] * GREY_WEIGHTS[2]
+
+
+def _shift_hue(x: np.ndarray, shift: float) -> np.ndarray:
+    """RGB in [0, 1] -> HSV, hue + ``shift`` (a fraction of the wheel, wrapping) -> RGB."""
+    high, low = x.max(axis=-1), x.min(axis=-1)
+    delta = high - low
+    safe = np.where(delta > 0, delta, 1.0)
+    r, g, b = ((high - x[..., k]) / safe for k in range(3))
+    h = np.where(high == x[..., 0], b - g, np.where(high == x[..., 1], 2.0 + r - b, 4.0 + g - r))
+    h = np.where(delta > 0, (h / 6.0) % 1.0, 0.0)
+    s = np.where(high > 0, delta / np.where(high > 0, high, 1.0), 0.0)
+    h = ((h + shift) % 1.0) * 6.0
+    sector = np.floor(h).astype(int) % 6
+    f = h - np.floor(h)
+    v = high
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = np.stack([v, t, p, q, v, p, p, v, t, p, q, v, t, p, v, v, p, q], axis=-1).reshape(*v.shape, 6, 3)
+    return np.take_along_axis(table, sector[..., None, None], axis=-2)[..., 0, :]
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -227,6 +329,7 @@ def prepare_image(
     interpolation: str | None = None,
     face_crop: bool = False,
     conditioning_path: Path | None = None,
+    jitter: Jitter | None = None,
 ) -> PreparedImage:
     """Load ``path`` and return its training crop at ``bucket`` with augmentations applied.
 
@@ -235,6 +338,8 @@ def prepare_image(
     ``face_crop`` enables sd-scripts' face crop (only used without bucketing, and only for names carrying a face
     position). Masks: the alpha channel (``alpha_mask``), ``mask_path`` and ``conditioning_path`` (sd-scripts'
     ``--masked_loss`` mask: the red channel of the conditioning image); several present -> their product.
+    ``jitter``: OneTrainer's rotation (image and masks alike) and colour jitter, drawn from ``rng`` after the crop
+    and ``color_aug`` draws (so runs without it draw exactly as before).
     """
     image = open_image(path, keep_alpha=alpha_mask)
     original = image.size
@@ -245,6 +350,8 @@ def prepare_image(
         geometry = plan_face_crop(original, bucket, face, face_crop_aug_range, rng, random_crop, flip)
     else:
         geometry = plan_geometry(original, bucket, resized, rng, random_crop, flip)
+    if jitter is not None:
+        geometry = dataclasses.replace(geometry, angle=jitter.angle(rng))
 
     masks: list[Image.Image | torch.Tensor] = []
     if alpha_mask:
@@ -258,6 +365,8 @@ def prepare_image(
     pixels = np.asarray(apply_geometry(image, geometry, interpolation))
     if color_aug:
         pixels = color_augment(pixels, rng)
+    if jitter is not None:
+        pixels = jitter_colours(pixels, jitter.colour_factors(rng))
     mask = None
     for m in masks:
         t = m if isinstance(m, torch.Tensor) else mask_to_tensor(apply_geometry(m, geometry, interpolation))

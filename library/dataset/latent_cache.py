@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from library.dataset.images import ImageLoadError, PreparedImage, prepare_image
-from library.dataset.types import DatasetConfig
+from library.dataset.types import PIXEL_AUGMENT_KEYS, DatasetConfig, SubsetConfig
 from library.errors import UserError
 from library.io import atomic_path
 
@@ -103,10 +103,23 @@ def npz_path_for(image_path: Path, original_size: tuple[int, int], suffix: str =
     return image_path.with_name(f"{image_path.stem}_{original_size[0]:04d}x{original_size[1]:04d}{suffix}")
 
 
+def frozen_by_cache(subset: SubsetConfig) -> str | None:
+    """The first rotation/colour-jitter key ``subset`` turns on (they change pixels the cache would encode once,
+    without them), or None."""
+    return next((key for key in PIXEL_AUGMENT_KEYS if getattr(subset, key)), None)
+
+
 def refuse_incompatible(datasets: Sequence[DatasetConfig], flag: str = "--cache_latents") -> None:
     """Caching freezes one draw of any random augmentation; refuse the settings that would be silently lost."""
     for dataset in datasets:
         for subset in dataset.subsets:
+            frozen = frozen_by_cache(subset)
+            if frozen:
+                raise UserError(
+                    f"{subset.name}: {frozen} cannot be combined with {flag} (rotation and colour jitter change the "
+                    f"pixels for every sample, and cached latents would keep none of it); set {frozen} = 0 or turn "
+                    "off latent caching"
+                )
             for key in ("color_aug", "random_crop"):
                 if getattr(subset, key):
                     raise UserError(

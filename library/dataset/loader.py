@@ -36,12 +36,13 @@ from library.dataset.buckets import (
 from library.dataset.buckets import validate_settings as validate_bucket_settings
 from library.dataset.captions import pick_caption, process_caption
 from library.dataset.epoch import epoch_samples
-from library.dataset.images import ImageLoadError, check_interpolation, prepare_image
+from library.dataset.images import ImageLoadError, Jitter, check_interpolation, prepare_image
 from library.dataset.latent_cache import (
     NPZ_SUFFIX,
     CacheJob,
     LatentEntry,
     cache_latents_shared,
+    frozen_by_cache,
     load_entry,
     prepared_problem,
     refuse_incompatible,
@@ -163,7 +164,7 @@ class TrainDataset:
     def fingerprint(self) -> str:
         """Identifies what the plans are made from (configs, records, seed), for checking a resumed run."""
         records = [[(str(r.path), r.size, r.captions, r.subset_index) for r in recs] for recs in self.records]
-        text = repr((self.seed, self.datasets, records))
+        text = repr((self.seed, _set_fields(self.datasets), records))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def batch_plan(self, epoch: int) -> list[BatchPlan]:
@@ -246,6 +247,7 @@ class TrainDataset:
                         interpolation=dataset.resize_interpolation,
                         face_crop=not dataset.enable_bucket,
                         conditioning_path=record.conditioning_path,
+                        jitter=Jitter.of(subset) if frozen_by_cache(subset) else None,
                     )
                 except ImageLoadError as e:
                     if e.path not in self._warned:
@@ -263,7 +265,7 @@ class TrainDataset:
                     caption, subset, caption_rng, plan.epoch, plan.global_step, max_train_steps=self.max_train_steps
                 )
             )
-            weights.append(self.prior_loss_weight if subset.is_reg else 1.0)
+            weights.append((self.prior_loss_weight if subset.is_reg else 1.0) * subset.loss_weight)
             multipliers.append(dataset.network_multiplier)
             paths.append(str(record.path))
             flipped.append(flip)
@@ -298,6 +300,24 @@ def _stack_masks(masks: list[torch.Tensor | None], bucket: tuple[int, int]) -> t
         return None
     ones = torch.ones(1, bucket[1], bucket[0])
     return torch.stack([ones if m is None else m for m in masks])
+
+
+def _set_fields(value: Any) -> Any:
+    """``value`` with every dataclass field left at its default omitted, so a setting added in a later version
+    (with a default that changes nothing) does not make the states saved before it refuse to resume."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kept = []
+        for f in dataclasses.fields(value):
+            current = getattr(value, f.name)
+            if f.default is not dataclasses.MISSING and current == f.default:
+                continue
+            if f.default_factory is not dataclasses.MISSING and current == f.default_factory():
+                continue
+            kept.append((f.name, _set_fields(current)))
+        return (type(value).__name__, tuple(kept))
+    if isinstance(value, (list, tuple)):
+        return tuple(_set_fields(v) for v in value)
+    return value
 
 
 def cache_job(train: TrainDataset, d: int, i: int, suffix: str = NPZ_SUFFIX) -> CacheJob:
@@ -379,7 +399,8 @@ def attach_prepared_latents(train: TrainDataset, vae: torch.nn.Module | None) ->
     A file that does not fit the run or is stale (``latent_cache.prepared_problem``: image changed, other VAE, no
     flipped latents for flip_aug, ...) is set aside with a warning and its image is encoded instead, never the stale
     latents used; when its image is gone too, the image is skipped. Subsets with color_aug or random_crop train from
-    their images (as sd-scripts). Logs how many latents came from prepared files."""
+    their images (as sd-scripts), and so do those with rotation or colour jitter (``latent_cache.frozen_by_cache``).
+    Logs how many latents came from prepared files."""
     candidates = [(d, i) for d, recs in enumerate(train.records) for i, r in enumerate(recs) if r.latents_npz]
     if not candidates:
         return train
@@ -391,6 +412,9 @@ def attach_prepared_latents(train: TrainDataset, vae: torch.nn.Module | None) ->
         subset = dataset.subsets[record.subset_index]
         if subset.color_aug or subset.random_crop:
             return "color_aug and random_crop need the image itself"
+        frozen = frozen_by_cache(subset)
+        if frozen:
+            return f"{frozen} (rotation/colour jitter) needs the image itself"
         return prepared_problem(record.latents_npz, cache_job(train, d, i), vae_id)  # type: ignore[arg-type]
 
     with ThreadPoolExecutor(_CHECK_THREADS) as pool:

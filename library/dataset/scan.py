@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from library.config.dataset_schema import clip
+from library.dataset.epoch import describe_balancing, samples_per_epoch
 from library.dataset.types import DatasetConfig, ImageRecord, SubsetConfig
 from library.errors import UserError
 
@@ -470,11 +471,9 @@ def scan_dataset(dataset: DatasetConfig) -> ScanResult:
         total.records.extend(part.records)
         total.skipped.extend(part.skipped)
         total.caption_sources.update(part.caption_sources)
-        samples = int(len(part.records) * subset.num_repeats)
-        if samples == 0:
+        if samples_per_epoch(subset, len(part.records)) == 0:
             logger.warning(
-                f"{subset.name}: {len(part.records)} images x {subset.num_repeats} repeats gives 0 samples per epoch; "
-                "this subset will not be trained on"
+                f"{subset.name}: {describe_balancing(subset, len(part.records))}; this subset will not be trained on"
             )
     return total
 

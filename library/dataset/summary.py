@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from library.dataset.epoch import describe_balancing, samples_per_epoch
 from library.dataset.types import DatasetConfig, ImageRecord
 from library.metadata import DatasetMetadata, SubsetMetadata, bucket_info, count_tags
 
@@ -73,7 +74,10 @@ def _summary_lines(train: TrainDataset, plan: Sequence[BatchPlan]) -> list[str]:
         for s, subset in enumerate(dataset.subsets):
             count = sum(1 for r in recs if r.subset_index == s)
             kind = "reg" if subset.is_reg else "train"
-            lines.append(f"  {subset.name}: {count} images x {subset.num_repeats:g} repeats ({kind})")
+            if subset.samples_per_epoch is not None:
+                lines.append(f"  {subset.name}: {describe_balancing(subset, count)} ({kind})")
+            else:
+                lines.append(f"  {subset.name}: {count} images x {subset.num_repeats:g} repeats ({kind})")
         images: dict[tuple[int, int], int] = {}
         for a in train.assignments[d]:
             images[a.bucket] = images.get(a.bucket, 0) + 1
@@ -160,8 +164,9 @@ def _dataset_metadata(train: TrainDataset, d: int, plan: Sequence[BatchPlan]) ->
                 caption_suffix=subset.caption_suffix,
             )
         )
-    reg = sum(s.img_count * s.num_repeats for s in subsets if s.is_reg)
-    train_images = sum(s.img_count * s.num_repeats for s in subsets if not s.is_reg)
+    per_epoch = [samples_per_epoch(subset, s.img_count) for subset, s in zip(config.subsets, subsets)]
+    reg = sum(n for s, n in zip(subsets, per_epoch) if s.is_reg)
+    train_images = sum(n for s, n in zip(subsets, per_epoch) if not s.is_reg)
     return DatasetMetadata(
         is_dreambooth=config.style == "dreambooth",
         batch_size=config.batch_size,

@@ -12,6 +12,21 @@ from typing import Any, Literal
 DatasetStyle = Literal["dreambooth", "finetune"]
 
 
+# SubsetConfig's rotation and colour-jitter keys: each changes the pixels of every sample when non-zero.
+PIXEL_AUGMENT_KEYS = (
+    "rotate_aug_max_angle",
+    "rotate_aug_fixed_angle",
+    "brightness_aug",
+    "brightness_aug_fixed",
+    "contrast_aug",
+    "contrast_aug_fixed",
+    "saturation_aug",
+    "saturation_aug_fixed",
+    "hue_aug",
+    "hue_aug_fixed",
+)
+
+
 @dataclass(frozen=True)
 class SubsetConfig:
     """One folder (DreamBooth style) or metadata file (fine-tuning style) with every setting resolved."""
@@ -45,6 +60,19 @@ class SubsetConfig:
     conditioning_data_dir: Path | None = None  # loss-mask images matched by file stem (used with --masked_loss)
     cache_info: bool = False
     custom_attributes: dict[str, Any] = field(default_factory=dict)
+    # OneTrainer's image augmentations (0 = off): a random draw in [-x, x] per sample, or a fixed amount every time
+    rotate_aug_max_angle: float = 0.0  # degrees, counter-clockwise
+    rotate_aug_fixed_angle: float = 0.0
+    brightness_aug: float = 0.0  # factor 1 +- x
+    brightness_aug_fixed: float = 0.0  # factor 1 + x
+    contrast_aug: float = 0.0
+    contrast_aug_fixed: float = 0.0
+    saturation_aug: float = 0.0
+    saturation_aug_fixed: float = 0.0
+    hue_aug: float = 0.0  # hue shift +- x/2 of the colour wheel
+    hue_aug_fixed: float = 0.0  # hue shift x/2
+    loss_weight: float = 1.0  # multiplies each sample's loss (reg subsets: prior_loss_weight x loss_weight)
+    samples_per_epoch: int | None = None  # balancing_strategy "samples": exactly this many samples per epoch
 
 
 @dataclass(frozen=True)
