@@ -1,5 +1,8 @@
 """``--config_file``: every flag from a TOML file (sections flattened, as sd-scripts does); the command line wins.
 
+Beneath the config file lie the ``--preset`` overlays (``library.config.presets``); a config file may name its
+presets with ``preset = "name"`` (or a list), used when the command line gives no ``--preset``.
+
 Unlike sd-scripts, keys are checked: an unknown key is an error with a did-you-mean suggestion (keys the kohya_ss
 GUI writes are skipped with a warning instead), and values are converted and checked like command-line values
 (types, ranges, choices). ``--output_config`` writes the effective flags to the ``--config_file`` path instead of
@@ -23,7 +26,16 @@ from library.io import atomic_write_text
 
 logger = logging.getLogger("sdtrain")
 
-NOT_WRITTEN = ("config_file", "output_config", "wandb_api_key", "huggingface_token")
+NOT_WRITTEN = (
+    "config_file",
+    "output_config",
+    "wandb_api_key",
+    "huggingface_token",
+    "preset",
+    "preset_dir",
+    "list_presets",
+)
+NOT_IN_FILE = ("config_file", "output_config", "list_presets")
 
 # Keys the kohya_ss GUI (bmaltais/kohya_ss, kohya_gui/{lora,dreambooth,finetune,textual_inversion}_gui.py: the
 # ``config_toml_data`` dict each writes for ``--config_file``, over every version of those files up to 45088f04)
@@ -59,9 +71,24 @@ KOHYA_SS_KEYS = frozenset(
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config_file``/``--output_config`` and the preset flags (``library.config.presets``)."""
     parser.add_argument("--config_file", type=str, default=None, help="read flags from this .toml file")
     parser.add_argument(
         "--output_config", action="store_true", help="write the effective flags to --config_file and exit"
+    )
+    parser.add_argument(
+        "--preset",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="apply a named preset (or a preset .toml path) beneath --config_file and the command line; "
+        "repeat to layer presets (a later one wins); see --list_presets",
+    )
+    parser.add_argument(
+        "--preset_dir", type=str, default=None, help="a folder of your own presets (searched before the others)"
+    )
+    parser.add_argument(
+        "--list_presets", action="store_true", help="list the available presets with their descriptions and exit"
     )
 
 
@@ -83,7 +110,9 @@ def flatten_sections(data: dict[str, Any], path: Path) -> dict[str, Any]:
         section = f"[{name}]" if isinstance(value, dict) else "the top level"
         for key, item in items:
             if key in flat:
-                raise UserError(f"{_shown(path)}: key '{key}' is set both in {where[key]} and in {section}; keep one")
+                raise UserError(
+                    f"{shown_path(path)}: key '{key}' is set both in {where[key]} and in {section}; keep one"
+                )
             flat[key], where[key] = item, section
     return flat
 
@@ -113,7 +142,7 @@ def _convert_one(value: Any, action: argparse.Action, where: str) -> Any:
 
 def convert_value(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
     """Convert a TOML value the way argparse converts the same flag on the command line, then check choices."""
-    where = f"{_shown(path)}: {key}"
+    where = f"{shown_path(path)}: {key}"
     if action.nargs == 0:
         if isinstance(value, int) and value in (0, 1):  # kohya_ss writes some switches as 1 (a bool is an int too)
             return bool(value)
@@ -139,15 +168,15 @@ def convert_value(key: str, value: Any, action: argparse.Action, path: Path) -> 
     return converted
 
 
-def _load_toml(path: Path) -> dict[str, Any]:
-    """The parsed file; every way reading or parsing can fail is one UserError naming the file."""
-    shown = _shown(path)
+def load_toml(path: Path, flag: str = "--config_file") -> dict[str, Any]:
+    """The parsed file; every way reading or parsing can fail is one UserError naming the file (and ``flag``)."""
+    shown = shown_path(path)
     try:
         if not path.is_file():
-            raise UserError(f"--config_file {shown}: file not found")
+            raise UserError(f"{flag} {shown}: file not found")
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise UserError(f"--config_file {shown}: cannot read it ({e.strerror or e})") from None
+        raise UserError(f"{flag} {shown}: cannot read it ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise UserError(f"{shown}: not a UTF-8 text file; save it as UTF-8 TOML") from None
     try:
@@ -164,20 +193,25 @@ def read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, A
     An empty string means unset (older kohya_ss GUIs write "" for every empty field). Keys the kohya_ss GUI writes
     that this script has no flag for are skipped with one warning line; any other unknown key is an error.
     """
-    data = _load_toml(path)
+    data = load_toml(path)
     actions = _actions(parser)
     values: dict[str, Any] = {}
     ignored: list[str] = []
     for key, value in flatten_sections(data, path).items():
-        if key in NOT_WRITTEN[:2]:
-            raise UserError(f"{_shown(path)}: '{key}' cannot be set inside a config file; pass it on the command line")
+        if key in NOT_IN_FILE:
+            raise UserError(
+                f"{shown_path(path)}: '{key}' cannot be set inside a config file; pass it on the command line"
+            )
         action = actions.get(key)
+        if key == "preset":
+            values[key] = _preset_names(value, path)
+            continue
         if action is None and key == "datasets":
-            raise UserError(f"{_shown(path)}: [[datasets]] is dataset config; pass this file with --dataset_config")
+            raise UserError(f"{shown_path(path)}: [[datasets]] is dataset config; pass this file with --dataset_config")
         if action is None and key not in KOHYA_SS_KEYS:
             close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"{_shown(path)}: unknown key '{key}'{hint}; remove it or check the flag name")
+            raise UserError(f"{shown_path(path)}: unknown key '{key}'{hint}; remove it or check the flag name")
         if isinstance(value, str) and value == "":
             continue
         if action is None:
@@ -186,12 +220,13 @@ def read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, A
         values[key] = convert_value(key, value, action, path)
     if ignored:
         logger.warning(
-            f"{_shown(path)}: ignoring kohya_ss GUI setting(s) that {parser.prog} has no flag for: {', '.join(ignored)}"
+            f"{shown_path(path)}: ignoring kohya_ss GUI setting(s) that {parser.prog} has no flag for: "
+            f"{', '.join(ignored)}"
         )
     return values
 
 
-def _shown(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """A path for a one-line message: very long ones keep their end."""
     text = str(path)
     return text if len(text) <= 160 else "..." + text[-150:]
@@ -211,18 +246,37 @@ def _one_line(error: Exception) -> str:
 def parse_args_with_config(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
 ) -> argparse.Namespace | None:
-    """Parse ``argv`` on top of the ``--config_file`` values; None when ``--output_config`` wrote the file."""
+    """Parse ``argv`` on top of the ``--config_file`` values, on top of the ``--preset`` values; None when
+    ``--output_config`` wrote the file or ``--list_presets`` printed the presets."""
+    from library.config.presets import list_presets_text, load_presets
+
     first = parser.parse_args(argv)
-    if not getattr(first, "config_file", None):
-        if getattr(first, "output_config", False):
-            raise UserError("--output_config needs --config_file: the path to write the flags to")
-        return _started(parser, first)
-    path = config_path(first.config_file)
-    if first.output_config:
-        write_config_file(first, path)
+    if getattr(first, "list_presets", False):
+        print(list_presets_text(first.preset_dir))
         return None
-    values = read_config_file(path, parser)
-    return _started(parser, parser.parse_args(argv, namespace=argparse.Namespace(**values)))
+    path = config_path(first.config_file) if getattr(first, "config_file", None) else None
+    if path is None and getattr(first, "output_config", False):
+        raise UserError("--output_config needs --config_file: the path to write the flags to")
+    file_values = {} if path is None or first.output_config else read_config_file(path, parser)
+    names = getattr(first, "preset", None) or file_values.pop("preset", None) or []
+    file_values.pop("preset", None)
+    preset_dir = getattr(first, "preset_dir", None) or file_values.get("preset_dir")
+    values = {**load_presets(names, preset_dir, parser), **file_values} if names else file_values
+    if path is not None and first.output_config:
+        write_config_file(parser.parse_args(argv, namespace=argparse.Namespace(**values)), path)
+        return None
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**values))
+    if names:
+        args.preset = list(names)
+    return _started(parser, args)
+
+
+def _preset_names(value: Any, path: Path) -> list[str]:
+    """A config file's ``preset`` key: one name or a list of names (used when --preset is not given)."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise UserError(f'{shown_path(path)}: preset must be a preset name or a list of names, e.g. preset = "x"')
+    return names
 
 
 def _started(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
