@@ -112,6 +112,29 @@ def train_state_record(
     }
 
 
+LATEST = "latest"
+
+
+def latest_state(output_dir: Path, output_name: str | None) -> Path | None:
+    """``--resume latest``: the complete state folder (``*-state`` holding ``train_state.json``) of this run's
+    ``--output_name`` in ``output_dir`` with the most steps (the newest of equals), or None when there is none yet."""
+    if not output_dir.is_dir():
+        return None
+    found: list[tuple[int, float, Path]] = []
+    for folder in output_dir.iterdir():
+        if not folder.name.endswith("-state") or not (folder / STATE_FILE).is_file():
+            continue
+        if output_name and not folder.name.startswith(f"{output_name}-"):
+            continue
+        try:
+            step = int(json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))["current_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.warning("--resume latest: %s is damaged; not considered", folder)
+            continue
+        found.append((step, (folder / STATE_FILE).stat().st_mtime, folder))
+    return max(found)[2] if found else None
+
+
 def read_train_state(state_dir: str | Path) -> dict[str, Any]:
     """Read ``train_state.json`` of a state folder, with one-line errors for missing or damaged states."""
     state_dir = Path(state_dir)

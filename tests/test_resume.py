@@ -145,3 +145,40 @@ def test_seed_rule_is_flag_then_saved_state_then_fresh():
     assert resolve_seed(None, "7") == 7
     fresh = {resolve_seed(None) for _ in range(4)}
     assert all(0 <= s < 2**31 for s in fresh) and len(fresh) > 1
+
+
+def test_resume_latest_picks_this_runs_newest_complete_state(straight, model_dir, data_dir, tmp_path, caplog):
+    """--resume latest in the output folder: the state with the most steps of this --output_name; a state without
+    train_state.json (unfinished) and another run's states are passed over. The result equals a straight run."""
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(straight / "lora-step00000002-state", out / "lora-step00000002-state")
+    shutil.copytree(straight / "lora-step00000004-state", out / "other-step00000004-state")  # another run's
+    (out / "lora-step00000005-state").mkdir()  # an unfinished save: no train_state.json
+    with caplog.at_level("INFO", logger="sdtrain"):
+        train_network.main(args(model_dir, data_dir, out, "--resume", "latest"))
+    assert f"--resume latest: {out / 'lora-step00000002-state'}" in caplog.messages
+    assert_same_tensors(lora_tensors(out / "lora.safetensors"), lora_tensors(straight / "lora.safetensors"))
+
+
+def test_latest_state_rules(tmp_path):
+    from library.state import STATE_FILE, latest_state
+
+    def state(name: str, step: int, mtime: float) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / STATE_FILE).write_text(json.dumps({"current_step": step}))
+        os.utime(folder / STATE_FILE, (mtime, mtime))
+        return folder
+
+    assert latest_state(tmp_path / "missing", "lora") is None
+    assert latest_state(tmp_path, "lora") is None
+    state("lora-000002-state", 20, 100.0)
+    newest = state("lora-step00000020-state", 20, 200.0)  # as many steps, written later
+    state("lora-step00000010-state", 10, 300.0)
+    other = state("other-state", 99, 50.0)
+    (tmp_path / "lora-damaged-state").mkdir()
+    (tmp_path / "lora-damaged-state" / STATE_FILE).write_text("{")
+    assert latest_state(tmp_path, "lora") == newest
+    assert latest_state(tmp_path, None) == other

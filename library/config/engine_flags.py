@@ -161,7 +161,13 @@ def add_saving_arguments(
     parser.add_argument(
         "--save_state_on_train_end", action="store_true", help="write a resumable training state at the end"
     )
-    parser.add_argument("--resume", type=str, default=None, help="state folder to resume training from")
+    parser.add_argument(
+        "--resume",
+        type=str,
+        default=None,
+        help="state folder to resume training from; 'latest': this run's newest state in --output_dir (none yet: "
+        "start from the beginning)",
+    )
     parser.add_argument(
         "--initial_step", type=NON_NEGATIVE_INT.argtype(), default=None, help="start counting steps from this step"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ from library.config.runtime_flags import DistributedSettings, check_deepspeed
 from library.config.settings import settings_from_flags
 from library.errors import UserError
 from library.saving import SavePlan, check_output_location
+from library.state import LATEST, latest_state
+
+logger = logging.getLogger("sdtrain")
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,13 @@ class EngineConfig:
             "tracker_config": _loggable(vars(args)) if args.log_config else {},
             "distributed": settings_from_flags(DistributedSettings, args),
         }
+        if args.resume == LATEST:
+            computed["resume"] = latest_state(Path(args.output_dir), args.output_name)
+            where = computed["resume"] or f"no state of this run in {args.output_dir} yet: starting from the beginning"
+            logger.info(f"--resume latest: {where}")
         if args.deepspeed:
             computed["max_data_loader_n_workers"] = 1  # sd-scripts' rule: more workers die under DeepSpeed
-        config = settings_from_flags(EngineConfig, args, **paths, **computed)
+        config = settings_from_flags(EngineConfig, args, **{**paths, **computed})
         config.validate()
         check_output_location(config.output_dir, config.output_name)
         return config

@@ -149,8 +149,9 @@ def prepare_run(
 
     from library.engine.wiring import parts_from_args
 
-    seed = choose_seed(args.seed, args.resume)
-    config = dataclasses.replace(EngineConfig.from_args(args), seed=seed)
+    config = EngineConfig.from_args(args)
+    seed = choose_seed(args.seed, config.resume)
+    config = dataclasses.replace(config, seed=seed)
     runtime = settings_from_flags(RuntimeSettings, args)
     check_fp8(runtime)
     device = launch_device()
