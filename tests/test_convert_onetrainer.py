@@ -182,14 +182,10 @@ def test_lora_preset_values(tmp_path: Path) -> None:
         "a painting of sks dog --w 512 --h 512 --l 7.5 --s 30 --ss euler_a",
         "a sketch of sks dog --w 512 --h 512 --d 42 --l 7.5 --s 30 --ss euler_a",
     ]
-    assert result["unmapped"][:3] == [
-        "text_encoder.stop_training_after = 30 EPOCH: not supported by train_network.py",
-        "backup_after = 10 MINUTE: backups every N minutes are not supported yet; --save_state saves one with "
-        "each model",
-        "sample_after = 10 MINUTE: a sample cadence in minutes is not supported yet (only epochs or steps: "
-        "--sample_every_n_epochs/steps)",
-    ]
-    assert result["unmapped"][3:] == COMMON_REPORT
+    assert result["unmapped"][:1] == ["text_encoder.stop_training_after = 30 EPOCH: not supported by train_network.py"]
+    assert result["unmapped"][1:] == COMMON_REPORT
+    assert result["config"]["saving"]["backup_every_n_minutes"] == 10
+    assert result["config"]["sampling"]["sample_every_n_minutes"] == 10
 
 
 def test_embedding_and_masked_presets(tmp_path: Path) -> None:
@@ -202,7 +198,7 @@ def test_embedding_and_masked_presets(tmp_path: Path) -> None:
     assert embedding["config"]["optimizer"]["lr_warmup_steps"] == 20
     assert "cache_latents_to_disk" not in embedding["config"]["training"]
     assert embedding["dataset"]["datasets"][0]["subsets"][0]["random_crop"] is True
-    assert "sample_after = 1 MINUTE" in embedding["unmapped"][1]
+    assert embedding["config"]["sampling"]["sample_every_n_minutes"] == 1
 
     masked = convert(tmp_path / "m", DATA / "#sd 1.5 masked.json")
     assert masked["config"]["loss"] == {
@@ -326,6 +322,7 @@ def test_sdxl_fine_tune(tmp_path: Path) -> None:
         "save_model_as": "diffusers",
         "save_precision": "float",
         "save_every_n_epochs": 2,
+        "backup_every_n_minutes": 30,
     }
     assert config["sampling"]["sample_every_n_epochs"] == 5
     assert config["training"]["cache_latents_to_disk"] is True
@@ -336,8 +333,6 @@ def test_sdxl_fine_tune(tmp_path: Path) -> None:
     assert result["dataset"]["datasets"][1]["subsets"][0]["num_repeats"] == 0.0072
     assert result["prompts"] == ["a photo of sks dog --w 1024 --h 1024 --d 7 --l 7.5 --s 30 --ss euler_a"]
     assert result["unmapped"] == [
-        "backup_after = 30 MINUTE: backups every N minutes are not supported yet; --save_state saves one with "
-        "each model",
         "concepts[0] (subject).image.enable_crop_jitter = true: not applied: random crops cannot be combined "
         "with latent caching",
         "ema = GPU: not supported yet (issue 12: EMA)",
@@ -440,8 +435,6 @@ def test_sdxl_lora_options_and_precision(tmp_path: Path) -> None:
     assert result["unmapped"] == [
         "text_encoder.stop_training_after = 30 EPOCH: not supported by sdxl_train_network.py",
         "text_encoder_2.stop_training_after = 30 EPOCH: not supported by sdxl_train_network.py",
-        "backup_after = 30 MINUTE: backups every N minutes are not supported yet; --save_state saves one with "
-        "each model",
         "concepts[0] (subject).image.enable_crop_jitter = true: not applied: random crops cannot be combined "
         "with latent caching",
         "some_future_option = 3: no equivalent here",

@@ -182,3 +182,31 @@ def test_latest_state_rules(tmp_path):
     (tmp_path / "lora-damaged-state" / STATE_FILE).write_text("{")
     assert latest_state(tmp_path, "lora") == newest
     assert latest_state(tmp_path, None) == other
+
+
+def test_backups_on_the_clock_keep_the_newest_and_resume_exactly(straight, model_dir, data_dir, tmp_path):
+    """--backup_every_n_minutes (tiny here: a backup after every step) writes complete states that do not change the
+    training; --backup_keep_last 2 leaves exactly the two newest; resuming from one equals the straight run.
+    --sample_every_n_minutes samples after every step too."""
+    out = tmp_path / "backups"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a frog --s 2 --w 64 --h 64\n")
+    clock = ["--backup_every_n_minutes", "1e-9", "--backup_keep_last", "2"]
+    clock += ["--sample_every_n_minutes", "1e-9", "--sample_prompts", str(prompts)]
+    train_network.main(args(model_dir, data_dir, out, *clock))
+    backups = sorted(p.name for p in out.iterdir() if "-backup-" in p.name)
+    assert backups == ["lora-backup-step00000005-state", "lora-backup-step00000006-state"]
+    assert read_state(out / backups[0])["position"] == {"global_step": 5, "epoch": 1, "batches_done": 1}
+    assert len(list((out / "sample").glob("*.png"))) == 6
+    assert_same_tensors(lora_tensors(out / "lora.safetensors"), lora_tensors(straight / "lora.safetensors"))
+    resumed = tmp_path / "resumed"
+    train_network.main(args(model_dir, data_dir, resumed, "--resume", str(out / backups[0])))
+    assert_same_tensors(lora_tensors(resumed / "lora.safetensors"), lora_tensors(straight / "lora.safetensors"))
+
+
+def test_backup_keep_last_needs_backups(model_dir, data_dir, tmp_path, capsys):
+    argv = args(model_dir, data_dir, tmp_path / "out", "--backup_keep_last", "2")
+    assert run_cli(train_network.main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --backup_keep_last needs --backup_every_n_minutes (it keeps only the newest backups)"
+    )

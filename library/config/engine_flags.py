@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from library.config.values import ANY_NUMBER, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, Range
+from library.config.values import ANY_NUMBER, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Range
 
 logger = logging.getLogger("sdtrain")
 
@@ -157,6 +157,18 @@ def add_saving_arguments(
     )
     parser.add_argument(
         "--save_state", action="store_true", help="write a resumable training state with every saved model"
+    )
+    parser.add_argument(
+        "--backup_every_n_minutes",
+        type=POSITIVE.argtype(),
+        default=None,
+        help="also write a training state (<name>-backup-step<N>-state) every N minutes of training",
+    )
+    parser.add_argument(
+        "--backup_keep_last",
+        type=POSITIVE_INT.argtype(),
+        default=None,
+        help="keep only the N newest backups (default: keep all)",
     )
     parser.add_argument(
         "--save_state_on_train_end", action="store_true", help="write a resumable training state at the end"

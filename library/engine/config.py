@@ -34,6 +34,8 @@ class EngineConfig:
     save_last_n_steps_state: int | None = None
     save_state: bool = False
     save_state_on_train_end: bool = False
+    backup_every_n_minutes: float | None = None
+    backup_keep_last: int | None = None
     resume: Path | None = None
     initial_step: int | None = None
     initial_epoch: int | None = None
@@ -58,6 +60,7 @@ class EngineConfig:
     wandb_run_name: str | None = None
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None
+    sample_every_n_minutes: float | None = None
     sample_at_first: bool = False
     max_data_loader_n_workers: int | None = None
     persistent_data_loader_workers: bool = False
@@ -115,6 +118,8 @@ class EngineConfig:
                 "--train_batch_size instead) or drop --deepspeed"
             )
         check_deepspeed(self.distributed)
+        if self.backup_keep_last is not None and self.backup_every_n_minutes is None:
+            raise UserError("--backup_keep_last needs --backup_every_n_minutes (it keeps only the newest backups)")
         if self.save_last_n_steps is not None and not self.save_every_n_steps:
             raise UserError("--save_last_n_steps needs --save_every_n_steps (it keeps only recent step saves)")
         if self.full_fp16 and self.mixed_precision != "fp16":

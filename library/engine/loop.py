@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
+from library.engine.backups import Every, backup_state, backups_to_remove
 from library.engine.config import EngineConfig
 from library.engine.data import BatchSource, EpochLoader, dataset_fingerprint, loader_workers
 from library.engine.interrupts import StopSignals, TrainingInterrupted, remove_run_temporaries, stop_message
@@ -121,6 +122,8 @@ class _Run:
         self.summary = summary
         self.plan: RunPlan | None = plan
         self.saves = config.save_plan
+        self.backup_clock = Every(config.backup_every_n_minutes)
+        self.sample_clock = Every(config.sample_every_n_minutes)
         self.hook_handles: list[Any] = []
         self.signals = StopSignals()
 
@@ -435,6 +438,16 @@ class _Run:
         if self.config.sample_every_n_epochs is None and self.config.sample_every_n_steps:
             if step % self.config.sample_every_n_steps == 0:
                 self._sample(step, None)
+        if self.config.backup_every_n_minutes and self._any_process(self.backup_clock.due()):
+            backup = backup_state(self.config.output_dir, self.config.output_name, step)
+            self._save_state(backup, Position(step, epoch, batches_done), None)
+            for old in backups_to_remove(self.config.output_dir, self.config.output_name, self.config.backup_keep_last):
+                if self.acc.is_main_process and remove_output(old):
+                    logger.info(f"removed old backup {old}")
+            self.backup_clock.reset()
+        if self.config.sample_every_n_minutes and self._any_process(self.sample_clock.due()):
+            self._sample(step, None)
+            self.sample_clock.reset()
 
     def _end_epoch(self, epoch: int, progress: _Progress) -> None:
         epoch_no, step, saves = epoch + 1, progress.global_step, self.saves

@@ -19,7 +19,6 @@ NOT_YET = "not supported yet"
 UNSUPPORTED: dict[str, str] = {
     "ema": f"{NOT_YET} (issue 12: EMA)",
     "validation": f"{NOT_YET}: validation loss is not implemented",
-    "continue_last_backup": "use --resume <state folder> (step-exact) on the command line",
     "multi_gpu": "use `accelerate launch` with several processes (docs/multi_gpu.md)",
     "debug_mode": "no debug image dumps; --debug_dataset shows the batches",
     "only_cache": "cache with tools/cache_latents.py instead",
@@ -235,6 +234,7 @@ PRECISION = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "no"}
 SAVE_PRECISION = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "float"}
 TIMESTEP_DISTRIBUTIONS = {"SIGMOID", "LOGIT_NORMAL", "HEAVY_TAIL", "COS_MAP"}
 CADENCE = {"EPOCH": "epochs", "STEP": "steps"}
+MINUTES = {"SECOND": 1 / 60, "MINUTE": 1.0, "HOUR": 60.0}
 
 
 @dataclass

@@ -13,6 +13,7 @@ from library.onetrainer.mapping import (
     ADAFACTOR_BOOLS,
     CADENCE,
     CONDITIONED,
+    MINUTES,
     NOT_YET,
     OPTIMIZER_ARGS,
     OPTIMIZERS,
@@ -414,7 +415,8 @@ def _loss_and_noise(m: Mapper) -> None:
 
 
 def _cadence_flag(m: Mapper, value_key: str, unit_key: str, what: str) -> str | None:
-    """``--<what>_every_n_epochs/steps`` for an EPOCH/STEP cadence; time units are listed, NEVER writes nothing."""
+    """``--<what>_every_n_epochs/steps`` for an EPOCH/STEP cadence (samples: ``--sample_every_n_minutes`` for a time
+    unit; model saves on the clock are listed), NEVER writes nothing."""
     value, unit = m.get(value_key), m.get(unit_key)
     if unit == "NEVER" or not value:
         return None
@@ -422,6 +424,9 @@ def _cadence_flag(m: Mapper, value_key: str, unit_key: str, what: str) -> str | 
         flag = f"{what}_every_n_{CADENCE[unit]}"
         m.set("saving" if what == "save" else "sampling", flag, int(value))
         return flag
+    if what == "sample" and unit in MINUTES:
+        m.set("sampling", "sample_every_n_minutes", number(float(value) * MINUTES[unit]))
+        return "sample_every_n_minutes"
     m.unmapped(
         value_key,
         f"a {what} cadence in {unit.lower()}s is {NOT_YET} (only epochs or steps: --{what}_every_n_epochs/steps)",
@@ -446,14 +451,17 @@ def _cadence(m: Mapper) -> None:
             m.set("saving", "save_state", True)
             if m.get("rolling_backup"):
                 m.set("saving", f"save_last_n_{CADENCE[backup_unit]}_state", int(m.get("rolling_backup_count")))
+    elif backup_unit in MINUTES and backup:
+        m.set("saving", "backup_every_n_minutes", number(float(backup) * MINUTES[backup_unit]))
+        if m.get("rolling_backup"):
+            m.set("saving", "backup_keep_last", int(m.get("rolling_backup_count")))
     elif backup_unit != "NEVER" and backup:
-        m.unmapped(
-            "backup_after",
-            f"backups every N {backup_unit.lower()}s are {NOT_YET}; --save_state saves one with each model",
-            f"{backup} {backup_unit}",
-        )
+        unit = backup_unit.lower()
+        m.unmapped("backup_after", f"a backup cadence in {unit}s is not supported", f"{backup} {backup_unit}")
     m.get("rolling_backup")
     m.get("rolling_backup_count")
+    if m.get("continue_last_backup"):
+        m.set("saving", "resume", "latest")
     if m.config.samples:
         _cadence_flag(m, "sample_after", "sample_after_unit", "sample")
     if m.get("tensorboard"):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from library.config.values import POSITIVE_INT
+from library.config.values import POSITIVE, POSITIVE_INT
 from library.sampling.generate import SampleSettings
 from library.sampling.samplers import SAMPLER_NAMES
 
@@ -18,6 +18,12 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     """When and how sample images are made during training."""
     parser.add_argument(
         "--sample_every_n_steps", type=POSITIVE_INT.argtype(), default=None, help="generate sample images every N steps"
+    )
+    parser.add_argument(
+        "--sample_every_n_minutes",
+        type=POSITIVE.argtype(),
+        default=None,
+        help="also generate sample images every N minutes of training",
     )
     parser.add_argument("--sample_at_first", action="store_true", help="generate sample images before training")
     parser.add_argument(
