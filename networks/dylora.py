@@ -29,7 +29,7 @@ from networks.lora import (
     text_encoder_module_path,
 )
 from networks.lora_blocks import parse_number
-from networks.network_base import HookedLayer, NetworkBase, loraplus_groups
+from networks.network_base import HookedLayer, NetworkBase
 
 logger = logging.getLogger(__name__)
 
@@ -229,14 +229,8 @@ class DyLoRANetwork(NetworkBase):
     def load_weights(self, file: str | os.PathLike):
         """Load a (Dy)LoRA file into this network, non-strict as sd-scripts; returns the missing/unexpected keys."""
         sd = normalize_state_dict(load_lora_state_dict(file))
-        own = self.state_dict()
-        if own and not any(k in own for k in sd):
-            raise UserError(f"{file}: no key of this file matches the network; is it a LoRA for this model type?")
-        try:
-            return self.load_state_dict(sd, strict=False)
-        except RuntimeError as e:
-            msg = str(e).splitlines()[-1].strip()
-            raise UserError(f"{file}: weights do not fit the network ({msg}); check --network_dim/conv_dim") from e
+        self.check_any_key_matches(file, sd, "a LoRA")
+        return self.load_matching(file, sd, "--network_dim/conv_dim")
 
     def merge_to(self, text_encoder, unet, weights_sd: dict[str, torch.Tensor], dtype=None, device="cpu") -> None:
         """Add the file's full-rank LoRA weights (times the multiplier) into the base models' weights."""
@@ -248,25 +242,9 @@ class DyLoRANetwork(NetworkBase):
                 lora.merge_to(sd, dtype, device)
         logger.info(f"merged {len(self.loras)} DyLoRA modules")
 
-    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
-        """Parameter groups as sd-scripts: text encoder and UNet, each split in two under LoRA+ (``lora_B`` at the
-        ratio); groups with learning rate 0 or None are left out. Returns (groups, names)."""
-        self.requires_grad_(True)
-        groups, names = [], []
-
-        def assemble(loras: list[DyLoRAModule], lr: float | None, ratio: float | None, label: str) -> None:
-            more_groups, more_names = loraplus_groups(loras, lr, ratio, label, lambda _, name: "lora_B" in name)
-            groups.extend(more_groups)
-            names.extend(more_names)
-
-        if self.text_encoder_loras:
-            te_lr = text_encoder_lr if text_encoder_lr is not None else default_lr
-            ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
-            assemble(self.text_encoder_loras, te_lr, ratio, "textencoder")
-        if self.unet_loras:
-            lr = default_lr if unet_lr is None else unet_lr
-            assemble(self.unet_loras, lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio, "unet")
-        return groups, names
+    def is_up(self, lora: torch.nn.Module, name: str) -> bool:
+        """LoRA+'s up half of a DyLoRA module: its ``lora_B`` columns."""
+        return "lora_B" in name
 
 
 def create_network(

@@ -204,11 +204,7 @@ class LoRANetwork(NetworkBase):
                         f"{file}: {lora.lora_name} is {layout_of(tensors)} in the file but {kind_of(lora)} here; "
                         "pass the file's algo (and dora_wd) in --network_args or use --dim_from_weights"
                     )
-        try:
-            return self.load_state_dict(sd, strict=False)
-        except RuntimeError as e:
-            msg = str(e).splitlines()[-1].strip()
-            raise UserError(f"{file}: weights do not fit the network ({msg}); check --network_dim/--conv_dim") from e
+        return self.load_matching(file, sd, "--network_dim/--conv_dim")
 
     def merge_to(self, text_encoder, unet, weights_sd: dict[str, torch.Tensor], dtype=None, device="cpu") -> None:
         """Add the weight changes of ``weights_sd`` (times the multiplier) into the base models' weights."""
@@ -233,37 +229,25 @@ class LoRANetwork(NetworkBase):
     def get_lr_weight(self, block_idx: int) -> float:
         return 1.0 if self.block_lr_weight is None else self.block_lr_weight[block_idx]
 
-    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr=None):
-        """Optimizer param groups and their descriptions, as sd-scripts: LoRA+ puts ``lora_up`` in its own group
-        at ``lr * ratio``; block lr weights give one group per UNet block; groups whose lr is 0 or None are left out.
-        """
-        self.requires_grad_(True)
-        all_params: list[dict] = []
-        descriptions: list[str] = []
+    def is_up(self, lora: torch.nn.Module, name: str) -> bool:
+        """LoRA+'s up half: ``lora_up`` of a LoRA pair, or the adapter's own up factors."""
+        return name in lora.up_names if isinstance(lora, WeightAdapter) else "lora_up" in name
 
-        def assemble(loras: list[torch.nn.Module], lr, ratio, label: str) -> None:
-            groups, names = loraplus_groups(loras, lr, ratio, label, _is_up)
-            all_params.extend(groups)
-            descriptions.extend(names)
-
-        if self.text_encoder_loras:
-            te_lr = text_encoder_lr if text_encoder_lr is not None else default_lr
-            te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
-            assemble(self.text_encoder_loras, te_lr, te_ratio, "textencoder")
-        if self.unet_loras:
-            base_lr = unet_lr if unet_lr is not None else default_lr
-            ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
-            if self.block_lr_weight is not None:
-                by_block: dict[int, list[torch.nn.Module]] = {}
-                for lora in self.unet_loras:
-                    idx = get_block_index(lora.lora_name, self.block_layout or (12, 3))
-                    by_block.setdefault(idx, []).append(lora)
-                for idx, loras in by_block.items():
-                    lr = None if base_lr is None else base_lr * self.get_lr_weight(idx)
-                    assemble(loras, lr, ratio, f"unet_block{idx}")
-            else:
-                assemble(self.unet_loras, base_lr, ratio, "unet")
-        return all_params, descriptions
+    def unet_groups(self, lr: float | None, ratio: float | None) -> tuple[list[dict], list[str]]:
+        """With block lr weights, one UNet group per block at ``lr * weight`` (as sd-scripts); else one group."""
+        if self.block_lr_weight is None:
+            return super().unet_groups(lr, ratio)
+        by_block: dict[int, list[torch.nn.Module]] = {}
+        for lora in self.unet_loras:
+            by_block.setdefault(get_block_index(lora.lora_name, self.block_layout or (12, 3)), []).append(lora)
+        groups: list[dict] = []
+        names: list[str] = []
+        for idx, loras in by_block.items():
+            block_lr = None if lr is None else lr * self.get_lr_weight(idx)
+            more_groups, more_names = loraplus_groups(loras, block_lr, ratio, f"unet_block{idx}", self.is_up)
+            groups += more_groups
+            names += more_names
+        return groups, names
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
@@ -290,8 +274,3 @@ class LoRANetwork(NetworkBase):
         if not norms:
             return 0, 0.0, 0.0
         return keys_scaled, sum(norms) / len(norms), max(norms)
-
-
-def _is_up(lora: torch.nn.Module, name: str) -> bool:
-    """LoRA+'s up half: ``lora_up`` of a LoRA pair, or the adapter's own up factors."""
-    return name in lora.up_names if isinstance(lora, WeightAdapter) else "lora_up" in name

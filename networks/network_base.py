@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from library.errors import UserError
 from library.io import atomic_save, save_safetensors
 from library.metadata import precalculate_safetensors_hashes
 
@@ -87,6 +88,49 @@ class NetworkBase(torch.nn.Module):
         self.loraplus_lr_ratio = ratio
         self.loraplus_unet_lr_ratio = unet_ratio
         self.loraplus_text_encoder_lr_ratio = text_encoder_ratio
+
+    def is_up(self, lora: torch.nn.Module, name: str) -> bool:
+        """Whether parameter ``name`` of ``lora`` is an up half (LoRA+ trains those at the ratio)."""
+        return "lora_up" in name
+
+    def unet_groups(self, lr: float | None, ratio: float | None) -> tuple[list[dict], list[str]]:
+        """The UNet's optimizer groups: one (split under LoRA+); networks with block learning rates override it."""
+        return loraplus_groups(self.unet_loras, lr, ratio, "unet", self.is_up)
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr=None):
+        """Optimizer param groups and their descriptions, as sd-scripts: text encoder, then UNet, each split in two
+        under LoRA+ (up halves at ``lr * ratio``); groups whose learning rate is 0 or None are left out."""
+        self.requires_grad_(True)
+        groups: list[dict] = []
+        names: list[str] = []
+        if self.text_encoder_loras:
+            te_lr = text_encoder_lr if text_encoder_lr is not None else default_lr
+            te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+            te_loras = self.text_encoder_loras
+            more_groups, more_names = loraplus_groups(te_loras, te_lr, te_ratio, "textencoder", self.is_up)
+            groups += more_groups
+            names += more_names
+        if self.unet_loras:
+            unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+            more_groups, more_names = self.unet_groups(unet_lr if unet_lr is not None else default_lr, unet_ratio)
+            groups += more_groups
+            names += more_names
+        return groups, names
+
+    def load_matching(self, file: str | os.PathLike, sd: dict[str, torch.Tensor], hint: str):
+        """``load_state_dict`` of a file's tensors, non-strict as sd-scripts; tensors of the wrong shape are one line
+        naming the file and ``hint`` (the flags that set the shapes). Returns the missing/unexpected keys."""
+        try:
+            return self.load_state_dict(sd, strict=False)
+        except RuntimeError as e:
+            msg = str(e).splitlines()[-1].strip()
+            raise UserError(f"{file}: weights do not fit the network ({msg}); check {hint}") from e
+
+    def check_any_key_matches(self, file: str | os.PathLike, sd: dict[str, torch.Tensor], what: str) -> None:
+        """A file none of whose keys belong to this network is one line (another network type or model type)."""
+        own = self.state_dict()
+        if own and not any(k in own for k in sd):
+            raise UserError(f"{file}: no key of this file matches the network; is it {what} for this model type?")
 
     def enable_gradient_checkpointing(self) -> None:
         """Adapter layers are tiny; checkpointing of the base models is enabled on the models themselves."""

@@ -155,14 +155,8 @@ class OFTNetwork(NetworkBase):
     def load_weights(self, file: str | os.PathLike):
         """Load an OFT file into this network (non-strict, as sd-scripts); returns the missing/unexpected keys."""
         sd = load_lora_state_dict(file)
-        own = self.state_dict()
-        if own and not any(k in own for k in sd):
-            raise UserError(f"{file}: no key of this file matches the network; is it an OFT file for this model type?")
-        try:
-            return self.load_state_dict(sd, strict=False)
-        except RuntimeError as e:
-            msg = str(e).splitlines()[-1].strip()
-            raise UserError(f"{file}: weights do not fit the network ({msg}); check --network_dim (blocks)") from e
+        self.check_any_key_matches(file, sd, "an OFT file")
+        return self.load_matching(file, sd, "--network_dim (blocks)")
 
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
         """Hook the modules into the UNet (the text encoder has none)."""
