@@ -24,6 +24,7 @@ from library.generate.images import ImageRequest, image_file_name, png_info, ren
 from library.generate.networks import NetworkFile, applied, file_label, module_for, parse_options
 from library.models.components import Components
 from library.models.load import load_model
+from library.prep.common import pick_device
 from library.sampling.prompts import MAX_SIZE, line_to_prompt_dict, load_prompts, one_line, resolve_prompt
 from library.text.encode import TextEncodingSettings
 from library.textual_inversion import add_tokens_to_all, expand_text, load_embedding, token_strings
@@ -49,18 +50,6 @@ class GenReport:
         rate = f", {len(self.images) / seconds:.2f} images/s" if self.images and seconds > 0 else ""
         grids = f" and {len(self.grids)} grid(s) ({', '.join(p.name for p in self.grids)})" if self.grids else ""
         return f"gen_img: {len(self.images)} images{grids} written to {outdir} in {seconds:.1f} s{rate}"
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device here; use --device cpu")
-    return device
 
 
 def _load(settings: GenSettings, device: torch.device) -> Components:
@@ -321,7 +310,7 @@ def _run_grid(settings: GenSettings, c: Components, device, dtype, prompts: list
 
 def generate(settings: GenSettings) -> GenReport:
     """Make every image (or grid) ``settings`` asks for; returns what was written."""
-    device = _device(settings.device)
+    device = pick_device(settings.device, only_cpu_or_cuda=False)
     dtype = DTYPES[settings.dtype]
     raws = _raw_prompts(settings)
     components = _load(settings, device)

@@ -55,8 +55,9 @@ def sidecar(image: Path, extension: str) -> Path:
     return image.with_suffix(extension)
 
 
-def pick_device(name: str | None) -> torch.device:
-    """``--device``: ``cuda`` when available and nothing was asked for, else CPU; an unusable choice is one line."""
+def pick_device(name: str | None, only_cpu_or_cuda: bool = True) -> torch.device:
+    """``--device``: ``cuda`` when available and nothing was asked for, else CPU; an unusable choice is one line.
+    The preparation scripts run on cpu or cuda only; ``gen_img.py`` also takes other torch devices (mps, xpu)."""
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -67,7 +68,7 @@ def pick_device(name: str | None) -> torch.device:
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pick one")
-    if device.type not in ("cpu", "cuda"):
+    if only_cpu_or_cuda and device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: the preparation scripts run on cpu or cuda; use one of them")
     return device
 
