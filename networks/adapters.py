@@ -10,6 +10,7 @@ adapted weight, which is exactly what merging writes into the model.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ def weight_decompose(weight: torch.Tensor, dora_scale: torch.Tensor, multiplier:
     return weight * scale
 
 
-class WeightAdapter(HookedLayer):
+class WeightAdapter(HookedLayer, ABC):
     """A trainable change of one Linear/Conv2d weight, hooked into its ``forward``; subclasses give ``diff_weight``.
 
     ``dropout`` drops elements of the adapter's output, ``rank_dropout`` whole output rows of the weight change (as
@@ -98,9 +99,9 @@ class WeightAdapter(HookedLayer):
         self._org = [org_module]  # a plain list keeps the base layer out of this module's state dict
         self._org_forward = None
 
+    @abstractmethod
     def diff_weight(self) -> torch.Tensor:
         """The scaled weight change ``ΔW`` (without the multiplier), in the layer's weight shape."""
-        raise NotImplementedError
 
     def diff_bias(self) -> torch.Tensor | None:
         return None
@@ -157,9 +158,9 @@ class WeightAdapter(HookedLayer):
             self.scale_weights(ratio)
         return ratio != 1, float(norm.item() * ratio)
 
+    @abstractmethod
     def scale_weights(self, ratio: float) -> None:
         """Multiply ``ΔW`` by ``ratio`` through one linear factor."""
-        raise NotImplementedError
 
 
 def _rank_alpha(lora_dim: int, alpha) -> float:
