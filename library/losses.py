@@ -220,12 +220,6 @@ def resize_mask(mask: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     return F.interpolate(mask, size=loss.shape[2:], mode="area")
 
 
-def apply_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Weight a (B, C, H, W) loss by a mask in [0, 1] resized with :func:`resize_mask`. Convert conditioning
-    images in [-1, 1] first with :func:`mask_from_conditioning_image`."""
-    return loss * resize_mask(mask, loss)
-
-
 def adjust_mask(mask: torch.Tensor, settings: LossSettings, generator: torch.Generator | None) -> torch.Tensor:
     """OneTrainer's masked-training options on a (B, 1, H, W) mask: ``unmasked_weight + (1 - unmasked_weight) *
     mask``, then each sample, with probability ``unmasked_probability`` (one uniform draw per sample from

@@ -18,13 +18,13 @@ from library.config.train_flags import add_loss_arguments
 from library.errors import UserError
 from library.losses import (
     LossSettings,
-    apply_mask,
     debiased_weight,
     elementwise_loss,
     huber_threshold,
     mask_from_conditioning_image,
     min_snr_weight,
     per_sample_loss,
+    resize_mask,
     snr_table,
     v_pred_scale,
 )
@@ -105,10 +105,11 @@ def test_mask_is_area_resized_to_loss():
     mask = torch.tensor(
         [[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]]
     ).unsqueeze(0)
-    masked = apply_mask(torch.ones(1, 2, 2, 2), mask)
+    loss = torch.ones(1, 2, 2, 2)
+    masked = loss * resize_mask(mask, loss)
     assert close(masked[0, 0].flatten(), [1.0, 0.25, 0.0, 0.75])
     assert torch.equal(masked[0, 0], masked[0, 1])
-    assert torch.equal(apply_mask(torch.ones(1, 2, 2, 2), mask.unsqueeze(1)), masked)
+    assert torch.equal(loss * resize_mask(mask.unsqueeze(1), loss), masked)
     image = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
     assert mask_from_conditioning_image(image).flatten().tolist() == [0.0] * 4  # red channel -1 -> 0
 
