@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,39 +16,28 @@ from library.engine.backups import Every, backup_state, backups_to_remove
 from library.engine.config import EngineConfig
 from library.engine.data import BatchSource, EpochLoader, dataset_fingerprint, loader_workers
 from library.engine.interrupts import StopSignals, TrainingInterrupted, remove_run_temporaries, stop_message
-from library.engine.parts import SampleRequest, TrainingParts
+from library.engine.outputs import RunOutputs
+from library.engine.parts import TrainingParts
+from library.engine.placement import PRECISION, allow_fp16_unscaling, fuse_backward, grad_zeroer, place_models
 from library.engine.recipe import Recipe
 from library.engine.schedule import RunPlan, make_run_plan, shard
-from library.engine.step import (
-    StepModels,
-    TrainingDiverged,
-    batch_loss,
-    divergence_message,
-    non_finite_weights_message,
-    weights_finite,
-)
+from library.engine.step import TrainingDiverged, batch_loss, divergence_message
 from library.engine.tracking import LossRecorder, make_accelerator, release_accelerator, start_trackers, step_logs
-from library.errors import UserError
 from library.models.components import Components
-from library.optimizers import is_schedule_free, register_fused_backward
+from library.optimizers import is_schedule_free
 from library.saving import remove_output
 from library.seeds import step_generator
 from library.state import (
     Position,
-    capture_rng,
     check_fingerprint,
     load_training_state,
     position_from_step,
     read_train_state,
     restore_rng,
-    save_training_state,
     saved_position,
-    train_state_record,
 )
 
 logger = logging.getLogger("sdtrain")
-
-PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -144,7 +129,7 @@ class _Run:
         self.seed = config.seed
         set_seed(self.seed)
         self.weight_dtype = PRECISION[config.mixed_precision]
-        self._place_models()
+        self.models = place_models(config, self.components, self.recipe, acc.device, self.weight_dtype)
         self.plan = self.plan or make_run_plan(
             len(self.dataset.batch_plan(1)),
             acc.num_processes,
@@ -167,78 +152,35 @@ class _Run:
         self.optimizer = prepared[-1]
         self.zero_grad = grad_zeroer(self.optimizer)
         if config.full_fp16 and acc.scaler is not None:
-            _allow_fp16_unscaling(acc.scaler)
+            allow_fp16_unscaling(acc.scaler)
         self.trained_params = [p for m in modules for p in m.parameters() if p.requires_grad]
-        self.schedule_free = is_schedule_free(optimizer)
+        schedule_free = is_schedule_free(optimizer)
         if config.fused_backward_pass:
-            self._fuse_backward(optimizer)
+            self.hook_handles = fuse_backward(config, acc, optimizer)
         acc.register_for_checkpointing(self.lr_scheduler)
         self.fingerprint = {
             "run": {"seed": self.seed},
             "network": self.recipe.fingerprint(),
             "dataset": dataset_fingerprint(self.dataset, self.plan.batches_per_epoch),
         }
+        self.out = RunOutputs(
+            config,
+            acc,
+            self.components,
+            self.recipe,
+            self.parts,
+            seed=self.seed,
+            fingerprint=self.fingerprint,
+            trained_params=self.trained_params,
+            optimizer=self.optimizer,
+            schedule_free=schedule_free,
+        )
         position = self._start_position(resume_data)
-        if self.schedule_free:
+        if schedule_free:
             self.optimizer.train()
         start_trackers(acc, config, self.tracker_name)
         self._log_summary(position)
         return self._loop(position)
-
-    def _fuse_backward(self, optimizer: torch.optim.Optimizer) -> None:
-        """--fused_backward_pass: each parameter is stepped by a hook as its gradient arrives (the loop then
-        never calls ``optimizer.step()``); refused where gradients are reduced or unscaled after backward."""
-        if self.acc.num_processes > 1:
-            raise UserError(
-                f"--fused_backward_pass works in one process only ({self.acc.num_processes} were launched): "
-                "launch one process or drop --fused_backward_pass"
-            )
-        if self.acc.scaler is not None:
-            raise UserError(
-                "--fused_backward_pass cannot use fp16 loss scaling (--mixed_precision fp16): "
-                "use --mixed_precision bf16 or no, or drop --fused_backward_pass"
-            )
-        self.hook_handles = register_fused_backward(
-            optimizer, self.config.max_grad_norm, self.config.gradient_accumulation_steps
-        )
-
-    def _place_models(self) -> None:
-        """Freeze the base model (every text encoder of its family) in the working precision, except the modules a
-        recipe trains whole, which keep their weights' every bit; the recipe then attaches what is trained.
-
-        With cached latents the VAE is only needed for samples (which move it over while they run), so it is kept
-        off the accelerator."""
-        c, device = self.components, self.acc.device
-        vae_dtype = torch.float32 if self.config.no_half_vae else self.weight_dtype
-        vae_device = torch.device("cpu") if self.config.latents_cached else device
-        placements = [(c.vae, vae_dtype, vae_device), (c.unet, self.weight_dtype, device)]
-        placements += [(encoder, self.weight_dtype, device) for encoder in c.text_encoders]
-        trained_whole = {id(m) for m in self.recipe.full_precision_modules(c)}
-        for module, dtype, place in placements:
-            module.requires_grad_(False)
-            module.to(place)
-            if module.dtype != dtype and id(module) not in trained_whole:
-                module.to(dtype=dtype)
-        c.vae.eval()
-        if vae_device != device and device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.recipe.setup(c, device, self.weight_dtype)
-        if self.config.gradient_checkpointing:
-            c.unet.enable_gradient_checkpointing()
-            if self.recipe.train_text_encoder:
-                for encoder in c.text_encoders:
-                    encoder.gradient_checkpointing_enable()
-        training = self.config.gradient_checkpointing
-        c.unet.train(training)
-        for encoder in c.text_encoders:
-            encoder.train(training and self.recipe.train_text_encoder)
-        self.models = StepModels(
-            unet=c.unet,
-            text_encoders=tuple(c.text_encoders),
-            tokenizers=tuple(c.tokenizers),
-            vae=c.vae,
-            vae_scale=c.family.latent_scale(c.vae),
-        )
 
     def _start_position(self, resume_data: dict[str, Any] | None) -> Position:
         config, plan = self.config, self.plan
@@ -286,7 +228,7 @@ class _Run:
             dynamic_ncols=True,
         )
         if progress.global_step == 0 and config.sample_at_first:
-            self._sample(0, 0)
+            self.out.sample(0, 0)
         workers = loader_workers(config.max_data_loader_n_workers, config.latents_cached)
         if config.persistent_data_loader_workers and workers == 0 and acc.is_main_process:
             logger.info("--persistent_data_loader_workers has no effect: batches are loaded in the training process")
@@ -418,7 +360,7 @@ class _Run:
         if saves.save_state or saves.save_state_on_train_end:
             state = saves.step_state(step)
             if not (saves.save_state and saves.saves_at_step(step)):
-                self._save_state(state, position, None)
+                self.out.save_state(state, position, None)
         return TrainingInterrupted(signum, stop_message(signum, step, state))
 
     def _any_process(self, flag: bool) -> bool:
@@ -430,23 +372,23 @@ class _Run:
     def _after_step(self, epoch: int, batches_done: int, progress: _Progress) -> None:
         step, saves = progress.global_step, self.saves
         if saves.saves_at_step(step):
-            self._save_model(saves.step_model(step), epoch=epoch, step=step, stale=saves.stale_step_model(step))
+            self.out.save_model(saves.step_model(step), epoch=epoch, step=step, stale=saves.stale_step_model(step))
             if saves.save_state:
-                self._save_state(
+                self.out.save_state(
                     saves.step_state(step), Position(step, epoch, batches_done), saves.stale_step_state(step)
                 )
         if self.config.sample_every_n_epochs is None and self.config.sample_every_n_steps:
             if step % self.config.sample_every_n_steps == 0:
-                self._sample(step, None)
+                self.out.sample(step, None)
         if self.config.backup_every_n_minutes and self._any_process(self.backup_clock.due()):
             backup = backup_state(self.config.output_dir, self.config.output_name, step)
-            self._save_state(backup, Position(step, epoch, batches_done), None)
+            self.out.save_state(backup, Position(step, epoch, batches_done), None)
             for old in backups_to_remove(self.config.output_dir, self.config.output_name, self.config.backup_keep_last):
                 if self.acc.is_main_process and remove_output(old):
                     logger.info(f"removed old backup {old}")
             self.backup_clock.reset()
         if self.config.sample_every_n_minutes and self._any_process(self.sample_clock.due()):
-            self._sample(step, None)
+            self.out.sample(step, None)
             self.sample_clock.reset()
 
     def _end_epoch(self, epoch: int, progress: _Progress) -> None:
@@ -454,23 +396,23 @@ class _Run:
         self.acc.log({"loss/epoch": self.recorder.end_epoch()}, step=epoch_no)
         self.acc.wait_for_everyone()
         if saves.saves_at_epoch_end(epoch_no, self.plan.num_epochs):
-            self._save_model(
+            self.out.save_model(
                 saves.epoch_model(epoch_no), epoch=epoch_no, step=step, stale=saves.stale_epoch_model(epoch_no)
             )
             if saves.save_state:
-                self._save_state(
+                self.out.save_state(
                     saves.epoch_state(epoch_no), Position(step, epoch_no, 0), saves.stale_epoch_state(epoch_no)
                 )
         if self.config.sample_every_n_epochs and epoch_no % self.config.sample_every_n_epochs == 0:
-            self._sample(step, epoch_no)
+            self.out.sample(step, epoch_no)
 
     def _finish(self, progress: _Progress) -> TrainResult:
         saves, step = self.saves, progress.global_step
         final_epoch = self.plan.num_epochs
         self._check_processes_agree()
         if saves.save_state or saves.save_state_on_train_end:
-            self._save_state(saves.last_state(), Position(step, progress.epoch, progress.batches_done), None)
-        self._save_model(saves.last_model(), epoch=final_epoch, step=step, stale=None, final=True)
+            self.out.save_state(saves.last_state(), Position(step, progress.epoch, progress.batches_done), None)
+        self.out.save_model(saves.last_model(), epoch=final_epoch, step=step, stale=None, final=True)
         if self.acc.is_main_process:
             logger.info(f"model saved: {saves.last_model()}")
         return TrainResult(
@@ -493,99 +435,3 @@ class _Run:
             raise RuntimeError("the processes ended training with different weights; please report this")
         if acc.is_main_process:
             logger.info(f"all {acc.num_processes} processes hold identical trained weights")
-
-    @contextlib.contextmanager
-    def _eval_weights(self) -> Iterator[None]:
-        """Schedule-free optimizers hold the weights to use (their running average) only in eval mode: switch to
-        it while models are saved or sampled, on every process so their weights stay identical."""
-        if not self.schedule_free:
-            yield
-            return
-        self.optimizer.eval()
-        try:
-            yield
-        finally:
-            self.optimizer.train()
-
-    def _check_finite(self, step: int, path: Path) -> None:
-        """Refuse to save ``path`` when a trained weight is NaN/inf (every process holds the same weights, so all
-        stop together)."""
-        if not weights_finite(self.trained_params):
-            raise TrainingDiverged(non_finite_weights_message(step, path))
-
-    def _save_model(self, path: Path, *, epoch: int, step: int, stale: Path | None, final: bool = False) -> None:
-        self.acc.wait_for_everyone()
-        with self._eval_weights():
-            self._check_finite(step, path)
-            if self.acc.is_main_process:
-                self.recipe.save(path, epoch=epoch, step=step, final=final)
-                if remove_output(stale):
-                    logger.info(f"removed old model {stale}")
-
-    def _save_state(self, path: Path, position: Position, stale: Path | None) -> None:
-        self._check_finite(position.global_step, path)
-        record = train_state_record(
-            position,
-            seed=self.seed,
-            num_processes=self.acc.num_processes,
-            fingerprint=self.fingerprint,
-            rng=capture_rng(),
-        )
-        save_training_state(self.acc, path, record)
-        if self.acc.is_main_process and remove_output(stale):
-            logger.info(f"removed old state {stale}")
-
-    def _sample(self, step: int, epoch: int | None) -> None:
-        if self.parts.sample is None:
-            return
-        self.acc.wait_for_everyone()
-        with self._eval_weights():
-            self._sample_on_main(step, epoch)
-        self.acc.wait_for_everyone()
-
-    def _sample_on_main(self, step: int, epoch: int | None) -> None:
-        if self.acc.is_main_process:
-            request = SampleRequest(
-                components=self.components,
-                step=step,
-                epoch=epoch,
-                output_dir=self.config.output_dir,
-                device=self.acc.device,
-                accelerator=self.acc,
-            )
-            modules = self.recipe.trainable_modules()
-            modes = [m.training for m in modules]
-            for module in modules:
-                module.eval()
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    self.parts.sample(request)
-            finally:
-                for module, mode in zip(modules, modes):
-                    module.train(mode)
-
-
-def grad_zeroer(optimizer: Any) -> Callable[[], None]:
-    """``optimizer.zero_grad(set_to_none=True)`` for the loop, as accelerate's AcceleratedOptimizer does it but
-    without the ``inspect.signature`` it calls every step: its check of the wrapped optimizer is made once here."""
-    inner = getattr(optimizer, "optimizer", None)
-    gradient_state = getattr(optimizer, "gradient_state", None)
-    if inner is None or gradient_state is None or "set_to_none" not in inspect.signature(inner.zero_grad).parameters:
-        return partial(optimizer.zero_grad, set_to_none=True)
-
-    def zero_grad() -> None:
-        if gradient_state.sync_gradients:
-            inner.zero_grad(set_to_none=True)
-
-    return zero_grad
-
-
-def _allow_fp16_unscaling(scaler) -> None:
-    """--full_fp16 keeps the trained weights in fp16; torch's GradScaler refuses fp16 gradients unless told (as
-    sd-scripts' patch_accelerator_for_fp16_training does)."""
-    unscale = scaler._unscale_grads_
-
-    def unscale_fp16(optimizer, inv_scale, found_inf, allow_fp16):
-        return unscale(optimizer, inv_scale, found_inf, True)
-
-    scaler._unscale_grads_ = unscale_fp16
