@@ -7,8 +7,8 @@ import io
 import os
 import pickle
 import random
+import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -168,19 +168,22 @@ def test_truncated_model_is_a_one_line_error_naming_the_file(state, model_dir, d
     assert line.startswith(f"error: --resume: {model} is damaged (")
 
 
-def test_the_entry_script_prints_one_line_and_runs_nothing(state, model_dir, data, tmp_path):
-    """The reported case, as a user meets it: ``python train_network.py --resume`` with a tampered scheduler."""
+def test_the_entry_script_prints_one_line_and_runs_nothing(state, model_dir, data, tmp_path, monkeypatch, capsys):
+    """The reported case, as a user meets it: ``python train_network.py --resume`` with a tampered scheduler (the
+    script's own ``__main__`` block, run in this process: tests/test_cli.py runs one entry script as a real program).
+    """
     folder = copy_state(state, tmp_path)
     marker = tmp_path / "payload-ran"
     (folder / "custom_checkpoint_0.pkl").write_bytes(raw_payload(OpenFile, marker, 2))
-    command = [sys.executable, str(REPO / "train_network.py")]
-    command += resume_args(model_dir, data, tmp_path / "out", "--resume", str(folder))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
+    script = str(REPO / "train_network.py")
+    monkeypatch.setattr(sys, "argv", [script, *resume_args(model_dir, data, tmp_path / "out", "--resume", str(folder))])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(script, run_name="__main__")
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    assert "Traceback" not in stderr
     assert (
-        result.stderr.strip()
+        stderr.strip()
         .splitlines()[-1]
         .startswith(f"error: --resume refuses to load {folder / 'custom_checkpoint_0.pkl'}: {REFUSAL}")
     )
