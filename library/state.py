@@ -205,11 +205,21 @@ def _shared_tmp_dir(accelerator: Accelerator, final: Path) -> Iterator[Path | No
         accelerator.wait_for_everyone()
 
 
-def save_training_state(accelerator: Accelerator, final_dir: Path, record: dict[str, Any]) -> None:
-    """Write accelerate's state files and ``train_state.json`` into ``final_dir`` atomically (all processes call)."""
+def save_training_state(
+    accelerator: Accelerator,
+    final_dir: Path,
+    record: dict[str, Any],
+    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Write accelerate's state files, ``train_state.json`` and ``tensor_files`` (name: tensors, e.g. the EMA's
+    ``ema.safetensors``) into ``final_dir`` atomically (all processes call)."""
+    from safetensors.torch import save_file
+
     with _shared_tmp_dir(accelerator, final_dir) as tmp:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
+            for name, tensors in (tensor_files or {}).items():
+                save_file(tensors, str(tmp / name))
             atomic_write_json(tmp / STATE_FILE, record)
 
 

@@ -1,7 +1,9 @@
 """Entry scripts turn bad input into one line on stderr and a non-zero exit; --debug shows the traceback."""
 
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,33 +56,53 @@ def test_unknown_flags_are_one_line_with_a_suggestion():
         parser.parse_args(["--network_dim", "four"])
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_missing_model_file_is_one_line_naming_it(script, tmp_path):
+def missing_model_argv(script: str, tmp_path: Path) -> tuple[list[str], Path]:
+    """The command line (after the script name) that points ``script`` at a model file that does not exist."""
     missing = tmp_path / "missing.safetensors"
-    argv = [sys.executable, script, "--pretrained_model_name_or_path", str(missing), "--output_dir", str(tmp_path)]
+    argv = ["--pretrained_model_name_or_path", str(missing), "--output_dir", str(tmp_path)]
     argv += ["--train_data_dir", str(tmp_path), "--token_string", "tok"] if "inversion" in script else []
     argv += [] if "inversion" in script else ["--train_data_dir", str(tmp_path)]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return argv, missing
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_model_file_is_one_line_naming_it(script, tmp_path, monkeypatch, capsys):
+    """Each script's own ``__main__`` block, run in this process (one real subprocess is checked below)."""
+    argv, missing = missing_model_argv(script, tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {missing}: model file or folder not found; check --pretrained_model_name_or_path\n"
+    )
+
+
+def test_missing_model_file_is_one_line_from_a_real_process(tmp_path):
+    argv, missing = missing_model_argv("train_textual_inversion.py", tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "train_textual_inversion.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2
     assert proc.stderr == f"error: {missing}: model file or folder not found; check --pretrained_model_name_or_path\n"
 
 
-def test_console_log_file_gets_start_up_warnings_and_the_error(tmp_path, capsys):
+def test_console_log_file_gets_start_up_messages_and_the_error(tmp_path, capsys):
     """--console_log_file writes the log (and the final error line) to a file as well as to stderr."""
     import train_network
 
     log, missing = tmp_path / "run.log", tmp_path / "missing.safetensors"
     argv = ["--pretrained_model_name_or_path", str(missing), "--output_dir", str(tmp_path)]
     argv += ["--train_data_dir", str(tmp_path), "--console_log_file", str(log), "--console_log_simple"]
-    argv += ["--huggingface_repo_id", "me/lora", "--async_upload", "--validate_every_n_steps", "5"]
+    argv += ["--resume", "latest"]
     assert run_cli(train_network.main, argv) == 2
-    warning = "--huggingface_repo_id, --async_upload, --validate_every_n_steps: not implemented yet in sd-trainer"
+    info = f"--resume latest: no state of this run in {tmp_path} yet: starting from the beginning"
     error = f"error: {missing}: model file or folder not found; check --pretrained_model_name_or_path"
     lines = log.read_text().splitlines()
-    assert f" WARNING {warning}" in lines[0]
+    assert f" INFO {info}" in lines[0]
     assert lines[-1].endswith(f" ERROR {error}")
     err = capsys.readouterr().err
-    assert warning in err and err.endswith(error + "\n")
+    assert info in err and err.endswith(error + "\n")
 
 
 def test_console_log_level_sets_the_level_and_unwritable_log_files_are_named(tmp_path):
@@ -96,19 +118,6 @@ def test_console_log_level_sets_the_level_and_unwritable_log_files_are_named(tmp
     bad = tmp_path / "no" / "such" / "dir" / "x.log"
     with pytest.raises(UserError, match=rf"^--console_log_file {bad}: cannot write it \(No such file or directory\)"):
         parse_args_with_config(train_network.setup_parser(), ["--console_log_file", str(bad)])
-
-
-def test_unimplemented_flags_at_their_defaults_give_no_warning(caplog):
-    import train_network
-    from library.config.config_file import parse_args_with_config
-
-    with caplog.at_level("WARNING", logger="sdtrain"):
-        parse_args_with_config(train_network.setup_parser(), ["--huggingface_repo_visibility", "public"])
-        parse_args_with_config(train_network.setup_parser(), [])
-    messages = [r.getMessage() for r in caplog.records if r.name == "sdtrain"]
-    assert messages == [
-        "--huggingface_repo_visibility: not implemented yet in sd-trainer; ignored, training goes on without it"
-    ]
 
 
 def test_an_error_message_is_always_one_capped_line(capsys):

@@ -19,6 +19,9 @@ from library.cli import run_cli
 from library.config.config_file import read_config_file
 from library.config.dataset_schema import validate_user_config
 from library.errors import UserError
+from library.onetrainer.config import load_onetrainer_config
+from library.onetrainer.mapping import Conversion
+from library.onetrainer.translate import convert as translate
 from library.sampling.prompts import load_prompts
 from tools.convert_onetrainer_config import main
 
@@ -29,35 +32,6 @@ PARSERS = {
     "train_textual_inversion.py": train_textual_inversion.setup_parser,
     "sdxl_train.py": sdxl_train.setup_parser,
     "sdxl_train_network.py": sdxl_train_network.setup_parser,
-}
-# Flags and dataset keys other helpers add in this session (issue 12); until they land, the parse-only checks
-# leave exactly these names out. Any other unknown name still fails.
-PENDING_FLAGS = {
-    "mse_strength",
-    "mae_strength",
-    "log_cosh_strength",
-    "huber_strength",
-    "timestep_distribution",
-    "min_noising_strength",
-    "max_noising_strength",
-    "noising_weight",
-    "noising_bias",
-    "p2_loss_weight_gamma",
-    "unmasked_probability",
-    "unmasked_weight",
-    "normalize_masked_area_loss",
-}
-PENDING_SUBSET_KEYS = {
-    "loss_weight",
-    "balancing",
-    "balancing_strategy",
-    "rotate_aug_max_angle",
-    "rotate_aug_fixed_angle",
-    "brightness_aug",
-    "brightness_aug_fixed",
-    "contrast_aug",
-    "saturation_aug",
-    "hue_aug",
 }
 PRESETS = {
     "#sd 1.5 LoRA": "train_network.py",
@@ -73,7 +47,7 @@ COMMON_REPORT = [
     "write .txt captions",
     "concepts[1] (regularization).image.enable_fixed_flip = true: always-flipped images are not supported; "
     "flip the files",
-    "concepts[3] (held out).type = VALIDATION: left out: validation loss is not implemented yet",
+    "concepts[3] (held out).type = VALIDATION: left out: validation is off in OneTrainer (validation = false)",
     "samples[2].enabled = false: left out (disabled in OneTrainer)",
     "samples[3].noise_scheduler = UNIPC: no such sampler here; euler_a is used",
 ]
@@ -100,22 +74,13 @@ def flat(config: dict) -> dict:
     return {k: v for section in config.values() for k, v in section.items()}
 
 
-def check_parses(result: dict, script: str, tmp_path: Path) -> None:
+def check_parses(result: dict, script: str) -> None:
     """The written config parses with the script's real parser, the dataset TOML passes the schema and the
-    prompt file loads (the pending names aside)."""
+    prompt file loads."""
     parser = PARSERS[script]()
-    known = {a.dest for a in parser._actions}
-    config = {
-        s: {k: v for k, v in keys.items() if k in known or k not in PENDING_FLAGS}
-        for s, keys in result["config"].items()
-    }
-    checked = tmp_path / "checked.toml"
-    checked.write_text(toml.dumps(config))
-    values = read_config_file(checked, parser)
+    values = read_config_file(result["out"] / "config.toml", parser)
     assert values["dataset_config"] == str(result["out"] / "dataset.toml")
     dataset = result["dataset"]
-    for entry in dataset["datasets"]:
-        entry["subsets"] = [{k: v for k, v in s.items() if k not in PENDING_SUBSET_KEYS} for s in entry["subsets"]]
     validate_user_config(dataset, "dataset.toml")
     if result["prompts"] is not None:
         assert len(load_prompts(result["out"] / "sample_prompts.txt")) == len(result["prompts"])
@@ -136,7 +101,7 @@ def test_shipped_sd15_presets(preset: str, tmp_path: Path) -> None:
     assert result["dataset"]["general"]["batch_size"] == (1 if "embedding" in preset else 4)
     assert [d["resolution"] for d in result["dataset"]["datasets"]] == [512]
     assert all(line in result["unmapped"] for line in COMMON_REPORT)
-    check_parses(result, script, tmp_path)
+    check_parses(result, script)
 
 
 def test_lora_preset_values(tmp_path: Path) -> None:
@@ -182,9 +147,22 @@ def test_lora_preset_values(tmp_path: Path) -> None:
         "a painting of sks dog --w 512 --h 512 --l 7.5 --s 30 --ss euler_a",
         "a sketch of sks dog --w 512 --h 512 --d 42 --l 7.5 --s 30 --ss euler_a",
     ]
-    assert result["unmapped"][:1] == ["text_encoder.stop_training_after = 30 EPOCH: not supported by train_network.py"]
-    assert result["unmapped"][1:] == COMMON_REPORT
-    assert result["config"]["saving"]["backup_every_n_minutes"] == 10
+    assert result["unmapped"] == COMMON_REPORT
+    assert result["config"]["training"] == {
+        "max_train_epochs": 100,
+        "gradient_accumulation_steps": 1,
+        "max_data_loader_n_workers": 2,
+        "text_encoder_train_until": "30epochs",
+    }
+    assert result["config"]["saving"] == {
+        "output_dir": "models",
+        "output_name": "lora",
+        "save_model_as": "safetensors",
+        "save_precision": "float",
+        "backup_every_n_minutes": 10,
+        "save_state_on_train_end": True,
+    }
+    assert "ema" not in result["config"] and "validation" not in result["config"]
     assert result["config"]["sampling"]["sample_every_n_minutes"] == 10
 
 
@@ -209,10 +187,9 @@ def test_embedding_and_masked_presets(tmp_path: Path) -> None:
     }
     assert masked["config"]["noise"] == {"min_noising_strength": 0, "max_noising_strength": 0.8}
     assert masked["config"]["saving"]["save_model_as"] == "safetensors"
-    assert masked["unmapped"][0] == (
-        "text_encoder.stop_training_after = 30 EPOCH: --stop_text_encoder_training counts steps, not epochs: "
-        "set it to 30 x steps per epoch"
-    )
+    assert masked["config"]["training"]["text_encoder_train_until"] == "30epochs"
+    assert "stop_text_encoder_training" not in masked["config"]["model"]
+    assert masked["unmapped"] == COMMON_REPORT
     inpaint = convert(tmp_path / "i", DATA / "#sd 1.5 inpaint.json")
     assert inpaint["unmapped"][0].startswith("model_type = STABLE_DIFFUSION_15_INPAINTING: inpainting UNets")
 
@@ -323,7 +300,10 @@ def test_sdxl_fine_tune(tmp_path: Path) -> None:
         "save_precision": "float",
         "save_every_n_epochs": 2,
         "backup_every_n_minutes": 30,
+        "save_state_on_train_end": True,
     }
+    assert config["ema"] == {"ema": True, "ema_device": "same", "ema_decay": 0.999, "ema_update_every": 5}
+    assert "validation" not in config and "unet_train_until" not in config["training"]
     assert config["sampling"]["sample_every_n_epochs"] == 5
     assert config["training"]["cache_latents_to_disk"] is True
     assert [(d["resolution"], [s["image_dir"] for s in d["subsets"]]) for d in result["dataset"]["datasets"]] == [
@@ -333,16 +313,18 @@ def test_sdxl_fine_tune(tmp_path: Path) -> None:
     assert result["dataset"]["datasets"][1]["subsets"][0]["num_repeats"] == 0.0072
     assert result["prompts"] == ["a photo of sks dog --w 1024 --h 1024 --d 7 --l 7.5 --s 30 --ss euler_a"]
     assert result["unmapped"] == [
+        "validation = true: no enabled concept of type VALIDATION, so nothing to validate on (OneTrainer validates "
+        "only on those); validation_split in the dataset TOML holds out part of a subset instead",
         "concepts[0] (subject).image.enable_crop_jitter = true: not applied: random crops cannot be combined "
         "with latent caching",
-        "ema = GPU: not supported yet (issue 12: EMA)",
-        "validation = true: not supported yet: validation loss is not implemented",
         "some_future_option = 3: no equivalent here",
     ]
-    assert result["report"][-1] == (
-        "  optimizer.stochastic_rounding = true: not supported: bf16 weights are rounded to nearest"
-    )
-    check_parses(result, "sdxl_train.py", tmp_path)
+    assert result["report"][-2:] == [
+        "  optimizer.stochastic_rounding = true: not supported: bf16 weights are rounded to nearest",
+        "  non_ema_sampling = true: samples show the EMA weights only (OneTrainer adds a second set without EMA); "
+        "add sample_without_ema = true to sample the trained weights instead",
+    ]
+    check_parses(result, "sdxl_train.py")
 
 
 def test_concept_file_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -432,9 +414,8 @@ def test_sdxl_lora_options_and_precision(tmp_path: Path) -> None:
     }
     assert result["config"]["model"]["mixed_precision"] == "fp16" and "full_fp16" not in result["config"]["model"]
     assert 'save_model_as = "safetensors"' in (result["out"] / "config.toml").read_text()
+    assert result["config"]["training"]["text_encoder_train_until"] == "30epochs"
     assert result["unmapped"] == [
-        "text_encoder.stop_training_after = 30 EPOCH: not supported by sdxl_train_network.py",
-        "text_encoder_2.stop_training_after = 30 EPOCH: not supported by sdxl_train_network.py",
         "concepts[0] (subject).image.enable_crop_jitter = true: not applied: random crops cannot be combined "
         "with latent caching",
         "some_future_option = 3: no equivalent here",
@@ -445,7 +426,7 @@ def test_sdxl_lora_options_and_precision(tmp_path: Path) -> None:
         "  huber_strength = 0.5: pseudo-Huber (smooth) instead of Huber, at half the strength because ours is about "
         "twice as large",
     ]
-    check_parses(result, "sdxl_train_network.py", tmp_path)
+    check_parses(result, "sdxl_train_network.py")
 
     config.update(training_method="FINE_TUNE")
     path.write_text(json.dumps(config))
@@ -477,3 +458,224 @@ def test_wrong_types_are_one_line_errors(tmp_path: Path) -> None:
     path.write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"concepts\[1\] \(reg\): a setting has the wrong type"):
         main([str(path), "--output_dir", str(tmp_path / "c")])
+
+
+def hand_written(folder: Path, **settings: object) -> Conversion:
+    """A small SD1.5 LoRA config (a training and a VALIDATION concept, one sample) with ``settings`` merged in
+    (dicts one level deep), translated without writing files."""
+    config: dict = {
+        "training_method": "LORA",
+        "model_type": "STABLE_DIFFUSION_15",
+        "concepts": [
+            {"name": "subject", "path": "data/subject", "image": {"enable_crop_jitter": False}},
+            {"name": "val", "path": "data/val", "type": "VALIDATION", "image": {"enable_crop_jitter": False}},
+        ],
+        "samples": [{"prompt": "a dog"}],
+    }
+    for key, value in settings.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"config{len(list(folder.iterdir()))}.json"
+    path.write_text(json.dumps(config))
+    return translate(load_onetrainer_config(path))
+
+
+NON_EMA_SAMPLING = (
+    "non_ema_sampling = true: samples show the EMA weights only (OneTrainer adds a second set without EMA); add "
+    "sample_without_ema = true to sample the trained weights instead"
+)
+
+
+@pytest.mark.parametrize(
+    ("settings", "section", "unmapped", "approximate"),
+    [
+        ({"ema": "OFF", "ema_decay": 0.9}, None, [], []),
+        (
+            {"ema": "GPU", "ema_decay": 0.995, "ema_update_step_interval": 1},
+            {"ema": True, "ema_device": "same", "ema_decay": 0.995, "ema_update_every": 1},
+            [],
+            [NON_EMA_SAMPLING],
+        ),
+        (
+            {"ema": "CPU", "non_ema_sampling": False},
+            {"ema": True, "ema_device": "cpu", "ema_decay": 0.999, "ema_update_every": 5},
+            [],
+            [],
+        ),
+        (
+            {"ema": "GPU", "samples": []},
+            {"ema": True, "ema_device": "same", "ema_decay": 0.999, "ema_update_every": 5},
+            [],
+            [],
+        ),
+        ({"ema": "TPU"}, None, ["ema = TPU: no such EMA mode (OFF, GPU and CPU are); no EMA is kept"], []),
+    ],
+)
+def test_ema_modes(tmp_path: Path, settings: dict, section: dict | None, unmapped: list, approximate: list) -> None:
+    result = hand_written(tmp_path, **settings)
+    assert result.flags.get("ema") == section
+    assert result.unmapped == [
+        *unmapped,
+        "concepts[1] (val).type = VALIDATION: left out: validation is off in OneTrainer (validation = false)",
+    ]
+    assert [line for line in result.approximate if not line.startswith("output_model_format")] == approximate
+
+
+VAL_SUBSET = {"image_dir": "data/val", "is_val": True, "num_repeats": 1, "caption_extension": ".txt"}
+CLOCK = (
+    "validate_after = {}: validation on the clock ({}) is not supported: set validate_every_n_steps or "
+    "validate_every_n_epochs; the VALIDATION concepts are written as is_val subsets"
+)
+
+
+@pytest.mark.parametrize(
+    ("validation", "after", "unit", "section", "unmapped"),
+    [
+        (True, 2, "EPOCH", {"validate_every_n_epochs": 2}, []),
+        (True, 250, "STEP", {"validate_every_n_steps": 250}, []),
+        (True, 1, "ALWAYS", {"validate_every_n_steps": 1}, []),
+        (True, 30, "MINUTE", None, [CLOCK.format("30 MINUTE", "minutes")]),
+        (True, 90.5, "SECOND", None, [CLOCK.format("90.5 SECOND", "seconds")]),
+        (True, 2, "HOUR", None, [CLOCK.format("2 HOUR", "hours")]),
+        (
+            True,
+            5,
+            "NEVER",
+            None,
+            ["concepts[1] (val).type = VALIDATION: left out: OneTrainer never validates (validate_after = 5 NEVER)"],
+        ),
+        (
+            True,
+            0,
+            "EPOCH",
+            None,
+            ["concepts[1] (val).type = VALIDATION: left out: OneTrainer never validates (validate_after = 0 EPOCH)"],
+        ),
+        (
+            False,
+            2,
+            "STEP",
+            None,
+            ["concepts[1] (val).type = VALIDATION: left out: validation is off in OneTrainer (validation = false)"],
+        ),
+    ],
+)
+def test_validation_units(
+    tmp_path: Path, validation: bool, after: float, unit: str, section: dict | None, unmapped: list
+) -> None:
+    result = hand_written(tmp_path, validation=validation, validate_after=after, validate_after_unit=unit)
+    assert result.flags.get("validation") == section
+    assert result.unmapped == unmapped
+    subsets = result.dataset["datasets"][0]["subsets"]
+    assert subsets[0] == {"image_dir": "data/subject", "num_repeats": 1, "caption_extension": ".txt"}
+    validating = section is not None or unit in ("MINUTE", "SECOND", "HOUR")
+    assert subsets[1:] == ([VAL_SUBSET] if validating else [])
+
+
+def test_validation_without_validation_concepts(tmp_path: Path) -> None:
+    concepts = [{"path": "data/subject"}, {"path": "data/off", "type": "VALIDATION", "enabled": False}]
+    result = hand_written(tmp_path, validation=True, concepts=concepts)
+    assert "validation" not in result.flags
+    assert result.unmapped == [
+        "validation = true: no enabled concept of type VALIDATION, so nothing to validate on (OneTrainer validates "
+        "only on those); validation_split in the dataset TOML holds out part of a subset instead",
+        "concepts[0] (data/subject).image.enable_crop_jitter = true: not applied: random crops cannot be combined "
+        "with latent caching",
+        "concepts[1] (data/off).enabled = false: left out (disabled in OneTrainer)",
+    ]
+    only_validation = [{"path": "data/val", "type": "VALIDATION"}]
+    with pytest.raises(UserError, match=r"no enabled training concept \(of 1\); nothing to train on"):
+        hand_written(tmp_path, validation=True, concepts=only_validation)
+
+
+NEVER_TRAINS = "OneTrainer never trains the part: turn its training off"
+
+
+@pytest.mark.parametrize(
+    ("part", "after", "unit", "flags", "unmapped"),
+    [
+        ("text_encoder", 10, "STEP", {"text_encoder_train_until": "10steps"}, []),
+        ("text_encoder", 3, "EPOCH", {"text_encoder_train_until": "3epochs"}, []),
+        ("text_encoder", 30, "NEVER", {}, []),
+        ("text_encoder", 0, "EPOCH", {}, [f"text_encoder.stop_training_after = 0 EPOCH: {NEVER_TRAINS}"]),
+        ("text_encoder", 1, "ALWAYS", {}, [f"text_encoder.stop_training_after = 1 ALWAYS: {NEVER_TRAINS}"]),
+        (
+            "text_encoder",
+            5,
+            "MINUTE",
+            {},
+            [
+                "text_encoder.stop_training_after = 5 MINUTE: a training window on the clock (minutes) is not "
+                "supported: ours counts steps or epochs"
+            ],
+        ),
+        ("unet", 500, "STEP", {"unet_train_until": "500steps", "text_encoder_train_until": "30epochs"}, []),
+        ("unet", 4, "EPOCH", {"unet_train_until": "4epochs", "text_encoder_train_until": "30epochs"}, []),
+        (
+            "unet",
+            2,
+            "HOUR",
+            {"text_encoder_train_until": "30epochs"},
+            [
+                "unet.stop_training_after = 2 HOUR: a training window on the clock (hours) is not supported: ours "
+                "counts steps or epochs"
+            ],
+        ),
+        (
+            "unet",
+            7,
+            "SECOND",
+            {"text_encoder_train_until": "30epochs"},
+            [
+                "unet.stop_training_after = 7 SECOND: a "
+                "training window on the clock (seconds) is not supported: ours counts steps or epochs"
+            ],
+        ),
+    ],
+)
+def test_training_windows(tmp_path: Path, part: str, after: int, unit: str, flags: dict, unmapped: list) -> None:
+    result = hand_written(
+        tmp_path, validation=True, **{part: {"stop_training_after": after, "stop_training_after_unit": unit}}
+    )
+    training = result.flags["training"]
+    assert {k: v for k, v in training.items() if k.endswith("_train_until")} == flags
+    assert result.unmapped == unmapped
+    assert result.flags["validation"] == {"validate_every_n_epochs": 1}
+
+
+def test_windows_per_method(tmp_path: Path) -> None:
+    frozen = hand_written(tmp_path, training_method="FINE_TUNE", text_encoder={"train": False})
+    assert frozen.flags["model"]["stop_text_encoder_training"] == -1
+    assert "text_encoder_train_until" not in frozen.flags["training"]
+    steps = hand_written(tmp_path, training_method="FINE_TUNE", text_encoder={"stop_training_after_unit": "STEP"})
+    assert steps.flags["training"]["text_encoder_train_until"] == "30steps"
+    assert "stop_text_encoder_training" not in steps.flags["model"]
+    embedding = hand_written(tmp_path, training_method="EMBEDDING", unet={"stop_training_after_unit": "EPOCH"})
+    assert not [k for k in embedding.flags["training"] if k.endswith("_train_until")]
+    sdxl = hand_written(
+        tmp_path,
+        training_method="FINE_TUNE",
+        model_type="STABLE_DIFFUSION_XL_10_BASE",
+        text_encoder={"stop_training_after": 10, "stop_training_after_unit": "STEP"},
+        text_encoder_2={"stop_training_after_unit": "NEVER"},
+    )
+    assert sdxl.flags["training"]["text_encoder_train_until"] == "10steps"
+    assert sdxl.approximate[-1] == (
+        "text_encoder_2.stop_training_after = 30: one text_encoder_train_until for both encoders: 10steps "
+        "(text_encoder's: 10steps, text_encoder_2's: throughout)"
+    )
+    lora = hand_written(tmp_path, model_type="STABLE_DIFFUSION_XL_10_BASE")
+    assert lora.flags["training"]["text_encoder_train_until"] == "30epochs"
+    assert not [line for line in lora.approximate if "stop_training_after" in line]
+
+
+def test_backup_at_end_and_hub_token(tmp_path: Path) -> None:
+    result = hand_written(tmp_path, backup_before_save=False, secrets={"huggingface_token": "hf_secret"})
+    assert "save_state_on_train_end" not in result.flags["saving"]
+    assert result.unmapped == [
+        "secrets.huggingface_token = (hidden): not copied (OneTrainer logs in with it to download gated models): run "
+        "`huggingface-cli login` or set HF_TOKEN; our huggingface_token is for uploads to huggingface_repo_id",
+        "concepts[1] (val).type = VALIDATION: left out: validation is off in OneTrainer (validation = false)",
+    ]
+    assert "hf_secret" not in repr(result)
+    assert hand_written(tmp_path).flags["saving"]["save_state_on_train_end"] is True

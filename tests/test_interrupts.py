@@ -1,5 +1,5 @@
-"""SIGTERM and Ctrl-C stop training after the current step (with a resumable state when states are wanted), and a
-run removes what killed runs left behind."""
+"""SIGTERM and Ctrl-C stop training after the current step with a resumable state (with or without --save_state),
+and a run removes what killed runs left behind."""
 
 from __future__ import annotations
 
@@ -88,12 +88,14 @@ LONG = ["--max_train_steps", "1000", "--save_every_n_steps", "1", "--network_dro
 
 def test_sigterm_saves_a_state_that_resumes_bitwise(model_dir, data_dir, tmp_path):
     out, log = tmp_path / "stopped", tmp_path / "stderr.txt"
-    process = start_training(out, network_args(model_dir, data_dir, out, *LONG, "--save_state_on_train_end"), log)
+    process = start_training(out, network_args(model_dir, data_dir, out, *LONG), log)
     assert stop(process, signal.SIGTERM) == 143
     lines = log.read_text().strip().splitlines()
     assert "SIGTERM received: stopping after the current step (send it again to stop at once)" in lines
     found = re.fullmatch(
-        r"training stopped at step (\d+) by SIGTERM; state saved to (.+) \(continue with --resume (.+)\)", lines[-1]
+        r"training stopped at step (\d+) by SIGTERM; state saved to (.+) "
+        r"\(continue with --resume (.+) or --resume latest\)",
+        lines[-1],
     )
     assert found, lines[-1]
     step = int(found[1])
@@ -112,15 +114,21 @@ def test_sigterm_saves_a_state_that_resumes_bitwise(model_dir, data_dir, tmp_pat
     assert_same_tensors(lora_tensors(out / "lora.safetensors"), lora_tensors(straight / "lora.safetensors"))
 
 
-def test_ctrl_c_without_save_state_says_nothing_was_saved(model_dir, data_dir, tmp_path):
+def test_ctrl_c_saves_a_state_that_resume_latest_picks(model_dir, data_dir, tmp_path, caplog):
     out, log = tmp_path / "stopped", tmp_path / "stderr.txt"
     process = start_training(out, network_args(model_dir, data_dir, out, *LONG), log)
     assert stop(process, signal.SIGINT) == 130
     last = log.read_text().strip().splitlines()[-1]
-    found = re.fullmatch(r"training stopped at step (\d+) by SIGINT; (.+)", last)
+    found = re.fullmatch(r"training stopped at step (\d+) by SIGINT; state saved to (.+) \(continue with .+\)", last)
     assert found, last
-    assert found[2] == "nothing was saved (no state requested: add --save_state to make a stopped run resumable)"
-    assert not [p for p in out.iterdir() if p.name.endswith("-state") or p.name == "lora.safetensors"]
+    state = out / f"lora-step{int(found[1]):08d}-state"
+    assert found[2] == str(state) and state.is_dir()
+    assert [p.name for p in out.iterdir() if p.name.endswith("-state")] == [state.name]
+    total = ["--max_train_steps", found[1], "--network_dropout", "0.1", "--resume", "latest"]
+    with caplog.at_level(logging.INFO, logger="sdtrain"):
+        train_network.main(network_args(model_dir, data_dir, out, *total))
+    assert f"--resume latest: {state}" in caplog.text
+    assert f"resuming from {state} at step {found[1]}" in caplog.text
 
 
 def test_a_run_removes_abandoned_temporaries_only(model_dir, data_dir, tmp_path, caplog):

@@ -280,12 +280,10 @@ def _preset_names(value: Any, path: Path) -> list[str]:
 
 
 def _started(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Apply the logging flags, then warn about set flags that are accepted but not implemented yet."""
+    """Apply the logging flags."""
     from library.cli import apply_logging_flags
-    from library.config.engine_flags import warn_not_implemented
 
     apply_logging_flags(args)
-    warn_not_implemented(parser, args)
     return args
 
 

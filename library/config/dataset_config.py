@@ -203,6 +203,9 @@ def _make_subset(
     values["custom_attributes"] = dict(values["custom_attributes"] or {})
     values["alpha_mask"] = bool(_first_set("alpha_mask", [own, flags], False))
     values["is_reg"] = bool(own.get("is_reg", False))
+    values["is_val"] = bool(own.get("is_val", False))
+    if values["is_reg"] and values["is_val"]:
+        raise UserError(f"{where}: is_reg and is_val are both true; validation subsets cannot be regularization")
     values["recursive"] = bool(own.get("recursive", False))
     for key in ("image_dir", "metadata_file"):
         values[key] = Path(own[key]) if own.get(key) is not None else None

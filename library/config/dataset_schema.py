@@ -171,6 +171,7 @@ SUBSET_ASCENDING_KEYS: dict[str, Callable[[Any], Any]] = {
 SUBSET_ONLY_KEYS: dict[str, Callable[[Any], Any]] = {
     "image_dir": _path,
     "is_reg": _boolean,
+    "is_val": _boolean,
     "alpha_mask": _boolean,
     "metadata_file": _path,
     "conditioning_data_dir": _path,

@@ -16,35 +16,6 @@ from library.config.values import ANY_NUMBER, NON_NEGATIVE, NON_NEGATIVE_INT, PO
 
 logger = logging.getLogger("sdtrain")
 
-NOT_IMPLEMENTED_FLAGS = (
-    "huggingface_repo_id",
-    "huggingface_repo_type",
-    "huggingface_path_in_repo",
-    "huggingface_token",
-    "huggingface_repo_visibility",
-    "save_state_to_huggingface",
-    "resume_from_huggingface",
-    "async_upload",
-    "validate_every_n_steps",
-    "validate_every_n_epochs",
-    "max_validation_steps",
-)
-"""Flags accepted for sd-scripts compatibility whose behaviour is not built yet: set, they get a start-up warning."""
-
-
-def warn_not_implemented(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One start-up warning line naming every set flag of :data:`NOT_IMPLEMENTED_FLAGS` (never ignored silently)."""
-    set_flags = [
-        f"--{name}"
-        for name in NOT_IMPLEMENTED_FLAGS
-        if hasattr(args, name) and getattr(args, name) != parser.get_default(name)
-    ]
-    if set_flags:
-        logger.warning(
-            f"{', '.join(set_flags)}: not implemented yet in sd-trainer; ignored, training goes on without "
-            + ("it" if len(set_flags) == 1 else "them")
-        )
-
 
 class OneTextEncoderValue(argparse.Action):
     """sd-scripts takes one value per text encoder (``nargs="*"``) but trains them all at one rate, so the list
@@ -107,6 +78,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["stop", "skip"],
         help="on a NaN/inf loss: stop before saving poisoned weights (default) or skip that optimizer step",
     )
+    add_ema_arguments(parser)
+    add_window_arguments(parser)
+    add_validation_arguments(parser)
 
 
 def add_saving_arguments(
@@ -195,31 +169,62 @@ def add_saving_arguments(
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
-    """sd-scripts' Hugging Face Hub upload/resume flags: accepted, not implemented yet (a start-up warning says so)."""
+    """sd-scripts' Hugging Face Hub flags: upload saved models (and states) to a repository, resume from one."""
     for name, what in (
-        ("huggingface_repo_id", "Hub repository to upload to"),
-        ("huggingface_repo_type", "Hub repository type"),
-        ("huggingface_path_in_repo", "path inside the Hub repository"),
-        ("huggingface_token", "Hub token (never written by --output_config)"),
-        ("huggingface_repo_visibility", "'public' or 'private' (default private)"),
+        ("huggingface_repo_id", "Hub repository (namespace/name) each saved model is uploaded to"),
+        ("huggingface_repo_type", "Hub repository type: model (default) or dataset"),
+        ("huggingface_path_in_repo", "folder inside the Hub repository (default: its root)"),
+        ("huggingface_token", "Hub token (never logged, never written by --output_config)"),
+        ("huggingface_repo_visibility", "'public' or 'private' (default private) for a repository created here"),
     ):
-        parser.add_argument(f"--{name}", type=str, default=None, help=f"{what}; not implemented yet")
+        parser.add_argument(f"--{name}", type=str, default=None, help=what)
     for name, what in (
-        ("save_state_to_huggingface", "upload training states to the Hub"),
-        ("resume_from_huggingface", "resume from a state on the Hub"),
-        ("async_upload", "upload in the background"),
+        ("save_state_to_huggingface", "upload training states too"),
+        ("resume_from_huggingface", "--resume names a state on the Hub: {repo_id}/{path}[:{revision}[:{type}]]"),
+        ("async_upload", "upload in the background, in order; the end of training waits for the uploads"),
     ):
-        parser.add_argument(f"--{name}", action="store_true", help=f"{what}; not implemented yet")
+        parser.add_argument(f"--{name}", action="store_true", help=what)
 
 
 def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
-    """train_network.py's validation-loss schedule flags: accepted, not implemented yet (a start-up warning says so)."""
+    """When the validation loss (held-out images: validation_split, is_val subsets) is computed."""
     for name, what in (
         ("validate_every_n_steps", "compute the validation loss every N steps"),
         ("validate_every_n_epochs", "compute the validation loss every N epochs"),
-        ("max_validation_steps", "validation batches per validation run"),
+        ("max_validation_steps", "validation batches per validation run (default: all)"),
     ):
-        parser.add_argument(f"--{name}", type=POSITIVE_INT.argtype(), default=None, help=f"{what}; not implemented yet")
+        parser.add_argument(f"--{name}", type=POSITIVE_INT.argtype(), default=None, help=what)
+
+
+def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
+    """An exponential moving average of the trained weights, used for saving and sampling."""
+    parser.add_argument("--ema", action="store_true", help="keep an EMA of the trained weights; save and sample it")
+    parser.add_argument(
+        "--ema_decay",
+        type=Range(float, 0.0, 1.0, low_open=True, high_open=True).argtype(),
+        default=0.999,
+        help="EMA decay (warm-up: min(decay, (1+t)/(10+t)) at step t)",
+    )
+    parser.add_argument(
+        "--ema_update_every", type=POSITIVE_INT.argtype(), default=1, help="update the EMA every N optimizer steps"
+    )
+    parser.add_argument(
+        "--ema_device", type=str, default="same", choices=["same", "cpu"], help="where the EMA lives (cpu saves VRAM)"
+    )
+    parser.add_argument(
+        "--sample_without_ema", action="store_true", help="with --ema: also sample the raw weights (_noema files)"
+    )
+
+
+def add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """Per-part training windows: a part stops learning after N steps (N, Nsteps) or epochs (Nepochs)."""
+    for part in ("text_encoder", "unet"):
+        parser.add_argument(
+            f"--{part}_train_until",
+            type=str,
+            default=None,
+            help=f"stop training the {part.replace('_', ' ')} after N steps (500, 500steps) or epochs (3epochs)",
+        )
 
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
@@ -273,4 +278,3 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--base_weights", type=str, default=None, nargs="*", help="networks merged before training")
     parser.add_argument("--base_weights_multiplier", type=ANY_NUMBER.argtype(), default=None, nargs="*")
-    add_validation_arguments(parser)

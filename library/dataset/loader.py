@@ -50,6 +50,9 @@ from library.dataset.latent_cache import (
 )
 from library.dataset.scan import scan_dataset
 from library.dataset.types import DatasetConfig, ImageRecord
+from library.dataset.validation import split_records
+from library.dataset.validation import subset_names as subset_names_of
+from library.dataset.validation import validation_seed as validation_seed_of
 from library.errors import UserError
 
 if TYPE_CHECKING:
@@ -87,10 +90,13 @@ class TrainDataset:
         latents: dict[tuple[int, int], LatentEntry | Path] | None = None,
         skipped: Sequence[tuple[Path, str]] = (),
         plan: RunPlan | None = None,
+        subset_names: Sequence[Sequence[str]] | None = None,
     ):
         if len(datasets) != len(records):
             raise ValueError("one records list per dataset is needed")
         self.datasets = list(datasets)
+        # readable names per subset (batch["subsets"]; validation.subset_names), kept by the validation split
+        self.subset_names = [list(n) for n in subset_names] if subset_names is not None else subset_names_of(datasets)
         self.records = [list(r) for r in records]
         self.seed = seed
         self.prior_loss_weight = prior_loss_weight
@@ -150,6 +156,7 @@ class TrainDataset:
             latents=self.latents,
             skipped=self.skipped,
             plan=self.plan,
+            subset_names=self.subset_names,
         )
         args.update(changes)
         datasets = args.pop("datasets", self.datasets)
@@ -216,7 +223,7 @@ class TrainDataset:
         d = plan.dataset_index
         dataset, recs = self.datasets[d], self.records[d]
         cached = self.latents is not None and all((d, i) in self.latents for i in plan.items)
-        latents, images, masks, captions, weights, multipliers, paths, flipped, skipped = ([] for _ in range(9))
+        latents, images, masks, captions, weights, multipliers, paths, flipped, skipped, names = ([] for _ in range(10))
         originals, crops, targets = [], [], []
         for n, i in enumerate(plan.items):
             record = recs[i]
@@ -268,6 +275,7 @@ class TrainDataset:
             weights.append((self.prior_loss_weight if subset.is_reg else 1.0) * subset.loss_weight)
             multipliers.append(dataset.network_multiplier)
             paths.append(str(record.path))
+            names.append(self.subset_names[d][record.subset_index])
             flipped.append(flip)
             originals.append((int(original[1]), int(original[0])))
             crops.append(crop_top_left(plan.bucket, original, flip))
@@ -282,6 +290,7 @@ class TrainDataset:
             "alpha_masks": _stack_masks(masks, plan.bucket),
             "network_multipliers": torch.tensor(multipliers, dtype=torch.float32),
             "paths": paths,
+            "subsets": names,
             "bucket": plan.bucket,
             "flipped": flipped,
             "original_sizes_hw": originals,
@@ -472,54 +481,74 @@ def _without_mask_files(records: list[list[ImageRecord]]) -> list[list[ImageReco
 
 
 def build_train_dataset(
+    flags: DatasetFlags, allowed_styles: set[str], vae: torch.nn.Module | None = None, *, seed: int, **caching: Any
+) -> TrainDataset:
+    """The training dataset of :func:`build_datasets` (the held-out validation images left out)."""
+    return build_datasets(flags, allowed_styles, vae, seed=seed, validation=False, **caching)[0]
+
+
+def build_datasets(
     flags: DatasetFlags,
     allowed_styles: set[str],
     vae: torch.nn.Module | None = None,
     *,
     seed: int,
-    progress: bool = True,
-    process_index: int = 0,
-    num_processes: int = 1,
-    barrier: Callable[[], None] | None = None,
-    gather: Callable[[Any], list[Any]] | None = None,
-    latents_npz_suffix: str = NPZ_SUFFIX,
-) -> TrainDataset:
-    """Flags/TOML -> dataset configs -> scanned records -> buckets -> (latent cache when asked and ``vae`` given).
+    validation: bool = True,
+    **caching: Any,
+) -> tuple[TrainDataset, TrainDataset | None]:
+    """Flags/TOML -> dataset configs -> scanned records -> validation split -> buckets -> (latent cache when asked
+    and ``vae`` given), for the training images and (``validation``) the held-out ones (None when none).
 
-    Latents are not cached with ``--debug_dataset`` (it shows the processed images). ``seed`` is the run's one
-    seed (``library.seeds.resolve_seed``). ``process_index``/``num_processes``/``barrier``/``gather`` split latent
-    caching across the processes of a data-parallel run (see ``attach_latent_cache``). ``--dataset_class`` swaps in
-    a TrainDataset subclass. ``latents_npz_suffix`` names the model family's latent cache files (``_sd.npz``;
-    SDXL ``_sdxl.npz``, as sd-scripts).
+    The held-out images (``validation_split``, ``is_val`` subsets: ``library.dataset.validation``) are never in the
+    training dataset; the validation dataset is of the same class, seeded by the validation seed, with every random
+    augmentation off, and its latents are cached like the training images'. ``seed`` is the run's one seed.
+    ``caching``: ``progress``, and ``process_index``/``num_processes``/``barrier``/``gather`` to split latent
+    caching across processes, ``latents_npz_suffix`` (see ``attach_latent_cache``). ``--dataset_class`` swaps in a
+    TrainDataset subclass.
     """
     cls = load_dataset_class(flags.dataset_class) if flags.dataset_class else TrainDataset
-    train = cls.from_settings(flags, allowed_styles, seed=seed)
-    if not isinstance(train, TrainDataset):
+    found = cls.from_settings(flags, allowed_styles, seed=seed)
+    if not isinstance(found, TrainDataset):
         raise UserError(f"--dataset_class {flags.dataset_class}: from_settings() must return an instance of the class")
+    split = split_records(found.datasets, found.records, found.subset_names)
+    part, held = split.train, split.validation if validation else None
+    train = found.with_changes(datasets=part.datasets, records=part.records, subset_names=part.names)
+    train = _with_latents(train, flags, vae, **caching)
+    if held is None:
+        return train, None
+    logger.info("validation: %d image(s) held out, never trained on", held.images)
+    seed = validation_seed_of(held.datasets[0])
+    val = found.with_changes(
+        datasets=held.datasets, records=held.records, subset_names=held.names, seed=seed, skipped=[], plan=None
+    )
+    return train, _with_latents(val.with_changes(latents=None), flags, vae, **caching)
+
+
+def _with_latents(
+    train: TrainDataset, flags: DatasetFlags, vae: torch.nn.Module | None, **caching: Any
+) -> TrainDataset:
+    """Prepared npz latents, then the latent cache when --cache_latents[_to_disk] asks for it (not with
+    --debug_dataset)."""
+    if flags.debug_dataset:
+        return train
     datasets = train.datasets
-    if not flags.debug_dataset:
-        train = attach_prepared_latents(train, vae)
+    train = attach_prepared_latents(train, vae)
     to_disk = flags.cache_latents_to_disk
-    if (to_disk or flags.cache_latents) and not flags.debug_dataset:
-        flag = "--cache_latents_to_disk" if to_disk else "--cache_latents"
-        if vae is None:
-            refuse_incompatible(datasets, flag)
-            return train
-        train = attach_latent_cache(
-            train,
-            vae,
-            to_disk=to_disk,
-            batch_size=flags.vae_batch_size or max(d.batch_size for d in datasets),
-            skip_check=flags.skip_cache_check,
-            progress=progress,
-            flag=flag,
-            process_index=process_index,
-            num_processes=num_processes,
-            barrier=barrier,
-            gather=gather,
-            latents_npz_suffix=latents_npz_suffix,
-        )
-    return train
+    if not (to_disk or flags.cache_latents):
+        return train
+    flag = "--cache_latents_to_disk" if to_disk else "--cache_latents"
+    if vae is None:
+        refuse_incompatible(datasets, flag)
+        return train
+    return attach_latent_cache(
+        train,
+        vae,
+        to_disk=to_disk,
+        batch_size=flags.vae_batch_size or max(d.batch_size for d in datasets),
+        skip_check=flags.skip_cache_check,
+        flag=flag,
+        **caching,
+    )
 
 
 def load_dataset_class(spec: str) -> type[TrainDataset]:

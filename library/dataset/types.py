@@ -36,6 +36,7 @@ class SubsetConfig:
     metadata_file: Path | None = None
     recursive: bool = False  # also scan image_dir's sub-folders (OneTrainer's "include subdirectories")
     is_reg: bool = False
+    is_val: bool = False  # validation-only: every image is held out for the validation loss, none trained on
     num_repeats: float = 1
     class_tokens: str | None = None
     caption_extension: str = ".caption"

@@ -10,7 +10,10 @@ from typing import Any
 
 from library.config.runtime_flags import DistributedSettings, check_deepspeed
 from library.config.settings import settings_from_flags
+from library.engine.ema import EmaSettings
+from library.engine.windows import WindowSettings
 from library.errors import UserError
+from library.hub import HubSettings
 from library.saving import SavePlan, check_output_location
 from library.state import LATEST, latest_state
 
@@ -66,6 +69,10 @@ class EngineConfig:
     persistent_data_loader_workers: bool = False
     train_batch_size: int = 1
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    ema_settings: EmaSettings = field(default_factory=EmaSettings)
+    windows: WindowSettings = field(default_factory=WindowSettings)
+    hub: HubSettings = field(default_factory=HubSettings)
+    hub_resume: str | None = None  # --resume under --resume_from_huggingface: the state on the Hub to download
     latents_cached: bool = False  # every batch brings cached latents: the VAE can leave the accelerator
     tracker_config: dict[str, Any] = field(default_factory=dict)  # flags logged as hyperparameters (--log_config)
 
@@ -80,8 +87,14 @@ class EngineConfig:
             "latents_cached": bool(args.cache_latents or args.cache_latents_to_disk),
             "tracker_config": _loggable(vars(args)) if args.log_config else {},
             "distributed": settings_from_flags(DistributedSettings, args),
+            "ema_settings": settings_from_flags(EmaSettings, args),
+            "windows": settings_from_flags(WindowSettings, args),
+            "hub": HubSettings.from_args(args),
         }
-        if args.resume == LATEST:
+        computed["hub"].check(args.resume)
+        if computed["hub"].resume_from_huggingface:
+            computed["resume"], computed["hub_resume"] = None, args.resume
+        elif args.resume == LATEST:
             computed["resume"] = latest_state(Path(args.output_dir), args.output_name)
             where = computed["resume"] or f"no state of this run in {args.output_dir} yet: starting from the beginning"
             logger.info(f"--resume latest: {where}")
@@ -118,6 +131,8 @@ class EngineConfig:
                 "--train_batch_size instead) or drop --deepspeed"
             )
         check_deepspeed(self.distributed)
+        self.ema_settings.check()
+        self.windows.windows()
         if self.backup_keep_last is not None and self.backup_every_n_minutes is None:
             raise UserError("--backup_keep_last needs --backup_every_n_minutes (it keeps only the newest backups)")
         if self.save_last_n_steps is not None and not self.save_every_n_steps:

@@ -87,12 +87,10 @@ class StopSignals:
         logger.warning(f"{name} received: stopping after the current step (send it again to stop at once)")
 
 
-def stop_message(signum: int, step: int, state: Path | None) -> str:
+def stop_message(signum: int, step: int, state: Path) -> str:
     """The one line a run stopped by ``signum`` after ``step`` steps ends with; ``state``: where its state went."""
     stopped = f"training stopped at step {step} by {signal_name(signum)}"
-    if state is None:
-        return f"{stopped}; nothing was saved (no state requested: add --save_state to make a stopped run resumable)"
-    return f"{stopped}; state saved to {state} (continue with --resume {state})"
+    return f"{stopped}; state saved to {state} (continue with --resume {state} or --resume latest)"
 
 
 def remove_run_temporaries(output_dir: Path) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from library.config.runtime_flags import (
 )
 from library.config.sdxl_flags import SD_FAMILIES
 from library.config.settings import settings_from_flags
-from library.dataset.loader import TrainDataset, build_train_dataset
+from library.dataset.loader import TrainDataset, build_datasets
 from library.dataset.summary import DatasetSummary, summarize_dataset
 from library.engine.attention import AttentionSettings, attention_from_settings
 from library.engine.config import EngineConfig
@@ -33,9 +34,11 @@ from library.engine.parts import TrainingParts
 from library.engine.recipe import Recipe
 from library.engine.schedule import RunPlan, make_run_plan
 from library.engine.tracking import launch_device, launched_processes
+from library.engine.validation import ValidationSettings, Validator, timesteps_for
 from library.errors import UserError
 from library.models.components import Components
 from library.models.family import ModelFamily, TextEncoding
+from library.noise import NoiseSettings, training_scheduler
 from library.seeds import choose_seed
 from library.text.encode import TextEncodingSettings
 from library.text.output_cache import (
@@ -87,7 +90,8 @@ def load_base_model(source: ModelSource) -> Components:
 @dataclass(frozen=True)
 class PreparedRun:
     """What a script's recipe trains on, made once at start-up: the loop's settings with the run's one seed, the
-    loaded model, the dataset with its latents, the run's one step plan, the dataset's summary and the loop's parts.
+    loaded model, the dataset with its latents, the run's one step plan, the dataset's summary and the loop's parts;
+    the held-out images (``validation``, None when none) with their ``validator`` and its schedule (``validating``).
     """
 
     config: EngineConfig
@@ -96,6 +100,9 @@ class PreparedRun:
     plan: RunPlan
     summary: DatasetSummary
     parts: TrainingParts
+    validation: TrainDataset | None = None
+    validator: Validator | None = None
+    validating: ValidationSettings = ValidationSettings()
 
     def train(
         self,
@@ -120,6 +127,8 @@ class PreparedRun:
             tracker_name=tracker_name,
             summary=summary.text,
             plan=self.plan,
+            validator=self.validator,
+            validating=self.validating,
         )
         if summary.skipped:
             logger.warning(summary.skipped_text)
@@ -150,11 +159,16 @@ def prepare_run(
     from library.engine.wiring import parts_from_args
 
     config = EngineConfig.from_args(args)
-    seed = choose_seed(args.seed, config.resume)
-    config = dataclasses.replace(config, seed=seed)
     runtime = settings_from_flags(RuntimeSettings, args)
     check_fp8(runtime)
     device = launch_device()
+    processes = PartialState(
+        cpu=device.type == "cpu" and launched_processes() > 1, **process_group_kwargs(config.distributed.ddp_timeout)
+    )
+    if config.hub_resume is not None:
+        config = dataclasses.replace(config, resume=hub_state(config, processes))
+    seed = choose_seed(args.seed, config.resume)
+    config = dataclasses.replace(config, seed=seed)
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise UserError(
             "--mixed_precision fp16: accelerate has no fp16 autocast on the CPU, so layers would meet float16 and "
@@ -169,16 +183,13 @@ def prepare_run(
     apply_fp8_base(runtime, components.unet, [] if text_embedding else components.text_encoders)
     compile_unet(components.unet, runtime)
     components.vae.to(device)
-    processes = PartialState(
-        cpu=device.type == "cpu" and launched_processes() > 1, **process_group_kwargs(config.distributed.ddp_timeout)
-    )
     log_process_group_timeout(config.distributed.ddp_timeout, processes.num_processes)
     flags = dataset_flags(args)
     text_cache = settings_from_flags(TextOutputCacheSettings, args)
     if text_cache.enabled:  # refused combinations fail before the latents are cached, not after
         configs = load_dataset_configs(flags, styles)
         check_text_output_cache(text_cache, configs, text_encoder_trained_by=text_trained_by)
-    dataset = build_train_dataset(
+    dataset, validation = build_datasets(
         flags,
         styles,
         components.vae,
@@ -189,9 +200,7 @@ def prepare_run(
         barrier=processes.wait_for_everyone,
         gather=lambda obj: gather_object([obj]),
     )
-    _warn_unused_settings(
-        runtime_notes(runtime, config.distributed, processes.num_processes), dataset, lowram=args.lowram
-    )
+    _warn_unused_settings(runtime_notes(runtime, config.distributed, processes.num_processes), lowram=args.lowram)
     if flags.debug_dataset:
         from library.dataset.debug import debug_dataset
 
@@ -210,7 +219,43 @@ def prepare_run(
         text_id = f"{components.family.name}:{settings_from_flags(TextEncodingSettings, args)!r}"
         encode = cached_text_encoding(dataset, parts, components, text_cache, text_id, flags, processes, device)
         parts = dataclasses.replace(parts, encode_text=encode)
-    return PreparedRun(config, components, dataset, plan, summarize_dataset(dataset), parts)
+    validating = settings_from_flags(ValidationSettings, args)
+    validator = validator_for(validation, components, args, validating) if validation is not None else None
+    summary = summarize_dataset(dataset)
+    if validation is not None:
+        held = sum(len(r) for r in validation.records)
+        summary = summary.with_lines(f"validation: {held} image(s) held out, {len(validator or ())} forward passes")
+    return PreparedRun(config, components, dataset, plan, summary, parts, validation, validator, validating)
+
+
+def validator_for(
+    validation: TrainDataset, components: Components, args: argparse.Namespace, settings: ValidationSettings
+) -> Validator:
+    """The run's validator: the held-out batches (at most --max_validation_steps) at the fixed timesteps inside
+    the training range (--min/--max_timestep, noising strengths), noised by the training scheduler."""
+    noise = settings_from_flags(NoiseSettings, args, v_parameterization=components.v_parameterization)
+    scheduler = training_scheduler(components.scheduler, noise.zero_terminal_snr)
+    return Validator(
+        validation,
+        seed=validation.seed,
+        max_steps=settings.max_validation_steps,
+        timesteps=timesteps_for(noise, scheduler.config.num_train_timesteps),
+        scheduler=scheduler,
+        v_parameterization=components.v_parameterization,
+    )
+
+
+def hub_state(config: EngineConfig, processes: Any) -> Path:
+    """--resume_from_huggingface: the state folder --resume names on the Hub, downloaded once per machine (the local
+    main process first) to ``<output_dir>/hub-resume/<name>``."""
+    from library.hub import download_state, parse_resume_spec
+
+    spec = config.hub_resume
+    dest = config.output_dir / "hub-resume" / parse_resume_spec(spec, config.hub).folder_name
+    with processes.local_main_process_first():
+        if processes.is_local_main_process:
+            download_state(spec, config.hub, dest)
+    return dest
 
 
 def cached_text_encoding(
@@ -286,16 +331,10 @@ def log_process_group_timeout(ddp_timeout: int | None, num_processes: int) -> No
     logger.info(f"--ddp_timeout {ddp_timeout}: process group timeout {timeout}")
 
 
-def _warn_unused_settings(notes: Sequence[str], dataset: TrainDataset, *, lowram: bool) -> None:
-    """Settings this toolkit accepts from sd-scripts users but does not act on yet (``notes``, --lowram, a dataset's
-    validation_split): say so, never ignore silently."""
+def _warn_unused_settings(notes: Sequence[str], *, lowram: bool) -> None:
+    """Settings this toolkit accepts from sd-scripts users but does not act on (``notes``, --lowram): say so, never
+    ignore silently."""
     for note in notes:
         logger.warning(note)
     if lowram:
         logger.warning("--lowram has no effect here: models are loaded on the CPU, then moved to the device once")
-    split = [d.name for d in dataset.datasets if d.validation_split > 0]
-    if split:
-        logger.warning(
-            "%s: validation_split is not implemented yet; no images are held out and no validation loss is logged",
-            ", ".join(split),
-        )

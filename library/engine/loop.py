@@ -15,6 +15,7 @@ from tqdm import tqdm
 from library.engine.backups import Every, backup_state, backups_to_remove
 from library.engine.config import EngineConfig
 from library.engine.data import BatchSource, EpochLoader, dataset_fingerprint, loader_workers
+from library.engine.ema import EMA_FILE, EmaWeights
 from library.engine.interrupts import StopSignals, TrainingInterrupted, remove_run_temporaries, stop_message
 from library.engine.outputs import RunOutputs
 from library.engine.parts import TrainingParts
@@ -23,6 +24,10 @@ from library.engine.recipe import Recipe
 from library.engine.schedule import RunPlan, make_run_plan, shard
 from library.engine.step import TrainingDiverged, batch_loss, divergence_message
 from library.engine.tracking import LossRecorder, make_accelerator, release_accelerator, start_trackers, step_logs
+from library.engine.validation import ValidationSettings, Validator
+from library.engine.windows import TrainingWindows
+from library.errors import UserError
+from library.hub import HubPublisher
 from library.models.components import Components
 from library.optimizers import is_schedule_free
 from library.saving import remove_output
@@ -72,16 +77,20 @@ def train(
     tracker_name: str = "network_train",
     summary: str | None = None,
     plan: RunPlan | None = None,
+    validator: Validator | None = None,
+    validating: ValidationSettings = ValidationSettings(),
 ) -> TrainResult:
     """Train ``recipe``'s weights on ``dataset``; writes models and states under ``config.output_dir``.
 
     ``plan`` is the run's step plan, made once at start-up (``library.engine.launch``); without one (tests that
-    build a source by hand) it is made here from the source's first epoch.
+    build a source by hand) it is made here from the source's first epoch. ``validator`` computes the validation
+    loss on held-out images when ``validating`` says.
 
-    SIGINT and SIGTERM stop training after the current optimizer step (saving a state with --save_state or
-    --save_state_on_train_end) and raise :class:`TrainingInterrupted`, which exits with 128 + the signal number."""
+    SIGINT and SIGTERM stop training after the current optimizer step, save a state to resume from and raise
+    :class:`TrainingInterrupted`, which exits with 128 + the signal number."""
     accelerator = make_accelerator(config)
     run = _Run(config, accelerator, components, dataset, recipe, parts, tracker_name, summary, plan)
+    run.validator, run.validating = validator, validating
     try:
         with StopSignals() as signals:
             run.signals = signals
@@ -92,6 +101,8 @@ def train(
         raise
     finally:
         run.remove_hooks()
+        if run.publisher is not None:
+            run.publisher.close()
         release_accelerator(accelerator)
 
 
@@ -111,6 +122,13 @@ class _Run:
         self.sample_clock = Every(config.sample_every_n_minutes)
         self.hook_handles: list[Any] = []
         self.signals = StopSignals()
+        self.validator: Validator | None = None
+        self.validating = ValidationSettings()
+        self.validation_loss: float | None = None
+        self.windows_reported = False
+        self.publisher: HubPublisher | None = None
+        if config.hub.huggingface_repo_id and accelerator.is_main_process:
+            self.publisher = HubPublisher(config.hub)
 
     def remove_hooks(self) -> None:
         """Take the fused backward pass's hooks off the parameters (after training, and when it fails)."""
@@ -163,6 +181,8 @@ class _Run:
             "network": self.recipe.fingerprint(),
             "dataset": dataset_fingerprint(self.dataset, self.plan.batches_per_epoch),
         }
+        position = self._start_position(resume_data)
+        ema = self._make_ema(schedule_free)
         self.out = RunOutputs(
             config,
             acc,
@@ -174,13 +194,34 @@ class _Run:
             trained_params=self.trained_params,
             optimizer=self.optimizer,
             schedule_free=schedule_free,
+            ema=ema,
+            publisher=self.publisher,
         )
-        position = self._start_position(resume_data)
+        windows = config.windows.windows()
+        parts = self.recipe.part_parameters() if windows else {}
+        self.windows = TrainingWindows(windows, parts, self.plan.steps_per_epoch, self.trained_params)
         if schedule_free:
             self.optimizer.train()
         start_trackers(acc, config, self.tracker_name)
         self._log_summary(position)
         return self._loop(position)
+
+    def _make_ema(self, schedule_free: bool) -> EmaWeights | None:
+        """--ema: the average starts from the trained weights as they are now (after a resume, the state's), and
+        takes the state's average when it has one."""
+        settings = self.config.ema_settings
+        if not settings.ema:
+            return None
+        if schedule_free:
+            raise UserError(
+                "--ema with a schedule-free optimizer: its eval weights are already an average of the training "
+                "weights; drop --ema or pick another optimizer"
+            )
+        ema = EmaWeights(self.trained_params, settings)
+        resume = self.config.resume
+        if resume is not None and not ema.load(resume):
+            logger.warning(f"--ema: {resume} has no {EMA_FILE}; the average starts from the resumed weights")
+        return ema
 
     def _start_position(self, resume_data: dict[str, Any] | None) -> Position:
         config, plan = self.config, self.plan
@@ -236,7 +277,7 @@ class _Run:
         self.loader = EpochLoader(self.dataset, workers, persistent=persistent)
         try:
             for epoch in range(position.epoch, plan.num_epochs):
-                if progress.global_step >= plan.max_train_steps:
+                if progress.global_step >= plan.max_train_steps or self._windows_ended(progress.global_step):
                     break
                 start = position.batches_done if epoch == position.epoch else 0
                 if self._train_epoch(epoch, start, progress, bar):
@@ -259,6 +300,7 @@ class _Run:
             group_end = min(group_start + accumulation, len(batches))
             if offset == 0 or index == group_start:
                 self.recipe.on_step_start(progress.global_step)
+                self.windows.on_step_start(progress.global_step)
             if batch is None:
                 logger.warning(f"epoch {epoch + 1}, batch {index + 1}: no image of this batch could be read")
             else:
@@ -268,16 +310,29 @@ class _Run:
             self._optimizer_step(epoch, index, progress)
             progress.epoch, progress.batches_done = epoch, index + 1
             # the postfix is drawn with the bar, which tqdm redraws at most every mininterval; the last step always
-            bar.set_postfix(avr_loss=f"{self.recorder.average:.4f}", refresh=False)
+            bar.set_postfix(self._postfix(), refresh=False)
             bar.update(1)
             if progress.global_step >= plan.max_train_steps:
                 bar.refresh()
             self._after_step(epoch, index + 1, progress)
+            if self.validator is not None and self.validating.due_after_step(progress.global_step):
+                self._validate(progress.global_step, bar)
             signum = self._stop_signal()
             if signum:
                 raise self._interrupted(signum, Position(progress.global_step, epoch, index + 1))
             if progress.global_step >= plan.max_train_steps and index + 1 < len(batches):
                 return False
+            if self._windows_ended(progress.global_step):
+                return index + 1 == len(batches)
+        return True
+
+    def _windows_ended(self, step: int) -> bool:
+        """Whether every trained part's window (--*_train_until) has ended: training stops there."""
+        if not self.windows.all_ended(step):
+            return False
+        if self.acc.is_main_process and not self.windows_reported:
+            self.windows_reported = True
+            logger.info(f"every trained part's window has ended at step {step}: nothing is left to train, stopping")
         return True
 
     def _micro_step(self, batch: dict[str, Any], epoch: int, index: int, group_size: int, progress: _Progress) -> None:
@@ -292,7 +347,7 @@ class _Run:
             generator=generator,
             device=self.acc.device,
             weight_dtype=self.weight_dtype,
-            train_text_encoder=self.recipe.train_text_encoder,
+            train_text_encoder=self.recipe.train_text_encoder and self.windows.trains("text_encoder"),
             step=progress.global_step,
         )
         if not torch.isfinite(result.loss):
@@ -336,6 +391,8 @@ class _Run:
             self.lr_scheduler.step()
         self.zero_grad()
         extra = {} if bad else self.recipe.after_optimizer_step(acc.device)
+        if not bad and self.out.ema is not None:
+            self.out.ema.update(step)
         progress.global_step = step
         losses = progress.group_losses
         loss = sum(losses) / len(losses) if losses else float("nan")
@@ -353,15 +410,39 @@ class _Run:
         return int(self.acc.gather(torch.tensor([signum], device=self.acc.device)).max().item())
 
     def _interrupted(self, signum: int, position: Position) -> TrainingInterrupted:
-        """Save the state to resume from ``position`` when states are wanted (unless this step's periodic save
-        wrote it already) and say how training stopped."""
+        """Save the state to resume from ``position`` (unless this step's periodic save wrote it already), with or
+        without --save_state, and say how training stopped and where the state went."""
         saves, step = self.saves, position.global_step
-        state = None
-        if saves.save_state or saves.save_state_on_train_end:
-            state = saves.step_state(step)
-            if not (saves.save_state and saves.saves_at_step(step)):
-                self.out.save_state(state, position, None)
+        state = saves.step_state(step)
+        if not (saves.save_state and saves.saves_at_step(step)):
+            self.out.save_state(state, position, None)
         return TrainingInterrupted(signum, stop_message(signum, step, state))
+
+    def _postfix(self) -> dict[str, str]:
+        """The progress bar's figures: the running average loss and the last validation loss."""
+        figures = {"avr_loss": f"{self.recorder.average:.4f}"}
+        if self.validation_loss is not None:
+            figures["val_loss"] = f"{self.validation_loss:.4f}"
+        return figures
+
+    def _validate(self, step: int, bar: tqdm | None) -> None:
+        """Log the validation loss of the raw (trained) weights per subset and overall."""
+        values = self.validator.run(
+            self.models,
+            self.parts,
+            device=self.acc.device,
+            weight_dtype=self.weight_dtype,
+            autocast=self.acc.autocast,
+            step=step,
+            modules=self.recipe.trainable_modules(),
+        )
+        if "" not in values:
+            return
+        self.validation_loss = values[""]
+        logs = {f"loss/validation/{name}": value for name, value in values.items() if name}
+        self.acc.log({"loss/validation": values[""], **logs}, step=step)
+        if bar is not None:
+            bar.set_postfix(self._postfix(), refresh=False)
 
     def _any_process(self, flag: bool) -> bool:
         if self.acc.num_processes == 1:
@@ -382,7 +463,7 @@ class _Run:
                 self.out.sample(step, None)
         if self.config.backup_every_n_minutes and self._any_process(self.backup_clock.due()):
             backup = backup_state(self.config.output_dir, self.config.output_name, step)
-            self.out.save_state(backup, Position(step, epoch, batches_done), None)
+            self.out.save_state(backup, Position(step, epoch, batches_done), None, publish=False)
             for old in backups_to_remove(self.config.output_dir, self.config.output_name, self.config.backup_keep_last):
                 if self.acc.is_main_process and remove_output(old):
                     logger.info(f"removed old backup {old}")
@@ -405,6 +486,8 @@ class _Run:
                 )
         if self.config.sample_every_n_epochs and epoch_no % self.config.sample_every_n_epochs == 0:
             self.out.sample(step, epoch_no)
+        if self.validator is not None and self.validating.due_after_epoch(epoch_no):
+            self._validate(step, None)
 
     def _finish(self, progress: _Progress) -> TrainResult:
         saves, step = self.saves, progress.global_step

@@ -37,7 +37,8 @@ class SampleRequest:
     """A request to render sample images with the model as trained so far (main process only).
 
     ``epoch`` counts completed epochs for epoch-end samples (0 for ``--sample_at_first``) and is None for step
-    samples; ``accelerator`` gives hooks the run's autocast and trackers.
+    samples; ``accelerator`` gives hooks the run's autocast and trackers; ``variant`` names samples of other
+    weights than the saved ones (``noema``: the raw weights beside the EMA) and is empty for the usual samples.
     """
 
     components: Components
@@ -46,6 +47,7 @@ class SampleRequest:
     output_dir: Path
     device: torch.device
     accelerator: Any = None
+    variant: str = ""
 
 
 NoiseFunction = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -76,6 +76,11 @@ class Recipe(ABC):
         digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
         return {"trainable_tensors": len(shapes), "trainable_shapes": digest}
 
+    def part_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The trained parameters of each part (``text_encoder``, ``unet``) that --text_encoder_train_until /
+        --unet_train_until can stop; by default none (the flags are then refused)."""
+        return {}
+
     def begin(self, plan: Any, seed: int, optimizer: torch.optim.Optimizer) -> None:
         """Called once the run's step plan (``library.engine.schedule.RunPlan``), seed and optimizer are known."""
         return None

@@ -33,10 +33,12 @@ class StepModels:
 
 @dataclass(frozen=True)
 class BatchLoss:
-    """One batch's mean weighted loss and whether its latents were finite (for the divergence message)."""
+    """One batch's mean weighted loss, its weighted per-sample losses (detached) and whether its latents were
+    finite (for the divergence message)."""
 
     loss: torch.Tensor
     latents_finite: bool
+    per_sample: torch.Tensor
 
 
 def batch_latents(
@@ -100,7 +102,9 @@ def batch_loss(
     weights = batch.get("loss_weights")
     if weights is not None:
         per_sample = per_sample * torch.as_tensor(weights, device=per_sample.device, dtype=per_sample.dtype)
-    return BatchLoss(loss=per_sample.mean(), latents_finite=bool(torch.isfinite(latents).all()))
+    return BatchLoss(
+        loss=per_sample.mean(), latents_finite=bool(torch.isfinite(latents).all()), per_sample=per_sample.detach()
+    )
 
 
 def divergence_message(

@@ -152,13 +152,17 @@ def _shown(value: Any) -> str:
     return str(value) if value != "" else '""'
 
 
-def concept_subsets(m: Mapper, concepts: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``[general]`` and the ``[[datasets]]`` (one per resolution) for the enabled training concepts."""
+def concept_subsets(
+    m: Mapper, concepts: list[dict[str, Any]], validation_off: str | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``[general]`` and the ``[[datasets]]`` (one per resolution) for the enabled concepts: VALIDATION concepts become
+    ``is_val = true`` subsets, or are listed with ``validation_off`` (why) when OneTrainer would not validate."""
     resolution, note = parse_resolution(m.get("resolution"), "resolution")
     if note:
         m.out.unmapped.append(f"resolution = {m.config.get('resolution')}: {note}")
     caching = bool(m.out.flags.get("training", {}).get("cache_latents_to_disk"))
     by_resolution: dict[str, dict[str, Any]] = {}
+    trained = 0
     for index, concept in enumerate(concepts):
         name = concept.get("name") or concept.get("path") or ""
         where = f"concepts[{index}]" + (f" ({name})" if name else "")
@@ -166,10 +170,10 @@ def concept_subsets(m: Mapper, concepts: list[dict[str, Any]]) -> tuple[dict[str
         if not concept.get("enabled", True):
             m.out.unmapped.append(f"{where}.enabled = false: left out (disabled in OneTrainer)")
             continue
-        if kind == "VALIDATION":
-            m.out.unmapped.append(f"{where}.type = VALIDATION: left out: validation loss is not implemented yet")
+        if kind == "VALIDATION" and validation_off:
+            m.out.unmapped.append(f"{where}.type = VALIDATION: {validation_off}")
             continue
-        if kind != "STANDARD":
+        if kind not in ("STANDARD", "VALIDATION"):
             m.out.unmapped.append(f"{where}.type = {kind}: left out: prior-prediction concepts are not supported")
             continue
         if not concept.get("path"):
@@ -182,12 +186,17 @@ def concept_subsets(m: Mapper, concepts: list[dict[str, Any]]) -> tuple[dict[str
                 m.out.unmapped.append(f"{where}.image.resolution_override = {text}: {own_note}")
         dataset = by_resolution.setdefault(str(own), {"resolution": own, "subsets": []})
         try:
-            dataset["subsets"].append(_subset(m, concept, where, caching))
+            subset = _subset(m, concept, where, caching)
+            if kind == "VALIDATION":
+                subset = {"image_dir": subset.pop("image_dir"), "is_val": True, **subset}
+            else:
+                trained += 1
+            dataset["subsets"].append(subset)
         except (TypeError, ValueError) as e:
             raise UserError(
                 f"{m.config.path}: {where}: a setting has the wrong type ({e}); fix it in OneTrainer"
             ) from None
-    if not by_resolution:
+    if not trained:
         raise UserError(f"{m.config.path}: no enabled training concept (of {len(concepts)}); nothing to train on")
     general: dict[str, Any] = {"batch_size": int(m.get("batch_size"))}
     if m.get("aspect_ratio_bucketing"):

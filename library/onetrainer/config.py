@@ -153,6 +153,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "sample_after_unit": "MINUTE",
     "sample_skip_first": 0,
     "non_ema_sampling": True,
+    "backup_before_save": True,
     "backup_after": 30,
     "backup_after_unit": "MINUTE",
     "rolling_backup": False,

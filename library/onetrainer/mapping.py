@@ -17,8 +17,6 @@ from library.onetrainer.config import TRAIN_DEFAULTS, OneTrainerConfig
 NOT_YET = "not supported yet"
 
 UNSUPPORTED: dict[str, str] = {
-    "ema": f"{NOT_YET} (issue 12: EMA)",
-    "validation": f"{NOT_YET}: validation loss is not implemented",
     "multi_gpu": "use `accelerate launch` with several processes (docs/multi_gpu.md)",
     "debug_mode": "no debug image dumps; --debug_dataset shows the batches",
     "only_cache": "cache with tools/cache_latents.py instead",
@@ -81,8 +79,6 @@ NO_EFFECT_PREFIXES = (
     "sample_video_format",
     "sample_audio_format",
     "samples_to_tensorboard",
-    "non_ema_sampling",
-    "backup_before_save",
     "prevent_overwrites",
     "optimizer_defaults",
     "secrets.",
@@ -104,7 +100,6 @@ NO_EFFECT_PREFIXES = (
     "effnet_encoder.",
     "decoder",
     "vae.",
-    "unet.stop_training_after",
 )
 
 # Per-part keys that change nothing here (frozen text encoders are held in the mixed precision).

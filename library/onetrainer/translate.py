@@ -1,5 +1,6 @@
 """Translate a OneTrainer config with the tables of :mod:`library.onetrainer.mapping` (model, output, optimizer,
-schedule, trained parts, network or embedding, loss and noise, cadences), then list what was left over."""
+schedule, trained parts and their training windows, network or embedding, loss and noise, cadences, EMA and
+validation), then list what was left over."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import PurePosixPath
 from library.errors import UserError
 from library.onetrainer.concepts import concept_subsets, random_augmentations, sample_lines
 from library.onetrainer.config import OneTrainerConfig
+from library.onetrainer.extras import map_ema, map_validation, map_windows, note_hub_token
 from library.onetrainer.mapping import (
     ADAFACTOR_BOOLS,
     CADENCE,
@@ -70,7 +72,9 @@ def convert(config: OneTrainerConfig) -> Conversion:
         _embedding(m)
     _loss_and_noise(m)
     _cadence(m)
-    general, datasets = concept_subsets(m, config.concepts)
+    map_ema(m)
+    note_hub_token(m)
+    general, datasets = concept_subsets(m, config.concepts, map_validation(m))
     if m.config.get("text_encoder.dropout_probability"):
         general["caption_dropout_rate"] = float(m.config.get("text_encoder.dropout_probability"))
     m.out.dataset = {"general": general, "datasets": datasets}
@@ -279,21 +283,8 @@ def _parts(m: Mapper, method: str) -> None:
             m.unmapped("unet.weight_dtype", "trained weights are float32, bf16 (--full_bf16) or fp16 (--full_fp16)")
     else:
         m.get("unet.train")
-    for part, train in zip(te_keys, te_train):
-        unit = m.get(f"{part}.stop_training_after_unit")
-        after = m.get(f"{part}.stop_training_after")
-        if not train or method == "EMBEDDING" or unit == "NEVER" or not after:
-            continue
-        if method == "FINE_TUNE" and not sdxl and unit == "STEP":
-            m.set("model", "stop_text_encoder_training", int(after))
-        elif method == "FINE_TUNE" and not sdxl:
-            m.unmapped(
-                f"{part}.stop_training_after",
-                f"--stop_text_encoder_training counts steps, not {unit.lower()}s: set it to {after} x steps per epoch",
-                f"{after} {unit}",
-            )
-        else:
-            m.unmapped(f"{part}.stop_training_after", f"not supported by {script}", f"{after} {unit}")
+    trains_parts = method != "EMBEDDING"
+    map_windows(m, unet_train and trains_parts, [(p, t and trains_parts) for p, t in zip(te_keys, te_train)])
     if method != "FINE_TUNE":
         weight = m.get("unet.weight_dtype")
         if weight == "FLOAT_8":
@@ -460,6 +451,8 @@ def _cadence(m: Mapper) -> None:
         m.unmapped("backup_after", f"a backup cadence in {unit}s is not supported", f"{backup} {backup_unit}")
     m.get("rolling_backup")
     m.get("rolling_backup_count")
+    if m.get("backup_before_save"):
+        m.set("saving", "save_state_on_train_end", True)
     if m.get("continue_last_backup"):
         m.set("saving", "resume", "latest")
     if m.config.samples:
@@ -467,5 +460,3 @@ def _cadence(m: Mapper) -> None:
     if m.get("tensorboard"):
         m.set("logging", "log_with", "tensorboard")
         m.set("logging", "logging_dir", re.sub(r"/+$", "", str(m.get("workspace_dir"))) + "/tensorboard")
-    for key in ("validate_after", "validate_after_unit", "ema_decay", "ema_update_step_interval"):
-        m.get(key)

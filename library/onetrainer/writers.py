@@ -15,6 +15,8 @@ SECTION_ORDER = (
     "model",
     "dataset",
     "training",
+    "ema",
+    "validation",
     "optimizer",
     "network",
     "embedding",

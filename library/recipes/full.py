@@ -133,6 +133,10 @@ class FullRecipe(Recipe):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.components.unet, *(encoder for encoder, _ in self.trained_text_encoders())]
 
+    def part_parameters(self) -> dict[str, list[nn.Parameter]]:
+        encoders = [p for encoder, _ in self.trained_text_encoders() for p in encoder.parameters()]
+        return {"unet": list(self.components.unet.parameters()), "text_encoder": encoders}
+
     def param_groups(self) -> ParamGroups:
         """One group as sd-scripts builds it, or UNet and text encoder apart when --learning_rate_te is given;
         for SDXL a group per text encoder (``textencoder1``/``2``) and with --block_lr a group per UNet block."""

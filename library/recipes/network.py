@@ -170,6 +170,14 @@ class NetworkRecipe(Recipe):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.network]
 
+    def part_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The network's text-encoder and UNet modules' trained parameters (sd-scripts' ``text_encoder_loras`` /
+        ``unet_loras``, which LyCORIS's network has too)."""
+        return {
+            part: [p for module in getattr(self.network, name, []) for p in module.parameters() if p.requires_grad]
+            for part, name in (("text_encoder", "text_encoder_loras"), ("unet", "unet_loras"))
+        }
+
     def param_groups(self) -> ParamGroups:
         s = self.settings
         result = self.network.prepare_optimizer_params(s.text_encoder_lr, s.unet_lr, s.learning_rate)

@@ -297,12 +297,13 @@ def _encode_expanded(
 
 def _sample_expanded(recipe: TextualInversionRecipe, settings: SampleSettings, request: SampleRequest) -> None:
     from library.sampling import sample_images
+    from library.sampling.hook import for_request
 
     token = recipe.settings.token_string
     replacement = (token, " ".join(recipe.strings)) if len(recipe.strings) > 1 else None
     sample_images(
         request.components,
-        settings,
+        for_request(settings, request),
         epoch=request.epoch,
         step=request.step,
         device=request.device,

@@ -49,6 +49,7 @@ class SampleSettings:
     every_n_steps: int | None = None  # --sample_every_n_steps
     every_n_epochs: int | None = None  # --sample_every_n_epochs
     at_first: bool = False  # --sample_at_first
+    file_suffix: str = ""  # added to file names and tracker keys (e.g. "_noema" for --sample_without_ema)
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,23 @@ def should_sample(
 
 
 def sample_file_name(
-    output_name: str | None, epoch: int | None, step: int, index: int, timestamp: str, seed: int | None
+    output_name: str | None,
+    epoch: int | None,
+    step: int,
+    index: int,
+    timestamp: str,
+    seed: int | None,
+    suffix: str = "",
 ) -> str:
-    """sd-scripts' name: ``[<output_name>_]{e<epoch:06d>|<step:06d>}_<index:02d>_<timestamp>[_<seed>].png``.
+    """sd-scripts' name: ``[<output_name>_]{e<epoch:06d>|<step:06d>}_<index:02d>_<timestamp>[_<seed>].png``, with
+    ``suffix`` before the extension (``_noema`` for the raw weights of an EMA run).
 
     The seed is in the name only when the prompt sets one (``--d``), as in sd-scripts.
     """
     prefix = "" if output_name is None else f"{output_name}_"
     label = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
     seed_suffix = "" if seed is None else f"_{seed}"
-    return f"{prefix}{label}_{index:02d}_{timestamp}{seed_suffix}.png"
+    return f"{prefix}{label}_{index:02d}_{timestamp}{seed_suffix}{suffix}.png"
 
 
 def derived_seed(training_seed: int | None, step: int, epoch: int | None, index: int) -> int:
@@ -335,7 +343,7 @@ def _one_sample(
     path = (
         settings.output_dir
         / "sample"
-        / sample_file_name(settings.output_name, epoch, step, request.index, stamp, request.seed)
+        / sample_file_name(settings.output_name, epoch, step, request.index, stamp, request.seed, settings.file_suffix)
     )
     _save_png(image, path)
     return Sample(image=image, path=path, prompt=request, seed=seed)

@@ -30,7 +30,7 @@ def make_sample_hook(settings: SampleSettings, accelerator: Any = None) -> Calla
         try:
             samples = sample_images(
                 request.components,
-                replace(settings, output_dir=request.output_dir),
+                for_request(settings, request),
                 epoch=request.epoch,
                 step=request.step,
                 device=request.device,
@@ -47,6 +47,7 @@ def make_sample_hook(settings: SampleSettings, accelerator: Any = None) -> Calla
                     [s.prompt.prompt for s in samples],
                     request.step,
                     indices=[s.prompt.index for s in samples],
+                    suffix=for_request(settings, request).file_suffix,
                 )
             except Exception as e:
                 logger.warning(
@@ -55,3 +56,9 @@ def make_sample_hook(settings: SampleSettings, accelerator: Any = None) -> Calla
         return samples
 
     return sample
+
+
+def for_request(settings: SampleSettings, request: Any) -> SampleSettings:
+    """``settings`` writing to the request's output folder, with its variant (if any) in file names."""
+    variant = getattr(request, "variant", "")
+    return replace(settings, output_dir=request.output_dir, file_suffix=f"_{variant}" if variant else "")

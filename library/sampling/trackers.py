@@ -15,8 +15,10 @@ def log_images_to_trackers(
     prompts: Sequence[str],
     step: int,
     indices: Sequence[int] | None = None,
+    suffix: str = "",
 ) -> None:
-    """Log each image as ``sample_<i>`` (sd-scripts' wandb key) to every TensorBoard / wandb tracker.
+    """Log each image as ``sample_<i>`` (sd-scripts' wandb key; ``sample_<i><suffix>`` for a sample variant) to
+    every TensorBoard / wandb tracker.
 
     ``i`` is the prompt's position in its file (``indices``; by default the image's position in ``images``), so a
     prompt keeps its key when another one failed. Only the main process logs; other tracker kinds are skipped.
@@ -24,7 +26,7 @@ def log_images_to_trackers(
     """
     if not accelerator.is_main_process:
         return
-    keys = list(range(len(images))) if indices is None else list(indices)
+    keys = [f"{i}{suffix}" for i in (range(len(images)) if indices is None else indices)]
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for i, image, prompt in zip(keys, images, prompts):
