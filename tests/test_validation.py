@@ -252,6 +252,7 @@ def test_train_network_never_trains_on_or_counts_the_held_out_images(model_dir, 
     metadata = load_safetensors(tmp_path / "lora.safetensors")[1]
     counts = {k: v["img_count"] for k, v in json.loads(metadata["ss_dataset_dirs"]).items()}
     assert counts == {"img": 3, "img (2)": 3}  # 6 - 3 held out per folder; no "held" (is_val)
+    assert metadata["ss_num_validation_images"] == "8"  # 3 + 3 split off, 2 is_val
     assert "validation: 8 image(s) held out" in caplog.text
     assert "not implemented yet" not in caplog.text
 

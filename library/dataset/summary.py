@@ -20,13 +20,15 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class DatasetSummary:
     """A dataset as recipes and the loop see it. ``num_train_images``/``num_reg_images`` count images times
-    repeats over all datasets (sd-scripts' ``ss_num_train_images``); ``skipped`` holds unreadable images' paths."""
+    repeats over all datasets (sd-scripts' ``ss_num_train_images``); ``skipped`` holds unreadable images' paths;
+    ``num_validation_images`` counts the held-out images (``ss_num_validation_images``)."""
 
     lines: tuple[str, ...]
     datasets: tuple[DatasetMetadata, ...]
     num_train_images: int
     num_reg_images: int
     skipped: tuple[str, ...]
+    num_validation_images: int = 0
 
     @property
     def text(self) -> str:

@@ -224,7 +224,10 @@ def prepare_run(
     summary = summarize_dataset(dataset)
     if validation is not None:
         held = sum(len(r) for r in validation.records)
-        summary = summary.with_lines(f"validation: {held} image(s) held out, {len(validator or ())} forward passes")
+        summary = dataclasses.replace(
+            summary.with_lines(f"validation: {held} image(s) held out, {len(validator or ())} forward passes"),
+            num_validation_images=held,
+        )
     return PreparedRun(config, components, dataset, plan, summary, parts, validation, validator, validating)
 
 

@@ -218,6 +218,7 @@ class NetworkRecipe(Recipe):
             training_started_at=time.time(),
             num_train_images=dataset.num_train_images if dataset is not None else 0,
             num_reg_images=dataset.num_reg_images if dataset is not None else 0,
+            num_validation_images=dataset.num_validation_images if dataset is not None else 0,
             num_batches_per_epoch=plan.batches_per_epoch,
             num_epochs=plan.num_epochs,
             max_train_steps=plan.max_train_steps,
