@@ -241,3 +241,12 @@ def test_builtin_tiny_model_names_build_on_the_spot(tmp_path, monkeypatch):
     (tmp_path / "tiny-sd1").mkdir()
     with pytest.raises(UserError, match=r"tiny-sd1: not a diffusers Stable Diffusion folder"):
         load_model("tiny-sd1")  # a real folder of that name wins over the built-in
+
+
+def test_a_bundled_model_missing_from_the_install_is_one_line(monkeypatch, tmp_path):
+    """``tiny-shapes`` names the model shipped in library/data; an install without it says so in one line."""
+    from importlib import resources
+
+    monkeypatch.setattr(resources, "files", lambda package: tmp_path)
+    with pytest.raises(UserError, match=r"^tiny-shapes: the bundled model is missing from this install \(.+\); "):
+        load_model("tiny-shapes")

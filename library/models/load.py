@@ -303,6 +303,23 @@ def _cached_tokenizer(cache: Path, cache_name: str) -> CLIPTokenizer | None:
     return None
 
 
+BUNDLED_MODELS = ("tiny-shapes",)
+"""Pretrained models shipped inside the package (``library/data/<name>``), loadable by name."""
+
+
+def bundled_model_dir(name: str) -> Path:
+    """The folder of the bundled model ``name``; a one-line UserError when this install lacks it."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("library") / "data" / name))
+    if not (folder / "model_index.json").is_file():
+        raise UserError(
+            f"{name}: the bundled model is missing from this install ({folder}); reinstall, or rebuild it with "
+            "tools/build_tiny_model.py"
+        )
+    return folder
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -315,7 +332,8 @@ def load_model(
     disable_mmap: bool = False,
 ) -> Components:
     """Load a model: a diffusers folder, a Hub repo id (through the normal cache), a single file or a built-in
-    tiny model name (``tiny-sd1``; an existing file or folder of that name wins).
+    tiny model name (``tiny-sd1``: random weights; ``tiny-shapes``: the bundled pretrained model) — an existing file
+    or folder of that name wins.
 
     ``v2`` / ``v_parameterization`` are the flags (None when not given); ``vae`` replaces the VAE; ``disable_mmap``
     reads a single ``.safetensors`` file into memory instead of memory-mapping it.
@@ -328,6 +346,8 @@ def load_model(
         parts = _load_diffusers_dir(path, v2, v_parameterization, name)
     elif _is_repo_id(name):
         parts = _load_diffusers_dir(_hub_model_dir(name, _hub_subfolders()), v2, v_parameterization, name)
+    elif name in BUNDLED_MODELS:
+        parts = _load_diffusers_dir(bundled_model_dir(name), v2, v_parameterization, name)
     elif name in tiny_presets():
         tiny = tiny_model(family_named(name.removeprefix("tiny-")), v_parameterization)
         note = f"{name}: tiny random-weight model built on the spot (for demos and tests)"

@@ -1,0 +1,1 @@
+"""Procedural coloured-shape scenes (the tiny-shapes model's training data) and the evaluator that judges images."""
