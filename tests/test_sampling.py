@@ -260,8 +260,9 @@ def test_sampler_table_matches_sd_scripts():
             "scaled_linear",
         )
         assert config.prediction_type == "v_prediction"
-        if "clip_sample" in config:  # sd-scripts turns clip_sample on wherever the scheduler has it
-            assert config.clip_sample is True
+        if "clip_sample" in config:  # the model's setting (off for SD), where sd-scripts forces it on
+            assert config.clip_sample is False
+    assert make_sampler("ddim", {**SD_SCHEDULE, "clip_sample": True}).config.clip_sample is True
     ddim = make_sampler("ddim", SD_SCHEDULE).config
     assert ddim.steps_offset == 0 and ddim.prediction_type == "epsilon"
     assert make_sampler("dpmsolver", SD_SCHEDULE).config.algorithm_type == "dpmsolver"

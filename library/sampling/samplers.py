@@ -1,8 +1,10 @@
 """Sampler names (sd-scripts' ``--sample_sampler`` / ``--ss``) mapped to diffusers schedulers.
 
-Each scheduler is built the way sd-scripts builds it: the model's noise schedule, the class defaults otherwise,
-``clip_sample=True`` where the class has that option, and the model's prediction type. Two names sd-scripts
-documents but rejects (``dpm++_2m_karras``, ``dpm++_2m_sde_karras``) are supported here.
+Each scheduler is built the way sd-scripts builds it (the model's noise schedule, the class defaults otherwise,
+and the model's prediction type) except for ``clip_sample``, which follows the model's schedule (off for every SD
+checkpoint) where sd-scripts forces it on: clipping the predicted clean *latents* to [-1, 1] washes out colours
+(latents are not pixels; diffusers, A1111 and ComfyUI never clip them). Two names sd-scripts documents but rejects
+(``dpm++_2m_karras``, ``dpm++_2m_sde_karras``) are supported here.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def make_sampler(
     kwargs.update(extra)
     kwargs["prediction_type"] = prediction_type
     if "clip_sample" in inspect.signature(cls.__init__).parameters:
-        kwargs["clip_sample"] = True
+        kwargs["clip_sample"] = bool(schedule.get("clip_sample", False))
     if class_name == "PNDMScheduler" and steps is not None and steps < PNDM_MIN_PRK_STEPS:
         kwargs["skip_prk_steps"] = True
     return cls(**kwargs)
