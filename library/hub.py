@@ -6,7 +6,6 @@ Uploads go through huggingface_hub's ``HfApi``; a failed upload is one warning l
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -40,12 +39,6 @@ class HubSettings:
     save_state_to_huggingface: bool = False
     resume_from_huggingface: bool = False
     async_upload: bool = False
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> HubSettings:
-        """The settings from parsed flags (absent flags keep their defaults)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{name: getattr(args, name) for name in names if getattr(args, name, None) is not None})
 
     @property
     def repo_type(self) -> str:

@@ -185,13 +185,14 @@ def test_check_rejects_bad_combinations(flags: dict, message: str) -> None:
         HubSettings(**flags).check(resume=None)
 
 
-def test_from_args_reads_the_flags() -> None:
+def test_settings_from_flags_reads_the_flags() -> None:
     from library.config.engine_flags import add_hub_arguments
+    from library.config.settings import settings_from_flags
 
     parser = argparse.ArgumentParser()
     add_hub_arguments(parser)
     args = parser.parse_args(["--huggingface_repo_id", "me/x", "--async_upload", "--huggingface_token", TOKEN])
-    cfg = HubSettings.from_args(args)
+    cfg = settings_from_flags(HubSettings, args)
     assert cfg == HubSettings(huggingface_repo_id="me/x", async_upload=True, huggingface_token=TOKEN)
     assert cfg.private and cfg.repo_type == "model"
     cfg.check()

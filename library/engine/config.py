@@ -89,7 +89,7 @@ class EngineConfig:
             "distributed": settings_from_flags(DistributedSettings, args),
             "ema_settings": settings_from_flags(EmaSettings, args),
             "windows": settings_from_flags(WindowSettings, args),
-            "hub": HubSettings.from_args(args),
+            "hub": settings_from_flags(HubSettings, args),
         }
         computed["hub"].check(args.resume)
         if computed["hub"].resume_from_huggingface:
