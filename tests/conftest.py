@@ -97,7 +97,7 @@ def sdxl_dir(tmp_path_factory) -> Path:
     from library.models.family import family_named
     from library.models.save import save_model
     from library.models.tiny import tiny_model
+    from tests.training import hub_tokenizer_files
 
-    return save_model(
-        tiny_model(family_named("sdxl")), tmp_path_factory.mktemp("model") / "sdxl", "diffusers_safetensors"
-    )
+    folder = tmp_path_factory.mktemp("model") / "sdxl"
+    return hub_tokenizer_files(save_model(tiny_model(family_named("sdxl")), folder, "diffusers_safetensors"))

@@ -82,9 +82,11 @@ def test_children_report_peak_cuda_memory_in_a_line_the_parent_reads():
 
 @pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
 def test_quick_run_prints_and_saves_figures(tmp_path, model):
+    """Both children run for real; 4 steps of batch 2 (under --quick's cap of 10) keep it cheap."""
     out = tmp_path / "figures.json"
+    small = ["--steps", "4", "--batch_size", "2"]
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--model", model, "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", *small, "--threads", "1", "--model", model, "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -94,13 +96,14 @@ def test_quick_run_prints_and_saves_figures(tmp_path, model):
     assert "ours / baseline" in done.stdout
     assert "load average" in done.stdout
     result = json.loads(out.read_text())
-    assert result["settings"]["steps"] == 10
+    assert result["settings"]["steps"] == 4
+    assert result["settings"]["batch_size"] == 2
     assert result["settings"]["model"] == model
     script = {"tiny-sd1": "train_network.py", "tiny-sdxl": "sdxl_train_network.py"}[model]
     assert result["small"]["ours"]["label"] == f"{script} (defaults)"
     for run in ("baseline", "ours"):
         figures = result["small"][run]
-        assert figures["steps_done"] == 10
+        assert figures["steps_done"] == 4
         assert figures["steps_per_s"] > 0
         assert figures["steps_per_cpu_s"] > 0
         assert 0 < figures["first_step_s"] < figures["wall_s"]

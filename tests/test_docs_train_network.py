@@ -42,6 +42,7 @@ def test_worked_example_runs_and_resumes_step_exactly(tmp_path, monkeypatch):
         "frog-lora-step00000004-state",
         "frog-lora-step00000004.safetensors",
         "frog-lora.safetensors",
+        "frog-lora_report.txt",
         "sample",
     ]
     samples = sorted(p.name for p in (run / "sample").iterdir())

@@ -206,6 +206,7 @@ def test_epochs_win_and_outputs_follow_sd_scripts_names_and_cleanup(tmp_path):
         "x-step00000006-state",
         "x-step00000006.safetensors",
         "x.safetensors",
+        "x_report.txt",
     ]
     state = json.loads((out / "x-step00000004-state" / "train_state.json").read_text())
     assert state["position"] == {"global_step": 4, "epoch": 1, "batches_done": 2}
@@ -216,7 +217,7 @@ def test_epochs_win_and_outputs_follow_sd_scripts_names_and_cleanup(tmp_path):
 def test_default_names_without_output_name(tmp_path):
     run(tmp_path, output_name=None, max_train_steps=4, save_every_n_epochs=1, save_every_n_steps=3)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["at-step00000003.safetensors", "epoch-000001.safetensors", "last.safetensors"]
+    assert names == ["at-step00000003.safetensors", "epoch-000001.safetensors", "last.safetensors", "last_report.txt"]
 
 
 def test_nan_loss_stops_before_saving_and_names_the_step(tmp_path):

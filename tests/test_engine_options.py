@@ -192,7 +192,11 @@ def test_schedule_free_resume_continues_exactly(tmp_path):
     whole, _ = run_schedule_free(tmp_path / "a", 8, 0.02, save_every_n_steps=4, save_state=True)
     state = tmp_path / "a" / "x-step00000004-state"
     resumed, _ = run_schedule_free(tmp_path / "b", 8, 0.02, save_every_n_steps=4, resume=state)
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["x-step00000008.safetensors", "x.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "x-step00000008.safetensors",
+        "x.safetensors",
+        "x_report.txt",
+    ]
     for key in TRAINED:
         assert torch.equal(resumed[key], whole[key])
 

@@ -97,7 +97,7 @@ def baseline(model_dir, data, tmp_path_factory) -> Path:
     train_network.main(args(model_dir, data, out))
     assert {p.name for p in out.iterdir()} == {f"lora-step{s:08d}.safetensors" for s in range(1, STEPS + 1)} | {
         f"lora-step{s:08d}-state" for s in range(1, STEPS + 1)
-    } | {"lora.safetensors", "lora-state"}
+    } | {"lora.safetensors", "lora-state", "lora_report.txt"}
     return out
 
 

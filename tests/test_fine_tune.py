@@ -68,7 +68,7 @@ def test_in_json_with_text_encoder_saved_as_ckpt(model_dir, data, tmp_path, monk
     loaded = loaded_models(monkeypatch)
     argv = ft_args(out, "--pretrained_model_name_or_path", str(model_dir), *in_json(data), "--max_train_steps", "2")
     fine_tune.main([*argv, "--train_text_encoder", "--learning_rate_te", "5e-4", "--save_model_as", "ckpt"])
-    assert sorted(p.name for p in out.iterdir()) == ["ft.ckpt"]
+    assert sorted(p.name for p in out.iterdir()) == ["ft.ckpt", "ft_report.txt"]
     check_saved_weights(model_weights(out / "ft.ckpt"), model_weights(model_dir), loaded[0], {"unet", "text_encoder"})
 
 
@@ -80,7 +80,7 @@ def test_toml_metadata_subset_trains_unet_only_by_default(model_dir, data, tmp_p
     loaded = loaded_models(monkeypatch)
     argv = ft_args(out, "--pretrained_model_name_or_path", str(model_dir), "--dataset_config", str(config))
     fine_tune.main([*argv, "--max_train_steps", "1", "--save_model_as", "diffusers_safetensors"])
-    assert sorted(p.name for p in out.iterdir()) == ["ft"]
+    assert sorted(p.name for p in out.iterdir()) == ["ft", "ft_report.txt"]
     check_saved_weights(model_weights(out / "ft"), model_weights(model_dir), loaded[0], {"unet"})
 
 
@@ -161,7 +161,7 @@ def test_scratch_model_names_the_missing_config(tmp_path):
 
 def test_docs_example_runs(tmp_path):
     out = run_docs_example("fine_tune.md", tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["frog-ft.safetensors", "meta.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["frog-ft.safetensors", "frog-ft_report.txt", "meta.json"]
     base, trained = model_weights("tiny-sd1"), model_weights(out / "frog-ft.safetensors")
     for name in ("unet", "text_encoder"):  # the example trains both (--train_text_encoder)
         assert all(not torch.equal(trained[name][k], base[name][k]) for k in base[name]), name

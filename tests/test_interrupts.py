@@ -157,4 +157,6 @@ def test_a_run_removes_abandoned_temporaries_only(model_dir, data_dir, tmp_path,
     assert all(path.read_bytes() == b"user data" for path in kept)
     removed = [r.getMessage() for r in caplog.records if r.getMessage().endswith("left by an interrupted save")]
     assert sorted(removed) == sorted(f"removed {path}, left by an interrupted save" for path in abandoned)
-    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in kept), "lora.safetensors", "sample"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(p.name for p in kept), "lora.safetensors", "lora_report.txt", "sample"]
+    )

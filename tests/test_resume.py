@@ -124,6 +124,7 @@ def test_initial_step_override_skips_to_that_position(model_dir, data_dir, tmp_p
         "lora-step00000006-state",
         "lora-step00000006.safetensors",
         "lora.safetensors",
+        "lora_report.txt",
     ]
     assert read_state(out / "lora-step00000006-state")["position"] == {
         "global_step": 6,
@@ -197,7 +198,7 @@ def test_backups_on_the_clock_keep_the_newest_and_resume_exactly(straight, model
     backups = sorted(p.name for p in out.iterdir() if "-backup-" in p.name)
     assert backups == ["lora-backup-step00000005-state", "lora-backup-step00000006-state"]
     assert read_state(out / backups[0])["position"] == {"global_step": 5, "epoch": 1, "batches_done": 1}
-    assert len(list((out / "sample").glob("*.png"))) == 6
+    assert len(list((out / "sample").glob("lora_0*.png"))) == 6 and (out / "sample" / "lora_grid.png").is_file()
     assert_same_tensors(lora_tensors(out / "lora.safetensors"), lora_tensors(straight / "lora.safetensors"))
     resumed = tmp_path / "resumed"
     train_network.main(args(model_dir, data_dir, resumed, "--resume", str(out / backups[0])))

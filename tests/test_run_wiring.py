@@ -114,7 +114,7 @@ def test_initial_epoch_starts_at_that_epoch(model_dir, tmp_path, monkeypatch):
     extra = ("--max_train_epochs", "4", "--initial_epoch", "3", "--save_every_n_epochs", "1")
     recorder.run(*network_args(model_dir, data, out, *extra))
     assert [b["epoch"] for b in recorder.batches] == [3, 3, 4, 4]
-    assert sorted(p.name for p in out.iterdir()) == ["lora-000003.safetensors", "lora.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["lora-000003.safetensors", "lora.safetensors", "lora_report.txt"]
 
 
 def test_initial_epoch_counts_steps_from_the_epoch_it_starts_at(model_dir, tmp_path, monkeypatch):
@@ -129,6 +129,7 @@ def test_initial_epoch_counts_steps_from_the_epoch_it_starts_at(model_dir, tmp_p
         "lora-step00000006.safetensors",
         "lora-step00000008.safetensors",
         "lora.safetensors",
+        "lora_report.txt",
     ]
 
 

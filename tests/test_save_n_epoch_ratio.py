@@ -61,4 +61,4 @@ def test_a_run_saves_the_ratio_epochs(model_dir, tmp_path):
     train_network.main(network_args(model_dir, data, tmp_path / "out", *ratio, "--save_last_n_epochs", "2"))
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     # every floor(7 / 3) = 2 epochs: 2, 4, 6 (7 is the final model); keeping the last 2 removed epoch 2
-    assert names == ["lora-000004.safetensors", "lora-000006.safetensors", "lora.safetensors"]
+    assert names == ["lora-000004.safetensors", "lora-000006.safetensors", "lora.safetensors", "lora_report.txt"]

@@ -164,3 +164,66 @@ def test_judge_unmixes_heavy_blur_from_the_background():
     # orange (245, 130, 20) than yellow, yet every pixel is a blend of yellow and black
     image = render(Scene("yellow", "star", "black", 64, 64, size="small"), 0).filter(ImageFilter.GaussianBlur(3))
     assert judge(image) == Judgement("yellow", "star", "black")
+
+
+def test_hollow_shapes_render_a_hole_and_are_judged_hollow():
+    """A hollow scene has background pixels at its centre and the same outline as the solid one; the evaluator
+    says hollow for it (also blurred) and never for a solid shape."""
+    for shape in SHAPES:
+        solid = render(Scene("orange", shape, "gray", 96, 96), 5)
+        hollow = render(Scene("orange", shape, "gray", 96, 96, hollow=True), 5)
+        a, b = np.asarray(solid, dtype=int), np.asarray(hollow, dtype=int)
+        changed = np.abs(a - b).sum(axis=2) > 0
+        inside = np.abs(a - np.asarray(BACKGROUNDS["gray"])).sum(axis=2) > 0
+        assert changed.sum() > 100 and not (changed & ~inside).any()  # the hole lies within the solid shape
+        assert (b[changed] == BACKGROUNDS["gray"]).all(axis=1).mean() > 0.5  # and is background but at its edge
+        for image in (hollow, hollow.filter(ImageFilter.GaussianBlur(1.0))):
+            assert judge(image) == Judgement("orange", shape, "gray", True), shape
+        assert judge(solid).hollow is False
+
+
+def test_concept_dataset_captions_and_score(tmp_path):
+    from library.shapes.concept import RING, concept_scenes, concept_score, write_concept_dataset
+
+    paths = write_concept_dataset(tmp_path, RING, 8, 0)
+    captions = [p.with_suffix(".txt").read_text() for p in paths]
+    assert captions[:4] == [f"a sks circle on a {b} background" for b in ("white", "black", "gray", "blue")]
+    assert all(s.hollow and s.colour == "orange" for s in concept_scenes(RING, 8, 0))
+    rings = [Image.open(p) for p in paths]
+    assert concept_score(rings) == 1.0
+    solid = [render(Scene("orange", "circle", "white", 64, 64), i) for i in range(3)]
+    other = [render(Scene("red", "circle", "white", 64, 64, hollow=True), 0)]
+    assert concept_score(solid + other + rings[:4]) == 0.5
+
+
+def test_concept_report_scores_first_and_last_sample_points(tmp_path):
+    """The report reads a run's grid manifest: trigger rows by the concept, control rows by their caption."""
+    from library.shapes.concept import concept_report
+
+    def saved(scene: Scene, name: str) -> str:
+        path = tmp_path / f"{name}.png"
+        render(scene, 1).save(path)
+        return str(path)
+
+    ring = saved(Scene("orange", "circle", "white", 64, 64, hollow=True), "ring")
+    solid = saved(Scene("green", "circle", "white", 64, 64), "solid")
+    square = saved(Scene("green", "square", "black", 64, 64), "square")
+    wrong = saved(Scene("red", "square", "black", 64, 64), "wrong")
+    rows = [
+        ("a sks circle on a white background", solid, ring),
+        ("a sks circle on a gray background", solid, solid),
+        ("a green square on a black background", square, square),
+        ("a green square on a black background", square, wrong),
+        ("a photo of a frog", solid, solid),
+    ]
+    manifest = {
+        "steps": [0, 100],
+        "rows": [{"prompt": p, "samples": [{"step": 0, "path": a}, {"step": 100, "path": b}]} for p, a, b in rows],
+    }
+    first, second = concept_report(manifest)
+    assert first == "concept (orange hollow circle, 'sks'): 0% of 2 samples at step 0, 50% at step 100"
+    change = np.abs(np.asarray(Image.open(square), float) - np.asarray(Image.open(wrong), float)).mean() / 2
+    assert second == (
+        f"control prompts: judged right in 100% of 2 samples at step 0, 50% at step 100; mean pixel change "
+        f"{change:.1f} / 255"
+    )

@@ -38,6 +38,7 @@ def test_last_n_epochs_state_keeps_the_newest_states_and_train_end_adds_the_last
         "lora-000003.safetensors",
         "lora-state",
         "lora.safetensors",
+        "lora_report.txt",
     ]
 
 
@@ -58,6 +59,7 @@ def test_last_n_steps_state_counts_steps(model_dir, data_dir, tmp_path):
         "lora-step00000006-state",
         "lora-step00000006.safetensors",
         "lora.safetensors",
+        "lora_report.txt",
     ]
 
 
@@ -68,5 +70,5 @@ def test_save_state_on_train_end_alone_writes_only_the_last_state(model_dir, dat
         tmp_path / "out",
         *("--max_train_epochs", "2", "--save_every_n_epochs", "1", "--save_state_on_train_end"),
     )
-    assert names == ["lora-000001.safetensors", "lora-state", "lora.safetensors"]
+    assert names == ["lora-000001.safetensors", "lora-state", "lora.safetensors", "lora_report.txt"]
     assert (tmp_path / "out" / "lora-state" / "train_state.json").is_file()  # a resumable state, not an empty folder

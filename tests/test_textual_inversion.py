@@ -20,8 +20,7 @@ from library.io import load_safetensors
 from library.models.tiny import make_tiny_model
 from library.recipes.settings import TextualInversionSettings
 from library.recipes.textual_inversion import TextualInversionRecipe
-from library.text.encode import encode_prompts
-from library.textual_inversion import XTI_LAYERS, add_tokens, load_embedding
+from library.textual_inversion import XTI_LAYERS, load_embedding
 from library.xti import install_layer_conditioning
 from tests.conftest import REPO
 from tests.images import write_image
@@ -92,6 +91,7 @@ def test_trains_only_the_new_rows_and_writes_sd_scripts_files(main_run):
         "mytok-step00000008-state",
         "mytok-step00000008.safetensors",
         "mytok.safetensors",
+        "mytok_report.txt",
     ]
     tensors, metadata = load_safetensors(out / "mytok.safetensors")
     assert list(tensors) == ["emb_params"] and tensors["emb_params"].shape == (2, 32)
@@ -105,37 +105,6 @@ def test_trains_only_the_new_rows_and_writes_sd_scripts_files(main_run):
     assert torch.equal(learned, tensors["emb_params"])
     assert all(not torch.equal(row, frog) for row in learned)
     assert not torch.equal(embedding_rows(out / "mytok-step00000004.safetensors"), learned)
-
-
-def image_batch(data_dir: Path) -> torch.Tensor:
-    arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in sorted(data_dir.rglob("*.png"))]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def fixed_losses(candidates: list[torch.Tensor], images: torch.Tensor) -> list[float]:
-    """The training loss (epsilon MSE) on fixed noise and timesteps with each candidate as the token's rows."""
-    c = make_tiny_model()
-    added = add_tokens(c.tokenizer, c.text_encoder, ["mytok", "mytok1"], "--token_string")
-    losses = []
-    with torch.no_grad():
-        latents = c.vae.encode(images).latent_dist.mean * c.vae.config.scaling_factor
-        timesteps = torch.arange(50, 1000, 100).repeat_interleave(len(latents))
-        latents = latents.repeat(10, 1, 1, 1)
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
-        noisy = c.scheduler.add_noise(latents, noise, timesteps)
-        for rows in candidates:
-            c.text_encoder.get_input_embeddings().weight[list(added.ids)] = rows
-            cond = encode_prompts(c.text_encoder, c.tokenizer, ["a photo of mytok mytok1"] * len(latents))
-            losses.append(float(torch.nn.functional.mse_loss(c.unet(noisy, timesteps, cond).sample, noise)))
-    return losses
-
-
-def test_learned_embedding_lowers_the_loss_against_the_init_word(main_run, data_dir):
-    out, _ = main_run
-    frog = make_tiny_model().text_encoder.get_input_embeddings().weight.detach()[11438]
-    candidates = [torch.stack([frog, frog]), embedding_rows(out / "mytok.safetensors")]
-    init_loss, learned_loss = fixed_losses(candidates, image_batch(data_dir))
-    assert learned_loss < init_loss - 0.005, (learned_loss, init_loss)
 
 
 def test_resume_from_the_middle_gives_the_same_embedding(main_run, data_dir, tmp_path):

@@ -35,7 +35,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_trains_a_lora_with_sd_scripts_files_and_metadata(model_dir, data_dir, tmp_path):
     out = tmp_path / "out"
     train_network.main(network_args(model_dir, data_dir, out, "--max_train_epochs", "2", "--save_every_n_epochs", "1"))
-    assert sorted(p.name for p in out.iterdir()) == ["lora-000001.safetensors", "lora.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["lora-000001.safetensors", "lora.safetensors", "lora_report.txt"]
     tensors, metadata = load_safetensors(out / "lora.safetensors")
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in tensors)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in tensors)

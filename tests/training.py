@@ -4,6 +4,7 @@ of saved model weights."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,19 @@ def save_tiny_model(parent: Path) -> Path:
     """Save the tiny SD1 model as the diffusers folder ``parent/tiny`` (for ``--pretrained_model_name_or_path``)."""
     folder = parent / "tiny"
     make_tiny_model().to_pipeline().save_pretrained(folder)
+    return hub_tokenizer_files(folder)
+
+
+def hub_tokenizer_files(folder: Path) -> Path:
+    """Replace each ``tokenizer*/tokenizer.json`` under the diffusers ``folder`` by the same BPE as ``vocab.json`` and
+    ``merges.txt``, the layout of the Stable Diffusion repos on the Hub, which transformers loads in a third of the
+    time (each training run loads the model again, so this saves about a second per run); return ``folder``."""
+    for path in sorted(folder.glob("tokenizer*/tokenizer.json")):
+        bpe = json.loads(path.read_text(encoding="utf-8"))["model"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+        (path.parent / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
+        (path.parent / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
+        path.unlink()
     return folder
 
 

@@ -49,6 +49,7 @@ def setup_parser() -> ArgumentParser:
     parser.add_argument(
         "--evaluate_only", action="store_true", help="only score the model in --output_dir again (updates build.json)"
     )
+    parser.add_argument("--grid", type=Path, default=None, help="with --evaluate_only: save the held-out images here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model / work folder")
     return parser
 
@@ -87,7 +88,10 @@ def main(argv: Sequence[str]) -> None:
             train_eval_count=args.train_eval_count,
             overwrite=args.overwrite,
         )
-        (reevaluate if args.evaluate_only else build)(settings)
+        if args.evaluate_only:
+            reevaluate(settings, args.grid)
+        else:
+            build(settings)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from library.engine.outputs import RunOutputs
 from library.engine.parts import TrainingParts
 from library.engine.placement import PRECISION, allow_fp16_unscaling, fuse_backward, grad_zeroer, place_models
 from library.engine.recipe import Recipe
+from library.engine.report import RunReport, write_report, write_sample_grid
 from library.engine.schedule import RunPlan, make_run_plan, shard
 from library.engine.step import TrainingDiverged, batch_loss, divergence_message
 from library.engine.tracking import LossRecorder, make_accelerator, release_accelerator, start_trackers, step_logs
@@ -30,7 +32,7 @@ from library.errors import UserError
 from library.hub import HubPublisher
 from library.models.components import Components
 from library.optimizers import is_schedule_free
-from library.saving import remove_output
+from library.saving import last_stem, remove_output
 from library.seeds import step_generator
 from library.state import (
     Position,
@@ -261,6 +263,7 @@ class _Run:
         config, acc, plan = self.config, self.acc, self.plan
         progress = _Progress(global_step=position.global_step, epoch=position.epoch, batches_done=position.batches_done)
         self.recorder = LossRecorder(steps_per_epoch=plan.steps_per_epoch)
+        self.started = time.monotonic()
         bar = tqdm(
             total=plan.max_train_steps,
             initial=position.global_step,
@@ -497,7 +500,7 @@ class _Run:
             self.out.save_state(saves.last_state(), Position(step, progress.epoch, progress.batches_done), None)
         self.out.save_model(saves.last_model(), epoch=final_epoch, step=step, stale=None, final=True)
         if self.acc.is_main_process:
-            logger.info(f"model saved: {saves.last_model()}")
+            self._report(step, final_epoch)
         return TrainResult(
             global_step=step,
             epochs=final_epoch,
@@ -505,6 +508,26 @@ class _Run:
             skipped_steps=progress.skipped_steps,
             plan=self.plan,
         )
+
+    def _report(self, step: int, epochs: int) -> None:
+        """The comparison grid of the samples, and the report of the run (written, and logged line by line)."""
+        config, saves = self.config, self.saves
+        samples, name = config.output_dir / "sample", last_stem(config.output_name)
+        report = RunReport(
+            steps=step,
+            epochs=epochs,
+            seconds=time.monotonic() - self.started,
+            loss=self.recorder.span,
+            model=saves.last_model(),
+            state=saves.last_state() if saves.save_state or saves.save_state_on_train_end else None,
+            samples=samples if self.out.sample_points else None,
+            grid=write_sample_grid(self.out.sample_points, samples, name),
+            logs=config.logging_dir,
+        )
+        path = config.output_dir / f"{name}_report.txt"
+        write_report(report, path)
+        for line in [*report.lines(), f"{'report:':9}{path}"]:
+            logger.info(line)
 
     def _check_processes_agree(self) -> None:
         """With several processes, every one must end with the same weights (a cheap checksum comparison)."""

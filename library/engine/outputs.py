@@ -17,6 +17,7 @@ from library.engine.config import EngineConfig
 from library.engine.ema import EMA_FILE, EmaWeights
 from library.engine.parts import SampleRequest, TrainingParts
 from library.engine.recipe import Recipe
+from library.engine.report import SamplePoint
 from library.engine.step import TrainingDiverged, non_finite_weights_message, weights_finite
 from library.hub import HubPublisher
 from library.models.components import Components
@@ -32,7 +33,8 @@ class RunOutputs:
     ``fingerprint`` is what a state must match to be resumed; ``trained_params`` are checked for NaN/inf before
     anything is written; ``optimizer`` is switched to its eval weights while models are saved or sampled when
     ``schedule_free``; ``ema`` (--ema) holds the averaged weights that are saved and sampled, and goes into states;
-    ``publisher`` (main process, with --huggingface_repo_id) uploads what is saved."""
+    ``publisher`` (main process, with --huggingface_repo_id) uploads what is saved. ``sample_points`` collects the
+    samples made (main process), for the run's comparison grid."""
 
     def __init__(
         self,
@@ -62,6 +64,7 @@ class RunOutputs:
         self.schedule_free = schedule_free
         self.ema = ema
         self.publisher = publisher
+        self.sample_points: list[SamplePoint] = []
 
     @contextlib.contextmanager
     def eval_weights(self) -> Iterator[None]:
@@ -143,7 +146,9 @@ class RunOutputs:
             module.eval()
         try:
             with torch.random.fork_rng(devices=[]):
-                self.parts.sample(request)
+                samples = self.parts.sample(request)
+            if samples and not variant:
+                self.sample_points.append(SamplePoint(step, tuple(samples)))
         finally:
             for module, mode in zip(modules, modes):
                 module.train(mode)

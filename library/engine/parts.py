@@ -5,7 +5,7 @@ Entry scripts build them from flags (see ``library.engine.wiring``); tests may b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,4 +69,4 @@ class TrainingParts:
     add_noise: NoiseFunction
     loss: Callable[[LossInputs], torch.Tensor]
     make_optimizer: OptimizerFactory
-    sample: Callable[[SampleRequest], None] | None = None
+    sample: Callable[[SampleRequest], Sequence[Any] | None] | None = None

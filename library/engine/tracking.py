@@ -15,6 +15,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from library.config.runtime_flags import accelerate_kwargs_handlers, deepspeed_plugin
 from library.engine.config import EngineConfig
+from library.engine.report import LossSpan
 from library.errors import UserError
 
 
@@ -103,13 +104,16 @@ def release_accelerator(accelerator: Accelerator) -> None:
 
 @dataclass
 class LossRecorder:
-    """Moving average of the loss over the last epoch's worth of steps (sd-scripts' ``loss/average``)."""
+    """Moving average of the loss over the last epoch's worth of steps (sd-scripts' ``loss/average``); ``span``
+    keeps the first and last steps' losses for the run's report."""
 
     window: list[float] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
     steps_per_epoch: int = 1
+    span: LossSpan = field(default_factory=LossSpan)
 
     def add(self, loss: float) -> None:
+        self.span.add(loss)
         self.window.append(loss)
         if len(self.window) > self.steps_per_epoch:
             self.window.pop(0)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from library.config.settings import settings_from_flags
-from library.engine.parts import LossInputs, SampleRequest, TrainingParts
+from library.engine.parts import LossInputs, TrainingParts
 from library.errors import UserError
 from library.losses import LossSettings, per_sample_loss
 from library.models.components import Components
@@ -67,12 +67,7 @@ def sampling_hook(settings: SampleSettings | None):
         return None
     if not settings.prompts_file.is_file():
         raise UserError(f"--sample_prompts {settings.prompts_file}: file not found")
-    hook = make_sample_hook(settings)
-
-    def sample(request: SampleRequest) -> None:
-        hook(request)
-
-    return sample
+    return make_sample_hook(settings)
 
 
 def parts_from_settings(

@@ -295,13 +295,13 @@ def _encode_expanded(
     return Conditioning(states)
 
 
-def _sample_expanded(recipe: TextualInversionRecipe, settings: SampleSettings, request: SampleRequest) -> None:
+def _sample_expanded(recipe: TextualInversionRecipe, settings: SampleSettings, request: SampleRequest) -> list:
     from library.sampling import sample_images
     from library.sampling.hook import for_request
 
     token = recipe.settings.token_string
     replacement = (token, " ".join(recipe.strings)) if len(recipe.strings) > 1 else None
-    sample_images(
+    return sample_images(
         request.components,
         for_request(settings, request),
         epoch=request.epoch,

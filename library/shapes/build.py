@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from library.errors import UserError
-from library.io import atomic_dir, atomic_write_json, atomic_write_text
+from library.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 from library.shapes import scenes as shapes
 from library.shapes.vae_training import (
     VaeTrainSettings,
@@ -243,9 +243,11 @@ def _generate(components, scenes: list, settings: BuildSettings, seed_base: int)
     return images
 
 
-def evaluate_model(model: Path, settings: BuildSettings) -> dict:
+def evaluate_model(model: Path, settings: BuildSettings, grid: Path | None = None) -> dict:
     """Score generated images against their captions: every held-out triple × ``eval_seeds`` seeds at each
-    evaluation size, and as many random training triples."""
+    evaluation size, and as many random training triples. ``grid``: also save the first size's held-out images
+    there as a picture (a row per triple, a column per seed)."""
+    from library.generate.grid import make_grid
     from library.models.load import load_model
     from library.shapes.evaluate import score
 
@@ -256,6 +258,12 @@ def evaluate_model(model: Path, settings: BuildSettings) -> dict:
         scenes = [shapes.Scene(c, s, b, width, height) for c, s, b in held_out for _ in range(settings.eval_seeds)]
         images = _generate(components, scenes, settings, 1000)
         results["sizes"][f"{width}x{height}"] = {"held_out": score(images, scenes), "count": len(scenes)}
+        if grid is not None and (width, height) == settings.eval_sizes[0]:
+            seeds = settings.eval_seeds
+            rows = [images[i : i + seeds] for i in range(0, len(images), seeds)]
+            picture = make_grid(rows, [f"sample {i + 1}" for i in range(seeds)], [s.caption for s in scenes[::seeds]])
+            with atomic_path(grid, suffix=".png") as tmp:
+                picture.save(tmp, format="PNG")
         train = shapes.random_scenes(
             settings.train_eval_count, settings.seed + 1, sizes=[(width, height)], exclude=held_out
         )
@@ -265,14 +273,14 @@ def evaluate_model(model: Path, settings: BuildSettings) -> dict:
     return results
 
 
-def reevaluate(settings: BuildSettings) -> dict:
+def reevaluate(settings: BuildSettings, grid: Path | None = None) -> dict:
     """Score an already built model again with ``settings``' evaluation options and update its ``build.json``."""
     record_path = settings.output_dir / "build.json"
     if not record_path.is_file():
         raise UserError(f"{settings.output_dir}: no build.json here; build the model first (without --evaluate_only)")
     record = json.loads(record_path.read_text(encoding="utf-8"))
     start = time.perf_counter()
-    record["quality"] = evaluate_model(settings.output_dir, settings)
+    record["quality"] = evaluate_model(settings.output_dir, settings, grid)
     record["runtime_s"]["evaluate"] = round(time.perf_counter() - start, 1)
     atomic_write_json(record_path, record)
     return record

@@ -26,6 +26,9 @@ MIN_AREA_FRACTION = 0.01
 CIRCLE_HARMONIC = 0.05
 """Below this relative amplitude of the strongest 3rd/4th/5th radial harmonic, a shape is a circle."""
 
+HOLE_FRACTION = 0.08
+"""A shape whose enclosed background pixels make up this share of its filled area is hollow (a ring: 0.25)."""
+
 RAYS = 180
 """Angles at which the shape's radius is measured."""
 
@@ -34,11 +37,13 @@ _LOBES = {3: "triangle", 4: "square", 5: "star"}
 
 @dataclass(frozen=True)
 class Judgement:
-    """What an image shows; None where the image shows no shape."""
+    """What an image shows; None where the image shows no shape. ``hollow``: the shape has a hole of background
+    colour (at least ``HOLE_FRACTION`` of its area), as a ring has."""
 
     colour: str | None
     shape: str | None
     background: str | None
+    hollow: bool = False
 
 
 def _nearest(rgb: np.ndarray, palette: Mapping[str, tuple[int, int, int]]) -> str:
@@ -71,9 +76,10 @@ def _border(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
 
 
-def _coverage(pixels: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _coverage(pixels: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
     """Each pixel's share of shape colour (0 background, 1 shape; along the line between the shape's median colour
-    and the background's) and the shape's own pixels, or None when nothing stands out from the background."""
+    and the background's), the shape's own pixels and the share of its filled outline that is a hole, or None
+    when nothing stands out from the background."""
     distance = np.linalg.norm(pixels - background, axis=2)
     seed = distance > FOREGROUND_DISTANCE
     if seed.sum() < 3:
@@ -94,9 +100,11 @@ def _coverage(pixels: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, n
     if count == 0:
         return None
     sizes = ndimage.sum_labels(share > 0.5, labels, index=np.arange(1, count + 1))
-    main = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+    blob = labels == 1 + int(np.argmax(sizes))
+    main = ndimage.binary_fill_holes(blob)
     near = ndimage.binary_dilation(main, iterations=2)
-    return np.where(near, np.clip(share, 0.0, 1.0), 0.0), pixels[main]
+    hole = float((main & ~blob).sum()) / float(main.sum())
+    return np.where(near, np.clip(share, 0.0, 1.0), 0.0), pixels[blob], hole
 
 
 def radial_harmonics(coverage: np.ndarray) -> np.ndarray:
@@ -132,11 +140,11 @@ def judge(image: Image.Image) -> Judgement:
     found = _coverage(pixels, background_rgb)
     if found is None:
         return Judgement(None, None, background)
-    coverage, shape_pixels = found
+    coverage, shape_pixels, hole = found
     if coverage.sum() < MIN_AREA_FRACTION * coverage.size:
         return Judgement(None, None, background)
     shape = classify_shape(radial_harmonics(coverage))
-    return Judgement(_unmix(shape_pixels, background_rgb), shape, background)
+    return Judgement(_unmix(shape_pixels, background_rgb), shape, background, hole >= HOLE_FRACTION)
 
 
 def score(images: Iterable[Image.Image], scenes: Iterable[Scene]) -> dict[str, float]:

@@ -62,6 +62,10 @@ SUPERSAMPLE = 4
 ROTATION_JITTER_DEG = 15.0
 """Squares, triangles and stars turn by up to this many degrees either way from upright."""
 
+HOLE_RATIO = 0.5
+"""A hollow shape's hole: the same shape, this fraction of its size, in the background colour (a circle becomes a
+ring). The caption grammar has no word for it, so hollow shapes are what concept datasets teach."""
+
 STAR_INNER_RATIO = 0.45
 """A star's inner radius over its outer radius (a plump five-pointed star that stays a star when blurred)."""
 
@@ -83,7 +87,8 @@ _POSITION_RANGES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 
 @dataclass(frozen=True)
 class Scene:
-    """One image's content and size; ``caption`` is its text. ``size``/``position`` are optional extras."""
+    """One image's content and size; ``caption`` is its text. ``size``/``position`` are optional extras;
+    ``hollow`` (a hole of ``HOLE_RATIO``) is outside the grammar: its caption does not mention it."""
 
     colour: str
     shape: str
@@ -92,6 +97,7 @@ class Scene:
     height: int
     size: str | None = None
     position: str | None = None
+    hollow: bool = False
 
     def __post_init__(self) -> None:
         for field, value, choices in (
@@ -148,6 +154,16 @@ def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
     return [(cx + r * math.cos(a + angle), cy + r * math.sin(a + angle)) for a, r in zip(angles, radii, strict=True)]
 
 
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, angle: float, fill
+) -> None:
+    cx, cy = centre
+    if shape == "circle":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, radius, angle), fill=fill)
+
+
 def render(scene: Scene, seed: int) -> Image.Image:
     """Draw ``scene`` as an RGB image; the diameter, centre and rotation come from a Generator seeded by ``seed``."""
     rng = np.random.default_rng(seed)
@@ -166,10 +182,9 @@ def render(scene: Scene, seed: int) -> Image.Image:
     draw = ImageDraw.Draw(big)
     fill = COLOURS[scene.colour]
     radius *= s
-    if scene.shape == "circle":
-        draw.ellipse((cx * s - radius, cy * s - radius, cx * s + radius, cy * s + radius), fill=fill)
-    else:
-        draw.polygon(_polygon(scene.shape, cx * s, cy * s, radius, angle), fill=fill)
+    _draw_shape(draw, scene.shape, (cx * s, cy * s), radius, angle, fill)
+    if scene.hollow:
+        _draw_shape(draw, scene.shape, (cx * s, cy * s), radius * HOLE_RATIO, angle, BACKGROUNDS[scene.background])
     return big.resize((scene.width, scene.height), Image.Resampling.BOX)
 
 
@@ -252,8 +267,11 @@ def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def write_dataset(folder: str | Path, scenes: Sequence[Scene], seed: int) -> list[Path]:
-    """Render ``scenes`` into ``folder`` as ``<index:05d>.png`` with a ``.txt`` caption each (atomic writes)."""
+def write_dataset(
+    folder: str | Path, scenes: Sequence[Scene], seed: int, captions: Sequence[str] | None = None
+) -> list[Path]:
+    """Render ``scenes`` into ``folder`` as ``<index:05d>.png`` with a ``.txt`` caption each (atomic writes): the
+    scene's own caption, or ``captions[index]`` when given (concept datasets caption with a trigger word)."""
     from library.io import atomic_path, atomic_write_text  # library.io imports torch: only writers need it
 
     folder = Path(folder)
@@ -264,6 +282,6 @@ def write_dataset(folder: str | Path, scenes: Sequence[Scene], seed: int) -> lis
         path = folder / f"{index:05d}.png"
         with atomic_path(path, suffix=".png") as tmp:
             image.save(tmp, format="PNG")
-        atomic_write_text(path.with_suffix(".txt"), scene.caption)
+        atomic_write_text(path.with_suffix(".txt"), scene.caption if captions is None else captions[index])
         paths.append(path)
     return paths
