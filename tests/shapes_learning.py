@@ -12,6 +12,7 @@ from PIL import Image
 
 from library.generate.images import ImageRequest, render
 from library.models.components import Components
+from library.shapes.evaluate import judge
 from library.text.encode import TextEncodingSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +28,20 @@ def sample(
     requests = [ImageRequest(prompt, "", size[0], size[1], SAMPLE_STEPS, SAMPLE_SCALE, "ddim", s) for s in seeds]
     with torch.no_grad():
         return render(components, requests, TextEncodingSettings(), torch.device("cpu"))
+
+
+def hollow_share(images: Sequence[Image.Image]) -> float:
+    """The share of ``images`` the evaluator judges hollow (a ring): the part of the concept the base never draws."""
+    return sum(judge(image).hollow for image in images) / len(images)
+
+
+def concept_run_args(train_data_dir: Path) -> list[str]:
+    """The flags the learning runs on the concept images share: the bundled model, ``.txt`` captions from
+    ``train_data_dir``, 64 px, batch 4 and cached latents."""
+    return [
+        *("--pretrained_model_name_or_path", "tiny-shapes", "--train_data_dir", str(train_data_dir)),
+        *("--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "4", "--cache_latents"),
+    ]
 
 
 def copy_concept_images(folder: Path, count: int | None = None) -> Path:

@@ -17,9 +17,8 @@ import pytest
 
 import train_db
 from library.models.load import load_model
-from library.shapes.evaluate import judge
 from library.shapes.scenes import Scene, write_dataset
-from tests.shapes_learning import copy_concept_images, sample
+from tests.shapes_learning import concept_run_args, copy_concept_images, hollow_share, sample
 
 SUBJECT_IMAGES = 8
 EPOCHS = 15  # subject exposures per run: 8 images x 15 epochs (with class images the run has twice the steps)
@@ -33,27 +32,12 @@ def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(image.convert("RGB"), dtype=np.float64) for image in images])
 
 
-def hollow_share(images) -> float:
-    """The share of images the evaluator judges hollow (a ring): the part of the concept the base never draws."""
-    return sum(judge(image).hollow for image in images) / len(images)
-
-
 def train(root: Path, name: str, *extra: str) -> Path:
     """A short DreamBooth run of the UNet (text encoder frozen) on ``root/img``; the saved model's path."""
     out = root / name
     train_db.main(
         [
-            "--pretrained_model_name_or_path",
-            "tiny-shapes",
-            "--train_data_dir",
-            str(root / "img"),
-            "--caption_extension",
-            ".txt",
-            "--resolution",
-            "64",
-            "--train_batch_size",
-            "4",
-            "--cache_latents",
+            *concept_run_args(root / "img"),
             "--stop_text_encoder_training",
             "-1",
             "--learning_rate",

@@ -20,9 +20,9 @@ import train_network
 from library.generate.networks import NetworkFile, applied
 from library.models.components import Components
 from library.models.load import load_model
-from library.shapes.concept import RING, concept_score
+from library.shapes.concept import RING, concept_score, mean_change, shows
 from library.shapes.evaluate import judge
-from tests.shapes_learning import copy_concept_images, sample
+from tests.shapes_learning import copy_concept_images, hollow_share, sample
 
 MODEL = "tiny-shapes"
 REG_FOLDER = Path(__file__).resolve().parents[1] / "examples" / "dataset" / "reg" / "1_shape"
@@ -52,21 +52,14 @@ def samples(components: Components) -> tuple[list[Image.Image], list[Image.Image
     return trigger, control
 
 
-def hollow_share(images: list[Image.Image]) -> float:
-    """The share of ``images`` the evaluator judges hollow."""
-    return sum(judge(image).hollow for image in images) / len(images)
-
-
 def judged_right(images: list[Image.Image]) -> int:
     """How many control images the evaluator reads as the control prompt's solid shape."""
-    verdicts = [judge(image) for image in images]
-    return sum((v.colour, v.shape, v.background) == CONTROL and not v.hollow for v in verdicts)
+    return sum(shows(judge(image), CONTROL) for image in images)
 
 
-def mean_change(before: list[Image.Image], after: list[Image.Image]) -> float:
-    """Mean absolute pixel difference (0-255) between paired images."""
-    pairs = zip(before, after, strict=True)
-    return float(np.mean([np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean() for a, b in pairs]))
+def paired_change(before: list[Image.Image], after: list[Image.Image]) -> float:
+    """Mean absolute pixel difference (0-255) over paired images."""
+    return float(np.mean([mean_change(a, b) for a, b in zip(before, after, strict=True)]))
 
 
 def train_lora(root: Path) -> Path:
@@ -99,6 +92,6 @@ def test_lora_learns_the_concept_and_leaves_the_control_prompt_alone(tmp_path, o
     assert after >= before + MIN_HOLLOW_GAIN, f"hollow trigger samples {before:.2f} -> {after:.2f}"
     concept_before, concept_after = concept_score(trigger_before), concept_score(trigger_after)
     assert concept_after >= concept_before, f"concept score {concept_before:.2f} -> {concept_after:.2f}"
-    change = mean_change(control_before, control_after)
+    change = paired_change(control_before, control_after)
     assert change < MAX_CONTROL_CHANGE, f"control samples changed by {change:.1f} / 255"
     assert judged_right(control_after) >= judged_right(control_before) - CONTROL_SLACK

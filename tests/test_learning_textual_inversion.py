@@ -19,7 +19,7 @@ from library.models.load import load_model
 from library.shapes.evaluate import judge
 from library.shapes.scenes import COLOURS
 from library.textual_inversion import add_tokens, load_embedding
-from tests.shapes_learning import copy_concept_images, sample
+from tests.shapes_learning import concept_run_args, copy_concept_images, sample
 
 TOKEN = "shp"
 INIT_WORD = "circle"
@@ -51,17 +51,7 @@ def test_learned_token_draws_the_concept_colour_the_init_word_does_not(tmp_path)
     out = tmp_path / "out"
     train_textual_inversion.main(
         [
-            "--pretrained_model_name_or_path",
-            "tiny-shapes",
-            "--train_data_dir",
-            str(tmp_path / "img"),
-            "--caption_extension",
-            ".txt",
-            "--resolution",
-            "64",
-            "--train_batch_size",
-            "4",
-            "--cache_latents",
+            *concept_run_args(tmp_path / "img"),
             "--token_string",
             TOKEN,
             "--init_word",

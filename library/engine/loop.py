@@ -524,9 +524,7 @@ class _Run:
             grid=write_sample_grid(self.out.sample_points, samples, name),
             logs=config.logging_dir,
         )
-        path = config.output_dir / f"{name}_report.txt"
-        write_report(report, path)
-        for line in [*report.lines(), f"{'report:':9}{path}"]:
+        for line in write_report(report, config.output_dir / f"{name}_report.txt"):
             logger.info(line)
 
     def _check_processes_agree(self) -> None:

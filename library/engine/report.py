@@ -70,7 +70,7 @@ def sample_grid(points: Sequence[SamplePoint]) -> tuple[Image.Image, dict] | Non
     each cell; None when fewer than two points were sampled. Cells of other sizes are centred on white."""
     from library.generate.grid import make_grid
 
-    shown = [p for p in grid_points([p for p in points if p.samples])]
+    shown = grid_points([p for p in points if p.samples])
     if len(shown) < 2:
         return None
     rows = sorted({s.prompt.index for p in shown for s in p.samples})
@@ -145,6 +145,8 @@ class RunReport:
         return lines
 
 
-def write_report(report: RunReport, path: Path) -> None:
-    """The report's lines, and its own path, as a text file (atomic write)."""
-    atomic_write_text(path, "\n".join([*report.lines(), f"{'report:':9}{path}"]) + "\n")
+def write_report(report: RunReport, path: Path) -> list[str]:
+    """The report's lines, and its own path, as a text file (atomic write); returns the lines written."""
+    lines = [*report.lines(), f"{'report:':9}{path}"]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return lines

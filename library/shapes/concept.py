@@ -75,7 +75,8 @@ def _triple(prompt: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _mean_change(before: Image.Image, after: Image.Image) -> float:
+def mean_change(before: Image.Image, after: Image.Image) -> float:
+    """Mean absolute pixel difference (0-255) of two samples of one prompt and seed."""
     a = np.asarray(before.convert("RGB"), dtype=np.float64)
     b = np.asarray(after.convert("RGB").resize(before.size), dtype=np.float64)
     return float(np.abs(a - b).mean())
@@ -97,9 +98,9 @@ def concept_report(manifest: dict, concept: Concept = RING) -> list[str]:
             trigger["first"].append(first)
             trigger["last"].append(last)
         elif (triple := _triple(row["prompt"])) is not None:
-            control["first"].append(_right(judge(first), triple))
-            control["last"].append(_right(judge(last), triple))
-            control["change"].append(_mean_change(first, last))
+            control["first"].append(shows(judge(first), triple))
+            control["last"].append(shows(judge(last), triple))
+            control["change"].append(mean_change(first, last))
     lines = []
     if trigger["first"]:
         lines.append(
@@ -117,5 +118,6 @@ def concept_report(manifest: dict, concept: Concept = RING) -> list[str]:
     return lines
 
 
-def _right(verdict: Judgement, triple: tuple[str, str, str]) -> bool:
+def shows(verdict: Judgement, triple: tuple[str, str, str]) -> bool:
+    """Whether a judged image is the grammar's (colour, shape, background): that solid shape, not hollow."""
     return (verdict.colour, verdict.shape, verdict.background) == triple and not verdict.hollow
