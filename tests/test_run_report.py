@@ -4,7 +4,6 @@ placement, labels, missing cells) and the report's lines."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -14,33 +13,26 @@ from library.engine.report import (
     LossSpan,
     RunReport,
     SamplePoint,
+    SampleRecord,
     grid_points,
     sample_grid,
     write_report,
     write_sample_grid,
 )
 from library.generate.grid import HEADER_HEIGHT, HEADER_WIDTH
+from library.sampling.generate import Sample
 from library.sampling.prompts import SamplePrompt
 
 
-@dataclass(frozen=True)
-class FakeSample:
-    """What the sampler returns (``library.sampling.generate.Sample``), with a plain coloured image."""
-
-    image: Image.Image
-    path: Path
-    prompt: SamplePrompt
-    seed: int
-
-
-def point(step: int, colours: dict[int, tuple[int, int, int]], size=(64, 64)) -> SamplePoint:
-    return SamplePoint(
-        step,
-        tuple(
-            FakeSample(Image.new("RGB", size, c), Path(f"/s/{step}_{i}.png"), SamplePrompt(i, f"prompt {i}"), 10 + i)
-            for i, c in colours.items()
-        ),
-    )
+def point(step: int, colours: dict[int, tuple[int, int, int]], folder: Path, size=(64, 64)) -> SamplePoint:
+    """The samples of prompts ``colours`` (index: plain colour) at ``step``, written to ``folder`` as the sampler
+    writes them, recorded the way the run records them."""
+    records = []
+    for i, colour in colours.items():
+        image, path = Image.new("RGB", size, colour), folder / f"{step}_{i}.png"
+        image.save(path)
+        records.append(SampleRecord.of(Sample(image, path, SamplePrompt(i, f"prompt {i}"), 10 + i)))
+    return SamplePoint(step, tuple(records))
 
 
 def test_loss_span_keeps_the_first_and_last_steps():
@@ -53,7 +45,7 @@ def test_loss_span_keeps_the_first_and_last_steps():
 
 
 def test_grid_points_first_last_and_evenly_spaced_between():
-    points = [point(s, {}) for s in range(0, 1100, 100)]  # 11 points
+    points = [SamplePoint(s, ()) for s in range(0, 1100, 100)]  # 11 points
     assert [p.step for p in grid_points(points, 6)] == [0, 200, 400, 600, 800, 1000]
     assert [p.step for p in grid_points(points[:4], 6)] == [0, 100, 200, 300]
     assert [p.step for p in grid_points(points[:3], 2)] == [0, 200]
@@ -61,7 +53,11 @@ def test_grid_points_first_last_and_evenly_spaced_between():
 
 def test_sample_grid_places_each_prompt_in_its_row_and_each_point_in_its_column(tmp_path):
     red, green, blue = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-    points = [point(0, {0: red, 1: green}), point(50, {}), point(100, {0: blue}, size=(32, 64))]
+    points = [
+        point(0, {0: red, 1: green}, tmp_path),
+        point(50, {}, tmp_path),
+        point(100, {0: blue}, tmp_path, (32, 64)),
+    ]
     grid, manifest = sample_grid(points)
     assert grid.size == (HEADER_WIDTH + 2 * 64, HEADER_HEIGHT + 2 * 64)
     assert grid.getpixel((HEADER_WIDTH + 32, HEADER_HEIGHT + 32)) == red
@@ -76,12 +72,20 @@ def test_sample_grid_places_each_prompt_in_its_row_and_each_point_in_its_column(
                 "index": 0,
                 "prompt": "prompt 0",
                 "seed": 10,
-                "samples": [{"step": 0, "path": "/s/0_0.png"}, {"step": 100, "path": "/s/100_0.png"}],
+                "samples": [
+                    {"step": 0, "path": str(tmp_path / "0_0.png")},
+                    {"step": 100, "path": str(tmp_path / "100_0.png")},
+                ],
             },
-            {"index": 1, "prompt": "prompt 1", "seed": 11, "samples": [{"step": 0, "path": "/s/0_1.png"}, None]},
+            {
+                "index": 1,
+                "prompt": "prompt 1",
+                "seed": 11,
+                "samples": [{"step": 0, "path": str(tmp_path / "0_1.png")}, None],
+            },
         ],
     }
-    assert sample_grid([point(0, {0: red})]) is None
+    assert sample_grid([point(0, {0: red}, tmp_path)]) is None
     path = write_sample_grid(points, tmp_path / "sample", "run")
     assert path == tmp_path / "sample" / "run_grid.png" and Image.open(path).size == grid.size
     assert json.loads(path.with_suffix(".json").read_text()) == manifest

@@ -17,7 +17,7 @@ from library.engine.config import EngineConfig
 from library.engine.ema import EMA_FILE, EmaWeights
 from library.engine.parts import SampleRequest, TrainingParts
 from library.engine.recipe import Recipe
-from library.engine.report import SamplePoint
+from library.engine.report import SamplePoint, SampleRecord
 from library.engine.step import TrainingDiverged, non_finite_weights_message, weights_finite
 from library.hub import HubPublisher
 from library.models.components import Components
@@ -148,7 +148,7 @@ class RunOutputs:
             with torch.random.fork_rng(devices=[]):
                 samples = self.parts.sample(request)
             if samples and not variant:
-                self.sample_points.append(SamplePoint(step, tuple(samples)))
+                self.sample_points.append(SamplePoint(step, tuple(SampleRecord.of(s) for s in samples)))
         finally:
             for module, mode in zip(modules, modes):
                 module.train(mode)

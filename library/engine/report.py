@@ -44,11 +44,27 @@ class LossSpan:
 
 
 @dataclass(frozen=True)
+class SampleRecord:
+    """One sample image as the grid needs it: its prompt's index and text, its seed and its file. Only the path is
+    kept, so a long run's samples are not held in memory; the grid reads the few it shows."""
+
+    index: int
+    prompt: str
+    seed: int
+    path: Path
+
+    @classmethod
+    def of(cls, sample: Any) -> SampleRecord:
+        """The record of a ``library.sampling.generate.Sample``."""
+        return cls(sample.prompt.index, sample.prompt.prompt, sample.seed, Path(sample.path))
+
+
+@dataclass(frozen=True)
 class SamplePoint:
-    """The samples made at one step (``library.sampling.generate.Sample``: image, path, prompt, seed)."""
+    """The samples made at one step."""
 
     step: int
-    samples: tuple[Any, ...]
+    samples: tuple[SampleRecord, ...]
 
 
 def grid_points(points: Sequence[SamplePoint], limit: int = GRID_COLUMNS) -> list[SamplePoint]:
@@ -73,24 +89,25 @@ def sample_grid(points: Sequence[SamplePoint]) -> tuple[Image.Image, dict] | Non
     shown = grid_points([p for p in points if p.samples])
     if len(shown) < 2:
         return None
-    rows = sorted({s.prompt.index for p in shown for s in p.samples})
-    by_cell = {(s.prompt.index, column): s for column, p in enumerate(shown) for s in p.samples}
-    width = max(s.image.width for s in by_cell.values())
-    height = max(s.image.height for s in by_cell.values())
+    rows = sorted({s.index for p in shown for s in p.samples})
+    by_cell = {(s.index, column): s for column, p in enumerate(shown) for s in p.samples}
+    images = {key: Image.open(record.path).convert("RGB") for key, record in by_cell.items()}
+    width = max(image.width for image in images.values())
+    height = max(image.height for image in images.values())
     cells, manifest_rows, labels = [], [], []
     for row in rows:
         line, files = [], []
         first = next(by_cell[(row, c)] for c in range(len(shown)) if (row, c) in by_cell)
         for column, point in enumerate(shown):
             cell = Image.new("RGB", (width, height), (255, 255, 255))
-            sample = by_cell.get((row, column))
-            if sample is not None:
-                cell.paste(sample.image, ((width - sample.image.width) // 2, (height - sample.image.height) // 2))
+            sample, image = by_cell.get((row, column)), images.get((row, column))
+            if image is not None:
+                cell.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
             line.append(cell)
             files.append(None if sample is None else {"step": point.step, "path": str(sample.path)})
         cells.append(line)
-        labels.append(f"{first.prompt.prompt} (seed {first.seed})")
-        manifest_rows.append({"index": row, "prompt": first.prompt.prompt, "seed": first.seed, "samples": files})
+        labels.append(f"{first.prompt} (seed {first.seed})")
+        manifest_rows.append({"index": row, "prompt": first.prompt, "seed": first.seed, "samples": files})
     grid = make_grid(cells, [_column_label(p.step) for p in shown], labels)
     return grid, {"steps": [p.step for p in shown], "rows": manifest_rows}
 
