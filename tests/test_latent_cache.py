@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,21 @@ def test_latents_do_not_depend_on_batching_or_mode(tmp_path, vae):
         a, b = one.entries[i].latents, three.entries[i].latents
         assert torch.allclose(a, b, atol=1e-5)
         assert torch.allclose(a, read_npz(disk.entries[i])[0].latents, atol=1e-5)
+
+
+def test_latents_do_not_depend_on_folder_or_file_times(tmp_path, vae, one_torch_thread):
+    jobs = _jobs(tmp_path / "a")
+    copies = []
+    for job in jobs:
+        copy = tmp_path / "b" / job.path.name
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(job.path.read_bytes())
+        os.utime(copy, ns=(job.path.stat().st_mtime_ns + 10**9,) * 2)
+        copies.append(replace(job, path=copy))
+    first = cache_latents(jobs, vae, to_disk=False, batch_size=3, progress=False)
+    second = cache_latents(copies, vae, to_disk=False, batch_size=3, progress=False)
+    for i in range(3):
+        assert torch.equal(first.entries[i].latents, second.entries[i].latents)
 
 
 def test_second_run_reuses_without_vae(tmp_path, vae):

@@ -18,8 +18,9 @@ Ours are checked like this cache's files (VAE, interpolation, image size, mtime 
 which carry no ``cache_key``/``content_hash``, are used unless the image is newer than the npz; then the image is
 encoded instead, with a warning. When the image is gone, the npz is used alone, as sd-scripts allowed.
 
-Sampling noise comes from a generator seeded from each image's key, so latents do not depend on the batch an
-image was encoded in, and re-caching an unchanged image gives identical latents.
+Sampling noise comes from a generator seeded from each image's file name and geometry (``noise_seed``), so latents
+do not depend on the batch an image was encoded in, its folder or its file times: re-caching an unchanged image, a
+copy of it or a fresh clone of the dataset gives identical latents.
 """
 
 from __future__ import annotations
@@ -199,7 +200,10 @@ def content_hash(job: CacheJob) -> str:
     return "crc32:" + ",".join(parts)
 
 
-def _seed_of(text: str) -> int:
+def noise_seed(job: CacheJob) -> int:
+    """The seed of an image's latent sampling noise: from its file name and geometry only, not its folder or file
+    times, so a copied or freshly cloned dataset caches exactly the same latents (a run is then reproducible)."""
+    text = json.dumps([job.path.name, list(job.original_size), list(job.bucket), list(job.resized)])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -428,7 +432,7 @@ def _encode_chunk(
     report: CacheReport,
 ) -> None:
     pixels = torch.stack([p.image for *_, (p, _) in loaded])
-    seeds = [_seed_of(key) for _, key, _, _ in loaded]
+    seeds = [noise_seed(job) for _, _, job, _ in loaded]
     latents = _encode(vae, pixels, seeds)
     flipped = _encode(vae, pixels.flip(3), [s ^ 1 for s in seeds]) if loaded[0][2].flip_aug else None
     for n, (i, key, job, (prepared, digest)) in enumerate(loaded):
