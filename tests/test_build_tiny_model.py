@@ -33,6 +33,8 @@ TOY = [
     "--train_batch_size", "4",
     "--max_train_steps", "3",
     "--lr_warmup_steps", "1",
+    "--bucket_steps", "2",
+    "--bucket_warmup_steps", "1",
     "--eval_seeds", "1",
     "--eval_steps", "2",
     "--train_eval_count", "2",
@@ -44,7 +46,8 @@ TOY = [
 def built() -> Iterator[tuple[Path, dict, int]]:
     root = Path(tempfile.mkdtemp(prefix="sdt-shapes-"))
     output = root / "model"
-    code = run_cli(main, ["--output_dir", str(output), "--work_dir", str(root / "work"), *TOY])
+    folders = ["--output_dir", str(output), "--work_dir", str(root / "work"), "--grid_dir", str(root / "grids")]
+    code = run_cli(main, [*folders, *TOY])
     record = json.loads((output / "build.json").read_text(encoding="utf-8"))
     yield output, record, code
     shutil.rmtree(root, ignore_errors=True)
@@ -67,19 +70,68 @@ def test_build_writes_a_loadable_model_with_its_record(built):
     assert record["model"]["total_bytes"] == sum(files.values())
 
 
-def test_build_record_names_data_command_and_timings(built):
-    _, record, _ = built
+def test_build_record_names_data_command_timings_and_grids(built):
+    output, record, _ = built
     assert record["data"]["images"] == 12
     assert [tuple(c) for c in record["data"]["held_out"]] == list(held_out_combinations())
     command = record["fine_tune_command"]
     assert command.startswith("python ")
     for flag in ("--from_scratch_config", "--vae", "--train_text_encoder", "--cache_latents", "--max_train_steps 3"):
         assert flag in command
-    assert set(record["runtime_s"]) == {"dataset", "vae", "vae_decoder", "fine_tune", "package", "evaluate", "total"}
+    stages = {"dataset", "vae", "vae_decoder", "fine_tune", "bucket_stage", "package", "evaluate", "total"}
+    assert set(record["runtime_s"]) == stages
+    assert record["runtime_s"]["total"] == pytest.approx(sum(v for k, v in record["runtime_s"].items() if k != "total"))
+    assert record["reused_stages"] == []
     quality = record["quality"]["sizes"]
-    assert set(quality) == {"64x64", "96x64"}
+    assert set(quality) == {"64x64", "96x64", "64x96"}
+    grids = sorted(p.name for p in (output.parent / "grids").iterdir())
+    assert grids == ["held_out_64x64.png", "held_out_64x96.png", "held_out_96x64.png"]
     assert quality["64x64"]["count"] == len(held_out_combinations())
     assert set(quality["64x64"]["held_out"]) == {"colour", "shape", "background", "all"}
+
+
+def test_second_stage_continues_stage_one_on_buckets_without_upscaling(built):
+    output, record, _ = built
+    work = output.parent / "work"
+    command = record["bucket_stage_command"]
+    assert f"--pretrained_model_name_or_path {work / 'ft' / 'tiny-shapes'} " in command
+    assert "--from_scratch_config" not in command
+    for flag in ("--max_train_steps 2", "--learning_rate 0.0003", "--learning_rate_te 0.00015", "--lr_warmup_steps 1"):
+        assert flag in command
+    assert f"--dataset_config {work / 'dataset-buckets.toml'} " in command
+    toml = (work / "dataset-buckets.toml").read_text(encoding="utf-8")
+    assert "resolution = 96\n" in toml and "bucket_no_upscale = true\n" in toml
+    assert "bucket_no_upscale" not in (work / "dataset.toml").read_text(encoding="utf-8")
+    assert record["trained_model"] == "ft-buckets/tiny-shapes"
+
+
+def unet_weights(model: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(model / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_reuse_work_dir_keeps_finished_stages_and_reruns_changed_ones(built):
+    output, record, _ = built
+    work, again = output.parent / "work", output.parent / "again"
+    reuse = ["--output_dir", str(again), "--work_dir", str(work), "--reuse_work_dir", *TOY]
+    assert run_cli(main, reuse) == 0
+    second = json.loads((again / "build.json").read_text(encoding="utf-8"))
+    assert second["reused_stages"] == ["vae", "fine_tune", "bucket_stage"]
+    for stage in ("vae", "vae_decoder", "fine_tune", "bucket_stage"):
+        assert second["runtime_s"][stage] == record["runtime_s"][stage]
+    assert second["vae_training"] == record["vae_training"]
+    first_weights, second_weights = unet_weights(output), unet_weights(again)
+    assert all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
+
+    changed = [*reuse, "--overwrite", "--bucket_from_step", "2"]
+    assert run_cli(main, changed) == 0
+    third = json.loads((again / "build.json").read_text(encoding="utf-8"))
+    assert third["reused_stages"] == ["vae", "fine_tune"]
+    start = work / "ft" / "tiny-shapes-step00000002"
+    assert f"--pretrained_model_name_or_path {start} " in third["bucket_stage_command"]
+    assert third["settings"]["buckets"]["from_step"] == 2
+    third_weights = unet_weights(again)
+    assert not all(torch.equal(first_weights[k], third_weights[k]) for k in first_weights)
 
 
 def test_packaged_tokenizer_matches_the_project_tokenizer(built):

@@ -1,9 +1,10 @@
 """Golden values: the first per-step losses of train_network.py (LoRA) and train_db.py (DreamBooth with class images
 and prior preservation) on the bundled tiny-shapes model with fixed seeds, pinned to a tight tolerance.
 
-On CPU the runs are deterministic, so any change to noise, timesteps, targets, loss scaling, prior weighting or how
-a LoRA is applied moves these numbers and fails here. ``tools/update_golden_losses.py`` rewrites
-``tests/data/golden_losses.json`` on purpose (docs/testing.md says when that is legitimate).
+On CPU the runs are deterministic, so any change to noise, timesteps, targets, loss scaling, prior weighting, how
+a LoRA is applied or how cached latents are drawn (the LoRA run caches them; the images are fresh copies, so a seed
+that depended on file times would move it) moves these numbers and fails here. ``tools/update_golden_losses.py``
+rewrites ``tests/data/golden_losses.json`` on purpose (docs/testing.md says when that is legitimate).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ BASE = ("--pretrained_model_name_or_path", MODEL)
 COMMON = ("--resolution", "64", "--optimizer_type", "AdamW", "--seed", "7", "--max_data_loader_n_workers", "0")
 COMMON += ("--mixed_precision", "no", "--max_train_steps", str(STEPS), "--caption_extension", ".txt")
 NETWORK = ("--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "4")
-NETWORK += ("--learning_rate", "2e-3", "--train_batch_size", "2")
+NETWORK += ("--learning_rate", "2e-3", "--train_batch_size", "2", "--cache_latents")  # as README's job does
 DREAMBOOTH = ("--learning_rate", "1e-4", "--train_batch_size", "2", "--prior_loss_weight", "1.0")
 CLASS_SCENES = (("red", "white"), ("green", "black"), ("blue", "gray"), ("yellow", "blue"))
 

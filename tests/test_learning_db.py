@@ -2,7 +2,7 @@
 is learned, and prior preservation (class images of plain orange circles, ``--prior_loss_weight 1.0``) keeps the
 class prompt closer to what the base model drew than the same subject exposures without class images.
 
-Thresholds have margin over the figures measured on the final checkpoint (see the test's docstring); after a model
+Thresholds have margin over the measured figures (see the test's docstring); after a model
 change, rerun this file with ``-s`` and read the printed figures. The subject is judged by its hole (the part
 of the concept the base never draws): the learned rings come out red-orange and lumpy, so the full concept_score
 stays low in a CI-sized run.
@@ -21,7 +21,7 @@ from library.shapes.scenes import Scene, write_dataset
 from tests.shapes_learning import concept_run_args, copy_concept_images, hollow_share, sample
 
 SUBJECT_IMAGES = 8
-EPOCHS = 15  # subject exposures per run: 8 images x 15 epochs (with class images the run has twice the steps)
+EPOCHS = 10  # subject exposures per run: 8 images x 10 epochs (with class images the run has twice the steps)
 SEEDS = range(6)
 SUBJECT_PROMPT = "a sks circle on a gray background"
 CLASS_PROMPT = "a orange circle on a white background"
@@ -41,7 +41,7 @@ def train(root: Path, name: str, *extra: str) -> Path:
             "--stop_text_encoder_training",
             "-1",
             "--learning_rate",
-            "5e-4",
+            "1e-3",
             "--optimizer_type",
             "AdamW",
             "--max_train_epochs",
@@ -62,9 +62,9 @@ def train(root: Path, name: str, *extra: str) -> Path:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_prior_preservation_learns_the_subject_and_keeps_the_class_prompt(tmp_path):
-    """Measured on the final checkpoint (seed 1): class-prompt pixel drift from the base samples 33.7 without class
-    images, 15.1 with them; class samples judged hollow 1/6 without, 0/6 with; subject samples judged hollow 0/6
-    before training, 5/6 after it with prior preservation. With the loss target broken (zeros) this fails."""
+    """Measured (seed 1): class-prompt pixel drift from the base samples 37.8 without class images, 17.5 with
+    them; class samples judged hollow 0/6 either way; subject samples judged hollow 0/6 before training, 6/6 after it
+    with prior preservation. With the loss target broken (zeros) this fails."""
     copy_concept_images(tmp_path / "img" / "1_sks circle", SUBJECT_IMAGES)
     class_scenes = [Scene("orange", "circle", BACKGROUNDS[i % 4], 64, 64) for i in range(SUBJECT_IMAGES)]
     write_dataset(tmp_path / "reg" / "1_orange circle", class_scenes, seed=0)

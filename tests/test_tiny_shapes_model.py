@@ -11,7 +11,7 @@ from library.models.load import bundled_model_dir, load_model
 from library.models.save import save_model
 
 QUALITY = {"colour": 0.9, "background": 0.9, "shape": 0.7}
-"""The issue's targets on held-out captions; the shipped model measures 98% / 100% / 92% over 4 seeds."""
+"""The issue's targets on held-out captions; the shipped model measures 100% / 100% / 92-94% over 4 seeds."""
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +52,17 @@ def test_a_missing_bundled_model_is_one_line(monkeypatch, tmp_path):
         load_model("tiny-shapes")
 
 
-def test_it_draws_held_out_captions_right(bundled):
-    """Every held-out (colour, shape, background) triple, two seeds each, at 64x64: the evaluator's scores stay at
-    the level docs/tiny_shapes.md reports for the shipped model (measured there over more seeds)."""
+@pytest.mark.parametrize("size", [(64, 64), (96, 64)], ids=["square", "landscape"])
+def test_it_draws_held_out_captions_right(bundled, size):
+    """Every held-out (colour, shape, background) triple, two seeds each, square and in a non-square bucket: the
+    evaluator's scores stay at the level docs/tiny_shapes.md reports for the shipped model (measured there over
+    more seeds)."""
     from library.shapes.evaluate import score
     from library.shapes.scenes import Scene, held_out_combinations
     from tests.shapes_learning import sample
 
-    scenes = [Scene(c, s, b, 64, 64) for c, s, b in held_out_combinations()]
-    images = [image for scene in scenes for image in sample(bundled, scene.caption, (1000, 1001))]
+    scenes = [Scene(c, s, b, *size) for c, s, b in held_out_combinations()]
+    images = [image for scene in scenes for image in sample(bundled, scene.caption, (1000, 1001), size)]
     scores = score(images, [scene for scene in scenes for _ in range(2)])
     assert scores["background"] >= QUALITY["background"] and scores["colour"] >= QUALITY["colour"], scores
     assert scores["shape"] >= QUALITY["shape"], scores

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from library.cli import ArgumentParser, run_cli
-from library.shapes.build import BuildSettings, build, reevaluate
+from library.shapes.build import BucketStage, BuildSettings, build, reevaluate
 from library.shapes.vae_training import VaeTrainSettings
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "library" / "data" / "tiny-shapes"
@@ -36,12 +36,19 @@ def setup_parser() -> ArgumentParser:
     parser.add_argument("--unet_channels", type=_channels, default=defaults.unet_channels)
     parser.add_argument("--text_width", type=int, default=defaults.text_width)
     parser.add_argument("--text_layers", type=int, default=defaults.text_layers)
-    parser.add_argument("--resolution", type=int, default=defaults.resolution, help="bucket area budget (side)")
+    parser.add_argument("--resolution", type=int, default=defaults.resolution, help="stage 1's area budget (side)")
     parser.add_argument("--train_batch_size", type=int, default=defaults.batch_size)
     parser.add_argument("--max_train_steps", type=int, default=defaults.train_steps)
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--learning_rate_te", type=float, default=defaults.learning_rate_te)
     parser.add_argument("--lr_warmup_steps", type=int, default=defaults.warmup_steps)
+    stage = BucketStage()
+    parser.add_argument("--bucket_resolution", type=int, default=stage.resolution, help="stage 2's area budget")
+    parser.add_argument("--bucket_steps", type=int, default=stage.steps, help="stage 2's steps (0: no stage 2)")
+    parser.add_argument("--bucket_learning_rate", type=float, default=stage.learning_rate)
+    parser.add_argument("--bucket_learning_rate_te", type=float, default=stage.learning_rate_te)
+    parser.add_argument("--bucket_warmup_steps", type=int, default=stage.warmup_steps)
+    parser.add_argument("--bucket_from_step", type=int, default=None, help="stage-1 save to start from (default: end)")
     parser.add_argument("--eval_seeds", type=int, default=defaults.eval_seeds, help="seeds per held-out triple")
     parser.add_argument("--eval_steps", type=int, default=defaults.eval_steps, help="sampler steps")
     parser.add_argument("--eval_scale", type=float, default=defaults.eval_scale, help="CFG scale")
@@ -49,8 +56,11 @@ def setup_parser() -> ArgumentParser:
     parser.add_argument(
         "--evaluate_only", action="store_true", help="only score the model in --output_dir again (updates build.json)"
     )
-    parser.add_argument("--grid", type=Path, default=None, help="with --evaluate_only: save the held-out images here")
+    parser.add_argument("--grid_dir", type=Path, default=None, help="save the held-out images here, one PNG per size")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model / work folder")
+    parser.add_argument(
+        "--reuse_work_dir", action="store_true", help="keep the VAE and trained stages --work_dir already holds"
+    )
     return parser
 
 
@@ -82,16 +92,25 @@ def main(argv: Sequence[str]) -> None:
             learning_rate=args.learning_rate,
             learning_rate_te=args.learning_rate_te,
             warmup_steps=args.lr_warmup_steps,
+            buckets=BucketStage(
+                resolution=args.bucket_resolution,
+                steps=args.bucket_steps,
+                learning_rate=args.bucket_learning_rate,
+                learning_rate_te=args.bucket_learning_rate_te,
+                warmup_steps=args.bucket_warmup_steps,
+                from_step=args.bucket_from_step,
+            ),
             eval_seeds=args.eval_seeds,
             eval_steps=args.eval_steps,
             eval_scale=args.eval_scale,
             train_eval_count=args.train_eval_count,
             overwrite=args.overwrite,
+            reuse_work_dir=args.reuse_work_dir,
         )
         if args.evaluate_only:
-            reevaluate(settings, args.grid)
+            reevaluate(settings, args.grid_dir)
         else:
-            build(settings)
+            build(settings, args.grid_dir)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,12 @@ class VaeTrainSettings:
     channels: tuple[int, ...] = (16, 32, 64, 64)
     layers_per_block: int = 1
     norm_groups: int = 8
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 30
     kl_weight: float = 1e-4
-    decoder_steps: int = 300
+    decoder_steps: int = 600
     decoder_learning_rate: float = 3e-4
     seed: int = 0
 
