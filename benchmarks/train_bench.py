@@ -70,7 +70,10 @@ class Figures:
 
     ``steps_per_cpu_s`` is steps per second of the process's own CPU time (all its threads, not worker processes):
     much less disturbed by other load than wall-clock steps/s, so it is the figure to trust on a busy machine.
-    ``peak_cuda_mib`` is ``torch.cuda.max_memory_allocated`` at the end of the run (NaN without a GPU).
+    It is NaN when the run is too short to measure it: the step marks are read as the output arrives, so on a busy
+    machine two marks can both be read after the child's work is done. ``cpu_s`` is the child's whole CPU time (user +
+    system, from ``wait4``). ``peak_cuda_mib`` is ``torch.cuda.max_memory_allocated`` at the end of the run (NaN
+    without a GPU).
     """
 
     label: str
@@ -80,6 +83,7 @@ class Figures:
     first_step_s: float
     peak_rss_mib: float
     wall_s: float
+    cpu_s: float
     load_before: float
     load_after: float
     peak_cuda_mib: float = float("nan")
@@ -241,6 +245,7 @@ def run_child(label: str, command: list[str], env: dict[str, str], total: int, l
         first_step_s=marks[0][1] if marks else float("nan"),
         peak_rss_mib=usage.ru_maxrss / 1024,
         wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
         load_before=load_before,
         load_after=os.getloadavg()[0],
         peak_cuda_mib=peak_cuda,
@@ -258,6 +263,7 @@ def best_of(runs: list[Figures]) -> Figures:
         first_step_s=min(r.first_step_s for r in runs),
         peak_rss_mib=min(r.peak_rss_mib for r in runs),
         wall_s=min(r.wall_s for r in runs),
+        cpu_s=min(r.cpu_s for r in runs),
         load_before=max(r.load_before for r in runs),
         load_after=max(r.load_after for r in runs),
         peak_cuda_mib=min(r.peak_cuda_mib for r in runs),

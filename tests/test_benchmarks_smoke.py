@@ -28,7 +28,7 @@ def load_bench():
 
 
 def figures(bench, label: str, rate: float, cpu_rate: float, first: float, rss: float):
-    return bench.Figures(label, 100, rate, cpu_rate, first, rss, 30.0, 1.0, 1.0)
+    return bench.Figures(label, 100, rate, cpu_rate, first, rss, 30.0, 20.0, 1.0, 1.0)
 
 
 def test_step_marks_reads_tqdm_bars_and_baseline_lines():
@@ -105,6 +105,8 @@ def test_quick_run_prints_and_saves_figures(tmp_path, model):
         figures = result["small"][run]
         assert figures["steps_done"] == 4
         assert figures["steps_per_s"] > 0
-        assert figures["steps_per_cpu_s"] > 0
+        # 4 steps can be too few to time on CPU when the suite loads the machine (NaN, see Figures); never <= 0
+        assert not figures["steps_per_cpu_s"] <= 0
+        assert 0 < figures["cpu_s"] < 4 * figures["wall_s"]  # seconds, like wall_s (one torch thread)
         assert 0 < figures["first_step_s"] < figures["wall_s"]
         assert figures["peak_rss_mib"] > 100
