@@ -17,7 +17,7 @@ from library.text.encode import TextEncodingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 CONCEPT_FOLDER = REPO / "examples" / "dataset" / "20_sks circle"
-SAMPLE_STEPS = 20
+SAMPLE_STEPS = 12
 SAMPLE_SCALE = 5.0
 
 

@@ -67,6 +67,7 @@ def test_fine_tune_teaches_a_new_colour_word(tmp_path, one_torch_thread):
         ]
     )
     after, control_after = colours(load_model(tmp_path / "out" / "ft"))
+    print({"before": before, "after": after, "control_right": (control_before, control_after)})  # docs/testing.md
     assert before.count(MEANS) <= 2, before  # the base has no idea what the word means
     assert after.count(MEANS) >= len(after) - 1, after  # red, also for the left-out combination
     assert control_after >= control_before - 1, (control_before, control_after)
