@@ -21,8 +21,6 @@ from library.shapes.vae_training import VaeTrainSettings, load_images, train_vae
 from library.text.tokenizer import load_packaged_tokenizer
 from tools.build_tiny_model import main
 
-pytestmark = pytest.mark.xdist_group("build_tiny_model")  # one worker builds the module's costly fixtures once
-
 TOY = [
     "--images", "12",
     "--vae_channels", "8,8,8,8",

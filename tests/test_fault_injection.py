@@ -40,8 +40,6 @@ from tests.faults import (
 )
 from tests.training import network_args, write_frog_dataset
 
-pytestmark = pytest.mark.xdist_group("fault_injection")  # one worker builds the module's costly fixtures once
-
 SEED = int(os.environ.get("SDTRAIN_FAULT_SEED", "20261201"))
 STEPS = 6
 # a model file and a state folder after every step; dropout and cosine make every part of the state matter
