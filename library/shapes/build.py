@@ -99,14 +99,13 @@ def _remember(work: Path, name: str, record: dict) -> None:
     """Store a finished stage's record (timings, results) in the work folder, for a later ``reuse_work_dir`` build.
     A ``note`` added to a record by hand (how a stage was really run, e.g. stopped and resumed) goes into
     ``build.json`` whenever the stage is reused."""
-    path = work / "stages.json"
-    stages = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    atomic_write_json(path, {**stages, name: record})
+    atomic_write_json(work / "stages.json", {**_stages(work), name: record})
 
 
-def _remembered(work: Path, name: str) -> dict | None:
+def _stages(work: Path) -> dict[str, dict]:
+    """Every stage record ``_remember`` stored in ``work`` (empty for a new work folder)."""
     path = work / "stages.json"
-    return json.loads(path.read_text(encoding="utf-8")).get(name) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def make_dataset(settings: BuildSettings, folder: Path) -> dict:
@@ -367,7 +366,7 @@ def _vae_stage(settings: BuildSettings, images: list, timings: dict, reused: lis
 
     work = settings.work_dir
     key = json.loads(json.dumps({"vae": asdict(settings.vae), "images": settings.images, "seed": settings.seed}))
-    remembered = _remembered(work, "vae")
+    remembered = _stages(work).get("vae")
     if settings.reuse_work_dir and remembered and remembered["settings"] == key and (work / "vae").is_dir():
         logger.info("stage vae: reusing %s", work / "vae")
         reused.append("vae")
@@ -398,7 +397,7 @@ def _training_stage(
     """Run one ``fine_tune.py`` stage (its name, and the stage it continues) until it has written ``model``, or reuse
     the ``model`` a previous build left with the same arguments when the stage before was reused too."""
     (name, before), work, arguments = stage, settings.work_dir, command[2:]
-    remembered = _remembered(work, name)
+    remembered = _stages(work).get(name)
     same = remembered is not None and remembered["arguments"] == arguments and before in reused
     if settings.reuse_work_dir and same and model.is_dir():
         logger.info("stage %s: reusing %s", name, model)
@@ -451,7 +450,8 @@ def build(settings: BuildSettings, grids: Path | None = None) -> dict:
     packaged = _timed(timings, "package", package, trained, output)
     quality = _timed(timings, "evaluate", evaluate_model, output, settings, grids)
     timings["total"] = round(sum(timings.values()), 1)
-    vae_record = {k: v for k, v in (_remembered(work, "vae") or {}).items() if k != "settings"}
+    stages = _stages(work)
+    vae_record = {k: v for k, v in stages.get("vae", {}).items() if k != "settings"}
     record = {
         "settings": _settings_record(settings),
         "data": data,
@@ -459,7 +459,7 @@ def build(settings: BuildSettings, grids: Path | None = None) -> dict:
         **record_commands,
         "trained_model": str(trained.relative_to(work)),
         "reused_stages": reused,
-        "stage_notes": {name: note for name in reused if (note := (_remembered(work, name) or {}).get("note"))},
+        "stage_notes": {name: stages[name]["note"] for name in reused if "note" in stages[name]},
         "git_commit": _git_commit(),
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "runtime_s": timings,
